@@ -1,0 +1,81 @@
+"""Expert activations shared by every lowering: plain, GLU in three weight layouts, GPT-OSS's clamped SwiGLU.
+
+``expert_activation(h_NH, spec)`` maps the first projection's output (``H = F`` plain, ``2F`` gated, laid out as
+``[gate | up]`` for ``glu in ("separate", "concat")`` and as alternating columns for ``"interleaved"``) to the
+input of the second projection ``[N, F]``. ``expert_activation_backward(h_NH, dA_NF, spec)`` is its vector-Jacobian
+product written out with ATen's own backward ops: lowerings run inside custom-op kernels, below the autograd
+dispatch key, where autograd cannot be called. Tests check it against autograd on ``expert_activation``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import ExpertSpec
+
+__all__ = ["act_fn", "expert_activation", "expert_activation_backward", "split_gate_up"]
+
+
+def act_fn(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(h)
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if name == "relu":
+        return F.relu(h)
+    raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh or relu")
+
+
+def split_gate_up(h_NH: torch.Tensor, glu: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if glu == "interleaved":
+        return h_NH[..., 0::2], h_NH[..., 1::2]
+    gate, up = h_NH.chunk(2, dim=-1)
+    return gate, up
+
+
+def expert_activation(h_NH: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    if not spec.gated:
+        return act_fn(spec.activation, h_NH)
+    gate, up = split_gate_up(h_NH, spec.glu)
+    if spec.activation == "gpt_oss":
+        gate = gate.clamp(max=spec.limit)
+        up = up.clamp(min=-spec.limit, max=spec.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * spec.alpha))
+    return act_fn(spec.activation, gate) * up
+
+
+def act_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, h)
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad, h, approximate="none")
+    if name == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, h, 0)
+    raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh or relu")
+
+
+def _join_gate_up(d_gate: torch.Tensor, d_up: torch.Tensor, glu: str) -> torch.Tensor:
+    if glu == "interleaved":
+        return torch.stack([d_gate, d_up], dim=-1).flatten(-2)
+    return torch.cat([d_gate, d_up], dim=-1)
+
+
+def expert_activation_backward(h_NH: torch.Tensor, dA_NF: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    if not spec.gated:
+        return act_backward(spec.activation, dA_NF, h_NH)
+    gate, up = split_gate_up(h_NH, spec.glu)
+    if spec.activation == "gpt_oss":
+        g = gate.clamp(max=spec.limit)
+        u = up.clamp(min=-spec.limit, max=spec.limit)
+        sig = torch.sigmoid(g * spec.alpha)
+        d_up = dA_NF * (g * sig) * ((up >= -spec.limit) & (up <= spec.limit))
+        d_gate = dA_NF * (u + 1) * (sig + spec.alpha * g * sig * (1 - sig)) * (gate <= spec.limit)
+    else:
+        d_up = dA_NF * act_fn(spec.activation, gate)
+        d_gate = act_backward(spec.activation, dA_NF * up, gate)
+    return _join_gate_up(d_gate, d_up, spec.glu)

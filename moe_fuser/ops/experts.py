@@ -1,0 +1,151 @@
+"""The grouped-experts custom op: ``torch.ops.moe_fuser.grouped_experts`` and its backward op.
+
+Given routed tokens (``topk_weights [T, K]`` fp32, ``topk_ids [T, K]`` int64, -1 for a dropped pair) it computes
+``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``. It is registered with ``torch.library`` so that
+dynamo/AOTAutograd treat it as one opaque node: a fake kernel gives output shapes (all functions of the
+symbolic T, so ``dynamic=True`` holds), and ``register_autograd`` routes the backward to a second custom op,
+which is what appears in the compiled backward graph.
+
+Expert weights travel as ``Tensor[]``: a one-element list holding the stacked ``[E, ...]`` tensor, or E
+per-expert tensors (ModuleList models: never stacked or copied). An empty list means "absent". Static expert
+configuration travels as scalar arguments (from ``ExpertSpec``), and ``impl`` names the lowering
+(``moe_fuser.lowering``) that runs both directions.
+
+Outputs: ``out [T, D]`` plus ``h [T*K, H]`` and ``order [T*K]`` saved for backward (see ``moe_fuser.lowering``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .. import lowering
+from ..spec import ExpertSpec
+
+__all__ = ["grouped_experts", "pack_weights"]
+
+Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]
+
+
+def pack_weights(ws: Weights) -> list[torch.Tensor]:
+    if ws is None:
+        return []
+    if isinstance(ws, torch.Tensor):
+        return [ws]
+    return list(ws)
+
+
+def _unpack(ws: Sequence[torch.Tensor], stacked_dim: int):
+    if len(ws) == 0:
+        return None
+    if len(ws) == 1 and ws[0].dim() == stacked_dim:
+        return ws[0]
+    return list(ws)
+
+
+def _unpack_all(w1, w2, w3, b1, b2, b3):
+    return (_unpack(w1, 3), _unpack(w2, 3), _unpack(w3, 3), _unpack(b1, 2), _unpack(b2, 2), _unpack(b3, 2))
+
+
+def _spec(num_experts: int, activation: str, glu: str, has_bias: bool, alpha: float, limit: float) -> ExpertSpec:
+    return ExpertSpec(num_experts=num_experts, activation=activation, glu=glu or None, bias=has_bias,
+                      alpha=alpha, limit=limit)
+
+
+@torch.library.custom_op("moe_fuser::grouped_experts", mutates_args=())
+def _grouped_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
+                        b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
+                        num_experts: int, activation: str, glu: str, alpha: float, limit: float,
+                        impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
+    low = lowering.select(impl, x.device)
+    return low.forward(x, topk_weights, topk_ids, *_unpack_all(w1, w2, w3, b1, b2, b3), spec)
+
+
+def _hidden_width(w1: list[torch.Tensor]) -> int:
+    return w1[0].shape[-2]
+
+
+@_grouped_experts_op.register_fake
+def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl):
+    T, K = topk_ids.shape
+    F_ = w2[0].shape[-1]
+    H = 2 * F_ if glu else F_
+    return (x.new_empty(x.shape), x.new_empty((T * K, H)), topk_ids.new_empty((T * K,), dtype=torch.int64))
+
+
+@torch.library.custom_op("moe_fuser::grouped_experts_backward", mutates_args=())
+def _grouped_experts_backward_op(
+        grad: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        h: torch.Tensor, order: torch.Tensor,
+        w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
+        b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
+        num_experts: int, activation: str, glu: str, alpha: float, limit: float, impl: str,
+        needs_input_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor],
+                                               list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
+                                               list[torch.Tensor]]:
+    spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
+    low = lowering.select(impl, x.device)
+    dx, dweights, *dws = low.backward(grad, x, topk_weights, topk_ids, h, order,
+                                      *_unpack_all(w1, w2, w3, b1, b2, b3), spec, tuple(needs_input_grad))
+    # Custom ops may not return None or alias inputs: absent grads become empty tensors / lists.
+    dx = x.new_zeros(0) if dx is None else dx
+    dweights = topk_weights.new_zeros(0) if dweights is None else dweights
+    return (dx, dweights, *[pack_weights(g) for g in dws])
+
+
+@_grouped_experts_backward_op.register_fake
+def _(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha,
+      limit, impl, needs_input_grad):
+    need_x, need_weights, need_w = needs_input_grad
+
+    def like(ws):
+        return [w.new_empty(w.shape) for w in ws] if need_w else []
+
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            topk_weights.new_empty(topk_weights.shape) if need_weights else topk_weights.new_empty(0),
+            like(w1), like(w2), like(w3), like(b1), like(b2), like(b3))
+
+
+_WEIGHT_ARGS = ("w1", "w2", "w3", "b1", "b2", "b3")
+
+
+def _setup_context(ctx, inputs, output):
+    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl) = inputs
+    _, h, order = output
+    ctx.save_for_backward(x, topk_weights, topk_ids, h, order, *w1, *w2, *w3, *b1, *b2, *b3)
+    ctx.lengths = [len(w) for w in (w1, w2, w3, b1, b2, b3)]
+    ctx.config = (num_experts, activation, glu, alpha, limit, impl)
+
+
+def _backward(ctx, grad_out, grad_h, grad_order):
+    x, topk_weights, topk_ids, h, order, *flat = ctx.saved_tensors
+    lists, start = [], 0
+    for n in ctx.lengths:
+        lists.append(flat[start:start + n])
+        start += n
+    need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_w = any(ctx.needs_input_grad[3:9])
+    dx, dweights, *dws = _grouped_experts_backward_op(
+        grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *[list(w) for w in lists], *ctx.config,
+        [need_x, need_weights, need_w])
+    dws = [list(g) if g else [None] * n for g, n in zip(dws, ctx.lengths)]
+    return (dx if need_x else None, dweights if need_weights else None, None, *dws,
+            None, None, None, None, None, None)
+
+
+_grouped_experts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                    w1: Weights, w2: Weights, w3: Weights = None, b1: Weights = None, b2: Weights = None,
+                    b3: Weights = None, *, spec: ExpertSpec, impl: Optional[str] = None) -> torch.Tensor:
+    """Run the op with lowering ``impl`` (None: chosen for ``x``'s device now, so the graph records a name)."""
+    name = lowering.select(impl, x_TD.device).name
+    out, _, _ = _grouped_experts_op(
+        x_TD, topk_weights_TK, topk_ids_TK, pack_weights(w1), pack_weights(w2), pack_weights(w3),
+        pack_weights(b1), pack_weights(b2), pack_weights(b3), spec.num_experts, spec.activation, spec.glu or "",
+        float(spec.alpha), float(spec.limit), name)
+    return out

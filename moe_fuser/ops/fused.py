@@ -1,0 +1,240 @@
+"""The fused MoE op: ``fused_moe`` (public, keyword arguments) and ``moe_forward`` (a ``MoESpec`` + tensors).
+
+``moe_forward`` is what the compiler's rewrite calls and what ``fused_moe`` builds a spec for:
+
+    route (fp32, plain ops) -> capacity -> grouped experts (custom op, one lowering) -> dropped passthrough
+    -> shared expert -> cast to the input dtype
+
+Routing and the shared expert stay ordinary differentiable tensor code on purpose: they are cheap, the inner
+compiler fuses them, and autograd carries the router-logit gradient through ``topk_weights`` into the expert op's
+backward. ``impl="reference"`` swaps the expert op for the plain-PyTorch loop (the oracle).
+
+Input checks run here, before any work, and raise ``ValueError`` naming the problem and the fix. The NaN check
+on the router logits needs the data, so it runs in eager mode only (not while dynamo traces).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..lowering.reference import experts_reference
+from ..spec import CapacitySpec, ExpertSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
+from .activations import act_fn
+from .experts import grouped_experts
+from .routing import RouterStats, apply_capacity, route, router_stats
+
+__all__ = ["fused_moe", "moe_forward"]
+
+Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def _expert_shapes(name: str, ws, num_experts: Optional[int]) -> tuple[int, tuple[int, ...], torch.dtype]:
+    """(E, per-expert shape, dtype) of a stacked tensor or a per-expert list, checking consistency."""
+    if isinstance(ws, torch.Tensor):
+        if ws.dim() != 3:
+            _fail(f"{name} must be a stacked [E, out, in] tensor or a list of E [out, in] tensors; got shape "
+                  f"{tuple(ws.shape)}")
+        return ws.shape[0], tuple(ws.shape[1:]), ws.dtype
+    ws = list(ws)
+    if not ws or any(not isinstance(w, torch.Tensor) or w.dim() != 2 for w in ws):
+        _fail(f"{name} as a list must hold E two-dimensional [out, in] tensors (one nn.Linear weight each)")
+    shapes = {tuple(w.shape) for w in ws}
+    dtypes = {w.dtype for w in ws}
+    if len(shapes) != 1 or len(dtypes) != 1:
+        _fail(f"{name}: every expert must have the same shape and dtype; got {sorted(shapes)} / {dtypes}")
+    return len(ws), shapes.pop(), dtypes.pop()
+
+
+def _bias_shape(name: str, bs, E: int, width: int, dtype: torch.dtype) -> None:
+    if bs is None:
+        return
+    if isinstance(bs, torch.Tensor):
+        ok = bs.shape == (E, width)
+    else:
+        bs = list(bs)
+        ok = len(bs) == E and all(tuple(b.shape) == (width,) for b in bs)
+    if not ok:
+        _fail(f"{name} must be [E={E}, {width}] (or E tensors of [{width}]) to match the weights")
+    dt = bs.dtype if isinstance(bs, torch.Tensor) else bs[0].dtype
+    if dt != dtype:
+        _fail(f"{name} has dtype {dt} but the weights are {dtype}; cast it with .to({dtype})")
+
+
+def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights,
+             topk_weights_TK: Optional[torch.Tensor] = None, topk_ids_TK: Optional[torch.Tensor] = None) -> None:
+    if x_TD.dim() != 2:
+        _fail(f"hidden_states must be [T, D]; got shape {tuple(x_TD.shape)}: flatten it with "
+              "x.reshape(-1, x.shape[-1])")
+    if not x_TD.is_floating_point():
+        _fail(f"hidden_states must be a floating tensor (fp32, bf16, fp16, fp64); got {x_TD.dtype}")
+    T, D = x_TD.shape
+    E, w1_shape, w_dtype = _expert_shapes("w1", w.w1, None)
+    E2, w2_shape, w2_dtype = _expert_shapes("w2", w.w2, E)
+    if E2 != E:
+        _fail(f"w1 has {E} experts but w2 has {E2}; both must hold the same E experts")
+    if E != spec.num_experts:
+        _fail(f"the weights hold {E} experts but the spec says {spec.num_experts}")
+    H, D1 = w1_shape
+    D2, F_ = w2_shape
+    gated = spec.experts.gated
+    if D1 != D or D2 != D:
+        _fail(f"hidden size mismatch: hidden_states D={D}, w1 [E, out, {D1}], w2 [E, {D2}, F]; w1 must be "
+              "[E, F, D] and w2 [E, D, F] (nn.Linear layout: out x in)")
+    want_H = 2 * F_ if spec.experts.glu in ("concat", "interleaved") else F_
+    if H != want_H:
+        _fail(f"w1 has {H} output rows but w2 expects F={F_}"
+              + ("; a fused gate_up w1 must be [E, 2F, D]" if want_H != F_ else "; w1 must be [E, F, D]"))
+    if spec.experts.glu == "separate":
+        if w.w3 is None:
+            _fail("glu='separate' needs w3")
+        E3, w3_shape, w3_dtype = _expert_shapes("w3", w.w3, E)
+        if E3 != E or w3_shape != (F_, D):
+            _fail(f"w3 must be [E={E}, F={F_}, D={D}] like w1; got E={E3}, {w3_shape}")
+        if w3_dtype != w_dtype:
+            _fail(f"w3 is {w3_dtype} but w1 is {w_dtype}; give all expert weights one dtype")
+    if w2_dtype != w_dtype:
+        _fail(f"w2 is {w2_dtype} but w1 is {w_dtype}; give all expert weights one dtype")
+    if w_dtype != x_TD.dtype:
+        _fail(f"mixed dtypes: hidden_states is {x_TD.dtype} but the expert weights are {w_dtype}; cast one to "
+              "the other (e.g. model.to(dtype) or x.to(w1.dtype))")
+    _bias_shape("b1", w.b1, E, H, w_dtype)
+    _bias_shape("b2", w.b2, E, D, w_dtype)
+    _bias_shape("b3", w.b3, E, F_, w_dtype)
+    if spec.router.external:
+        if topk_weights_TK is None or topk_ids_TK is None:
+            _fail("an external router needs both topk_weights and topk_ids")
+        if topk_ids_TK.shape != (T, spec.top_k) or topk_weights_TK.shape != (T, spec.top_k):
+            _fail(f"topk_weights and topk_ids must be [T={T}, top_k={spec.top_k}]; got "
+                  f"{tuple(topk_weights_TK.shape)} and {tuple(topk_ids_TK.shape)}")
+        if topk_ids_TK.dtype not in (torch.int64, torch.int32):
+            _fail(f"topk_ids must be int64 or int32; got {topk_ids_TK.dtype}")
+    else:
+        if router_logits_TE is None:
+            _fail("router_logits is required unless topk_weights and topk_ids are given")
+        if router_logits_TE.dim() != 2 or router_logits_TE.shape[0] != T:
+            _fail(f"router_logits must be [T={T}, E]; got shape {tuple(router_logits_TE.shape)}")
+        if router_logits_TE.shape[1] != E:
+            _fail(f"router_logits has {router_logits_TE.shape[1]} experts but the weights hold {E}; the router's "
+                  "output size must equal the number of experts")
+        if not router_logits_TE.is_floating_point():
+            _fail(f"router_logits must be floating; got {router_logits_TE.dtype}")
+        if not torch.compiler.is_compiling() and router_logits_TE.numel() and \
+                not bool(torch.isfinite(router_logits_TE).all()):
+            _fail("router_logits contain NaN or inf; check the router's input and weights (routing on NaN "
+                  "scores would pick arbitrary experts)")
+    if w.selection_bias is not None and tuple(w.selection_bias.shape) != (E,):
+        _fail(f"selection_bias must be [E={E}]; got {tuple(w.selection_bias.shape)}")
+    if spec.shared is not None:
+        if w.shared_w1 is None or w.shared_w2 is None:
+            _fail("a shared expert needs shared_w1 and shared_w2")
+        if spec.shared.glu and w.shared_w3 is None:
+            _fail("a gated (GLU) shared expert needs shared_w3")
+        if spec.shared.gated and w.shared_gate is None:
+            _fail("a gated shared expert needs shared_gate ([1, D])")
+
+
+def _shared_expert(x_TD: torch.Tensor, spec: SharedExpertSpec, w: MoEWeights) -> torch.Tensor:
+    h = act_fn(spec.activation, F.linear(x_TD, w.shared_w1))
+    if spec.glu:
+        h = h * F.linear(x_TD, w.shared_w3)
+    s = F.linear(h, w.shared_w2)
+    if spec.gated:
+        s = torch.sigmoid(F.linear(x_TD, w.shared_gate)) * s
+    return s
+
+
+def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights, *,
+                impl: Optional[str] = None, topk_weights_TK: Optional[torch.Tensor] = None,
+                topk_ids_TK: Optional[torch.Tensor] = None, capacity_groups: int = 1,
+                return_router_stats: bool = False, check: bool = True):
+    if check:
+        validate(spec, x_TD, router_logits_TE, w, topk_weights_TK, topk_ids_TK)
+    if spec.router.external:
+        weights_TK, ids_TK = topk_weights_TK, topk_ids_TK.long()
+    else:
+        weights_TK, ids_TK = route(router_logits_TE, spec.router, w.selection_bias)
+    if spec.capacity is not None:
+        ids_TK = apply_capacity(ids_TK, spec.num_experts, spec.capacity, capacity_groups)
+
+    if impl == "reference":
+        out_TD = experts_reference(x_TD, weights_TK, ids_TK, w.w1, w.w2, w.w3, w.b1, w.b2, w.b3, spec.experts)
+    else:
+        out_TD = grouped_experts(x_TD, weights_TK, ids_TK, w.w1, w.w2, w.w3, w.b1, w.b2, w.b3,
+                                 spec=spec.experts, impl=impl)
+    if spec.capacity is not None and spec.capacity.dropped == "passthrough":
+        dropped_w_T = (weights_TK * (ids_TK < 0)).sum(-1, keepdim=True)
+        out_TD = out_TD + (dropped_w_T * x_TD).to(out_TD.dtype)
+    if spec.shared is not None:
+        out_TD = out_TD + _shared_expert(x_TD, spec.shared, w)
+    out_TD = out_TD.to(x_TD.dtype)
+    if return_router_stats:
+        return out_TD, router_stats(weights_TK, ids_TK, spec.num_experts)
+    return out_TD
+
+
+def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor], w1: Weights, w2: Weights,
+              w3: Optional[Weights] = None, *, top_k: int, renormalize: bool = True, activation: str = "silu",
+              impl: Optional[str] = None, gate_up: Optional[str] = None,
+              b1: Optional[Weights] = None, b2: Optional[Weights] = None, b3: Optional[Weights] = None,
+              scoring: str = "softmax", topk_first: bool = False, num_groups: int = 1, topk_groups: int = 1,
+              group_score: str = "max", selection_bias: Optional[torch.Tensor] = None,
+              routed_scaling_factor: float = 1.0, router_dtype: Optional[torch.dtype] = torch.float32,
+              topk_weights: Optional[torch.Tensor] = None, topk_ids: Optional[torch.Tensor] = None,
+              capacity: Optional[int] = None, dropped: str = "zero", capacity_groups: int = 1,
+              shared_w1: Optional[torch.Tensor] = None, shared_w2: Optional[torch.Tensor] = None,
+              shared_w3: Optional[torch.Tensor] = None, shared_gate: Optional[torch.Tensor] = None,
+              shared_activation: Optional[str] = None, alpha: float = 1.702, limit: float = 7.0,
+              return_router_stats: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, RouterStats]]:
+    """Fused Mixture-of-Experts layer: routing (fp32), grouped experts, weighted combine.
+
+    Shapes: hidden_states [T, D], router_logits [T, E]; w1 [E, F, D] (or [E, 2F, D] with ``gate_up``),
+    w3 [E, F, D] or None, w2 [E, D, F]: nn.Linear weights, stacked or as lists of E tensors.
+
+        expert_e(x) = w2[e] @ act(w1[e] @ x)                      if w3 is None and gate_up is None
+                    = w2[e] @ (act(w1[e] @ x) * (w3[e] @ x))       otherwise (SwiGLU, GeGLU)
+        p = softmax(router_logits in fp32); (w, ids) = top_k(p); if renormalize: w = w / sum(w)
+        out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])          -> [T, D] in hidden_states' dtype
+
+    Routers: ``topk_first=True`` takes top-k of the logits then a softmax over the k (GShard, Granite, GPT-OSS);
+    ``scoring="sigmoid"`` with ``selection_bias``, ``num_groups``/``topk_groups``/``group_score`` and
+    ``routed_scaling_factor`` is DeepSeek-V3's; ``topk_weights``/``topk_ids`` (router_logits=None) bypass
+    routing for any router at all; ``router_dtype=None`` routes in the logits' own dtype.
+    Experts: ``activation`` in silu, gelu, gelu_tanh, relu, gpt_oss (clamped SwiGLU with ``alpha``, ``limit``);
+    ``gate_up="concat"``/``"interleaved"``: w1 holds gate and up fused; ``b1``/``b2``/``b3`` per-expert biases.
+    ``capacity``: each expert takes at most that many pairs per token group (``capacity_groups`` equal groups),
+    first come first served; dropped pairs contribute zero or, with ``dropped="passthrough"``, weight * x.
+    ``shared_w1``/``shared_w2``(/``shared_w3``, ``shared_gate``): a dense shared expert added to the output,
+    scaled by sigmoid(x @ shared_gate^T) when given.
+    ``impl``: None/"auto" (best for the device), "reference" (plain PyTorch), "cpu", "triton", "npu".
+    ``return_router_stats=True`` also returns ``RouterStats(topk_weights, topk_ids, tokens_per_expert)``.
+    """
+    if w3 is not None and gate_up is not None:
+        _fail("give either w3 (separate up projection) or gate_up (w1 holds both), not both")
+    glu = gate_up if gate_up is not None else ("separate" if w3 is not None else None)
+    if activation == "gpt_oss" and glu is None:
+        _fail("activation='gpt_oss' is gated: give w3 or gate_up='interleaved'/'concat'")
+    E = router_logits.shape[-1] if router_logits is not None else _expert_shapes("w1", w1, None)[0]
+    external = router_logits is None
+    spec = MoESpec(
+        router=RouterSpec(top_k=top_k, scoring=scoring, topk_first=topk_first, renormalize=renormalize,
+                          num_groups=num_groups, topk_groups=topk_groups, group_score=group_score,
+                          scaling_factor=float(routed_scaling_factor), selection_bias=selection_bias is not None,
+                          dtype=router_dtype, external=external),
+        experts=ExpertSpec(num_experts=E, activation=activation, glu=glu,
+                           bias=any(b is not None for b in (b1, b2, b3)), alpha=alpha, limit=limit),
+        shared=None if shared_w1 is None else SharedExpertSpec(
+            activation=shared_activation or (activation if activation != "gpt_oss" else "silu"),
+            glu=shared_w3 is not None, gated=shared_gate is not None),
+        capacity=None if capacity is None else CapacitySpec(capacity=capacity, dropped=dropped),
+    )
+    weights = MoEWeights(w1, w2, w3, b1, b2, b3, selection_bias, shared_w1, shared_w2, shared_w3, shared_gate)
+    return moe_forward(spec, hidden_states, router_logits, weights, impl=impl, topk_weights_TK=topk_weights,
+                       topk_ids_TK=topk_ids, capacity_groups=capacity_groups,
+                       return_router_stats=return_router_stats)

@@ -1,0 +1,215 @@
+"""MoESpec: the frozen description of one Mixture-of-Experts layer.
+
+This is the single contract between the producers (the public ``fused_moe`` call, the FX pattern families in
+``moe_fuser.patterns``) and the consumers (the op in ``moe_fuser.ops`` and the device lowerings in
+``moe_fuser.lowering``). A new pattern family only has to produce a ``MoESpec``; a new device only has to
+consume one.
+
+A spec holds *static* configuration only (what would become a compile-time constant); tensors travel beside it
+in ``MoEWeights``. Every spec validates itself on construction, so an impossible configuration fails where it is
+written, with a message that names the fix.
+
+Router semantics, with ``s`` the router logits computed in ``RouterSpec.dtype`` (fp32 by default):
+
+    scoring="softmax", topk_first=False:  p = softmax(s);  w, ids = topk(p (+ bias), k)
+    scoring="softmax", topk_first=True:   v, ids = topk(s, k); w = softmax(v)          (GShard, Granite, GPT-OSS)
+    scoring="sigmoid":                    p = sigmoid(s);  ids = topk(p + bias, k);  w = p[ids]   (DeepSeek-V3)
+    num_groups > 1: experts are split in num_groups groups; a group's score is its max (group_score="max") or
+        the sum of its two best (group_score="top2_sum") biased scores; only the topk_groups best groups compete.
+    renormalize: w = w / sum(w)   (sigmoid routers add 1e-20 to the sum, as DeepSeek does)
+    w = w * scaling_factor
+    external=True: the router stays outside; the op receives (topk_weights, topk_ids) as they are.
+
+Expert semantics (one expert e, row x; W weights in nn.Linear layout ``[out, in]``):
+
+    glu=None:          y = W2 (act(W1 x + b1)) + b2
+    glu="separate":    y = W2 (act(W1 x + b1) * (W3 x + b3)) + b2
+    glu="concat":      W1 holds [gate; up] stacked along its output dim (transformers' gate_up_proj)
+    glu="interleaved": W1 rows alternate gate, up (GPT-OSS)
+    activation="gpt_oss": g = min(gate, limit); u = clamp(up, -limit, limit); a = (u + 1) * g * sigmoid(alpha g)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+__all__ = [
+    "ACTIVATIONS",
+    "GLU_LAYOUTS",
+    "CapacitySpec",
+    "ExpertSpec",
+    "MoESpec",
+    "MoEWeights",
+    "RouterSpec",
+    "SharedExpertSpec",
+]
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
+GLU_LAYOUTS = (None, "separate", "concat", "interleaved")
+SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
+DROP_POLICIES = ("zero", "passthrough")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How token-to-expert assignments and their weights are computed (see the module docstring)."""
+
+    top_k: int
+    scoring: str = "softmax"
+    topk_first: bool = False
+    renormalize: bool = True
+    num_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"
+    scaling_factor: float = 1.0
+    selection_bias: bool = False
+    dtype: Optional[torch.dtype] = torch.float32
+    external: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.top_k, int) and self.top_k >= 1,
+               f"top_k must be a positive int, got {self.top_k!r}; pass top_k=1 or more")
+        _check(self.scoring in SCORINGS, f"scoring={self.scoring!r} is unknown; use one of {SCORINGS}")
+        _check(self.group_score in GROUP_SCORES,
+               f"group_score={self.group_score!r} is unknown; use one of {GROUP_SCORES}")
+        _check(self.num_groups >= 1 and 1 <= self.topk_groups <= self.num_groups,
+               f"topk_groups={self.topk_groups} must lie in [1, num_groups={self.num_groups}]")
+        _check(not (self.topk_first and self.scoring != "softmax"),
+               "topk_first=True (top-k on logits, softmax over the k) needs scoring='softmax'")
+
+    def validate_for(self, num_experts: int) -> None:
+        _check(self.top_k <= num_experts,
+               f"top_k={self.top_k} exceeds the number of experts E={num_experts}; choose top_k <= {num_experts}")
+        if self.num_groups > 1:
+            _check(num_experts % self.num_groups == 0,
+                   f"E={num_experts} experts cannot be split into num_groups={self.num_groups} equal groups; "
+                   "choose num_groups dividing E")
+            per_group = num_experts // self.num_groups
+            _check(self.top_k <= self.topk_groups * per_group,
+                   f"top_k={self.top_k} exceeds the {self.topk_groups * per_group} experts in the "
+                   f"topk_groups={self.topk_groups} selected groups; raise topk_groups")
+            if self.group_score == "top2_sum":
+                _check(per_group >= 2, "group_score='top2_sum' needs at least 2 experts per group")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """The routed experts' FFN (see the module docstring)."""
+
+    num_experts: int
+    activation: str = "silu"
+    glu: Optional[str] = None
+    bias: bool = False
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.num_experts, int) and self.num_experts >= 1,
+               f"num_experts must be a positive int, got {self.num_experts!r}")
+        _check(self.activation in ACTIVATIONS,
+               f"activation={self.activation!r} is unknown; use one of {ACTIVATIONS}")
+        _check(self.glu in GLU_LAYOUTS, f"glu={self.glu!r} is unknown; use one of {GLU_LAYOUTS}")
+        _check(self.activation != "gpt_oss" or self.glu is not None,
+               "activation='gpt_oss' is a gated (GLU) activation; give w3 or a fused gate_up layout")
+
+    @property
+    def gated(self) -> bool:
+        return self.glu is not None
+
+
+@dataclass(frozen=True)
+class SharedExpertSpec:
+    """An always-on dense expert added to the routed output, optionally scaled by sigmoid(x @ gate^T)."""
+
+    activation: str = "silu"
+    glu: bool = True
+    gated: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.activation in ACTIVATIONS and self.activation != "gpt_oss",
+               f"shared activation={self.activation!r} is unsupported; use silu, gelu, gelu_tanh or relu")
+
+
+@dataclass(frozen=True)
+class CapacitySpec:
+    """Switch-style expert capacity: each expert takes at most ``capacity`` (token, slot) pairs per token group,
+    first come first served in token order; a dropped pair contributes nothing (``dropped="zero"``) or its
+    routing weight times the token's input (``dropped="passthrough"``, Switch Transformers in transformers)."""
+
+    capacity: int
+    dropped: str = "zero"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.capacity, int) and self.capacity >= 0,
+               f"capacity must be a non-negative int, got {self.capacity!r}")
+        _check(self.dropped in DROP_POLICIES, f"dropped={self.dropped!r} is unknown; use one of {DROP_POLICIES}")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    router: RouterSpec
+    experts: ExpertSpec
+    shared: Optional[SharedExpertSpec] = None
+    capacity: Optional[CapacitySpec] = None
+
+    def __post_init__(self) -> None:
+        if not self.router.external:
+            self.router.validate_for(self.experts.num_experts)
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def replace(self, **changes) -> "MoESpec":
+        return dataclasses.replace(self, **changes)
+
+    def summary(self) -> str:
+        r, e = self.router, self.experts
+        if r.external:
+            router = "external"
+        elif r.scoring == "sigmoid":
+            router = "sigmoid-topk" + (f"(groups {r.topk_groups}/{r.num_groups})" if r.num_groups > 1 else "")
+        else:
+            router = "topk-softmax" if r.topk_first else "softmax-topk"
+        if r.renormalize and not r.external and not r.topk_first:
+            router += "+renorm"
+        act = e.activation + ("-glu" if e.gated else "")
+        extras = [x for x, on in (("bias", e.bias), ("shared", self.shared is not None),
+                                  ("capacity", self.capacity is not None)) if on]
+        return f"E={e.num_experts} k={r.top_k} {router} {act}" + (f" [{', '.join(extras)}]" if extras else "")
+
+
+WeightList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class MoEWeights(NamedTuple):
+    """The tensors of one MoE. Expert weights are stacked ``[E, out, in]`` tensors or per-expert lists of
+    ``[out, in]`` tensors (ModuleList models, never copied). Shapes: w1 [E, F|2F, D], w2 [E, D, F],
+    w3 [E, F, D]; b1 [E, F|2F], b2 [E, D], b3 [E, F]; selection_bias [E]; shared_* as nn.Linear weights;
+    shared_gate [1, D]."""
+
+    w1: WeightList
+    w2: WeightList
+    w3: Optional[WeightList] = None
+    b1: Optional[WeightList] = None
+    b2: Optional[WeightList] = None
+    b3: Optional[WeightList] = None
+    selection_bias: Optional[torch.Tensor] = None
+    shared_w1: Optional[torch.Tensor] = None
+    shared_w2: Optional[torch.Tensor] = None
+    shared_w3: Optional[torch.Tensor] = None
+    shared_gate: Optional[torch.Tensor] = None
