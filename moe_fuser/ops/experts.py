@@ -139,11 +139,17 @@ def _backward(ctx, grad_out, grad_h, grad_order):
 _grouped_experts_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
+def _lowering_name(impl: Optional[str], device_type: str) -> str:
+    """The lowering chosen for a device, evaluated eagerly even while dynamo traces (it imports lazily)."""
+    return lowering.select(impl, torch.device(device_type)).name
+
+
 def grouped_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                     w1: Weights, w2: Weights, w3: Weights = None, b1: Weights = None, b2: Weights = None,
                     b3: Weights = None, *, spec: ExpertSpec, impl: Optional[str] = None) -> torch.Tensor:
     """Run the op with lowering ``impl`` (None: chosen for ``x``'s device now, so the graph records a name)."""
-    name = lowering.select(impl, x_TD.device).name
+    name = _lowering_name(impl, x_TD.device.type)
     out, _, _ = _grouped_experts_op(
         x_TD, topk_weights_TK, topk_ids_TK, pack_weights(w1), pack_weights(w2), pack_weights(w3),
         pack_weights(b1), pack_weights(b2), pack_weights(b3), spec.num_experts, spec.activation, spec.glu or "",

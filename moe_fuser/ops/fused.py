@@ -79,8 +79,6 @@ def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch
     E2, w2_shape, w2_dtype = _expert_shapes("w2", w.w2, E)
     if E2 != E:
         _fail(f"w1 has {E} experts but w2 has {E2}; both must hold the same E experts")
-    if E != spec.num_experts:
-        _fail(f"the weights hold {E} experts but the spec says {spec.num_experts}")
     H, D1 = w1_shape
     D2, F_ = w2_shape
     gated = spec.experts.gated
@@ -129,6 +127,8 @@ def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch
                 not bool(torch.isfinite(router_logits_TE).all()):
             _fail("router_logits contain NaN or inf; check the router's input and weights (routing on NaN "
                   "scores would pick arbitrary experts)")
+    if E != spec.num_experts:
+        _fail(f"the weights hold {E} experts but the spec says {spec.num_experts}")
     if w.selection_bias is not None and tuple(w.selection_bias.shape) != (E,):
         _fail(f"selection_bias must be [E={E}]; got {tuple(w.selection_bias.shape)}")
     if spec.shared is not None:

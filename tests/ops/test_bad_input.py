@@ -1,0 +1,41 @@
+"""Bad input raises ValueError naming the problem and the fix, before any work."""
+
+import pytest
+import torch
+
+import moe_fuser
+from _moe_cases import Case
+
+
+def _args(**over):
+    x, logits, kw = Case(T=9, D=16, F=24, E=4, k=2, dtype=torch.float32).make()
+    args = dict(hidden_states=x, router_logits=logits, **kw)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(top_k=5), r"top_k=5 exceeds the number of experts E=4; choose top_k <= 4"),
+    (dict(top_k=0), r"top_k must be a positive int.*top_k=1 or more"),
+    (dict(router_logits=torch.randn(9, 5)), r"router_logits has 5 experts but the weights hold 4"),
+    (dict(hidden_states=torch.randn(1, 9, 16)), r"hidden_states must be \[T, D\].*reshape"),
+    (dict(router_logits=torch.randn(9)), r"router_logits must be \[T=9, E\]"),
+    (dict(w1=torch.randn(4, 24)), r"w1 must be a stacked \[E, out, in\] tensor or a list"),
+    (dict(hidden_states=torch.randn(9, 16, dtype=torch.bfloat16)), r"mixed dtypes.*cast"),
+    (dict(w2=torch.randn(4, 16, 24, dtype=torch.float64)), r"w2 is torch.float64 but w1 is torch.float32"),
+    (dict(w2=torch.randn(3, 16, 24)), r"w1 has 4 experts but w2 has 3"),
+    (dict(hidden_states=torch.randn(9, 12)), r"hidden size mismatch"),
+    (dict(router_logits=torch.full((9, 4), float("nan"))), r"router_logits contain NaN.*check"),
+    (dict(activation="swish"), r"activation='swish' is unknown; use one of"),
+    (dict(num_groups=3), r"cannot be split into num_groups=3"),
+])
+def test_bad_input_raises_with_fix(over, match):
+    with pytest.raises(ValueError, match=match):
+        moe_fuser.fused_moe(**_args(**over))
+
+
+def test_unknown_or_unavailable_impl():
+    with pytest.raises(ValueError, match=r"impl='cuda_magic' is unknown"):
+        moe_fuser.fused_moe(**_args(), impl="cuda_magic")
+    with pytest.raises(ValueError, match=r"impl='npu' cannot"):
+        moe_fuser.fused_moe(**_args(), impl="npu")
