@@ -39,7 +39,7 @@ __all__ = [
 # Python operators dynamo records as call_function, by the name patterns use.
 _OPERATORS = {
     operator.getitem: "getitem", operator.setitem: "setitem", operator.add: "add", operator.iadd: "iadd",
-    operator.mul: "mul", operator.imul: "imul", operator.truediv: "div", operator.itruediv: "idiv",
+    operator.mul: "mul", operator.imul: "imul", operator.truediv: "div", operator.itruediv: "itruediv",
     operator.sub: "sub", operator.eq: "eq", operator.floordiv: "floordiv", operator.neg: "neg",
     operator.matmul: "matmul", operator.lt: "lt", operator.ge: "ge", operator.le: "le", operator.gt: "gt",
 }

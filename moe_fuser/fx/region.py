@@ -1,0 +1,179 @@
+"""Proving a region closed: the checks a match passes before its nodes are replaced.
+
+A pattern claims: "the nodes in ``region`` compute the MoE output ``output`` from ``inputs`` (hidden states,
+router logits, weights), and I modelled every one of them". ``check_region`` proves what can be proved from the
+graph alone, using the mutation-aware networkx view (``moe_fuser.fx.dag``):
+
+1. *Inputs outside.* No declared input lies in the region, and all precede the region's last node.
+2. *Nothing unmodelled influences the output.* Every node the output's final value depends on (data and
+   in-place updates) is either in the region or an ancestor-or-self of a declared input. A node that feeds the
+   output but belongs to neither (``y = expert(x) * 2`` where the pattern ignored the ``* 2``) rejects the match.
+3. *The region reads only what it declared.* Tensor values read from outside are declared inputs
+   (non-tensor values, SymInt shape arithmetic, are allowed).
+4. *Nothing escapes that is not re-provided.* A region node read outside the region is either the output (its
+   readers are redirected to the fused op; all of them must come after the region) or is *kept*: it stays in the
+   graph with its region ancestors, unchanged, which is only sound when none of them writes or reads a buffer the
+   region writes in place.
+5. *Side effects stay inside.* In-place writes in the region go to storage allocated in the region; no node
+   outside the region writes to memory between the region's first and last node.
+
+On success it returns the set of region nodes to keep; on failure the reason, in words explain() can print.
+``absorb_plumbing`` adds the shape plumbing dynamo emits around data-dependent ops (``sym_size``, range asserts)
+to a region, so patterns need not list it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .dag import mutated_arg, storage_key
+from .graph import val
+
+__all__ = ["RegionCheck", "absorb_plumbing", "check_region", "final_node", "is_tensor_node"]
+
+
+def is_tensor_node(node: fx.Node) -> bool:
+    v = val(node)
+    if isinstance(v, (tuple, list)):
+        return any(isinstance(t, torch.Tensor) for t in v)
+    return isinstance(v, torch.Tensor) or (v is None and node.op != "output")
+
+
+def _is_plumbing(node: fx.Node) -> bool:
+    """Shape arithmetic and runtime asserts: no tensor value, no memory effect."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if mutated_arg(node) is not None:
+        return False
+    v = val(node)
+    if isinstance(v, (torch.SymInt, torch.SymBool, torch.SymFloat, int, bool, float)):
+        return True
+    return v is None and node.op == "call_function" and "assert" in getattr(node.target, "__name__", "")
+
+
+def absorb_plumbing(region: Iterable[fx.Node]) -> frozenset:
+    """``region`` plus every plumbing node fed by it whose users are all plumbing or in the region."""
+    region = set(region)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(region):
+            for u in n.users:
+                if u in region or not _is_plumbing(u):
+                    continue
+                stack, tree = [u], set()
+                ok = True
+                while stack and ok:
+                    m = stack.pop()
+                    if m in tree:
+                        continue
+                    tree.add(m)
+                    for w in m.users:
+                        if w in region or w in tree:
+                            continue
+                        if _is_plumbing(w):
+                            stack.append(w)
+                        else:
+                            ok = False
+                if ok:
+                    region |= tree
+                    changed = True
+    return frozenset(region)
+
+
+def final_node(dag: nx.DiGraph, output: fx.Node, position: dict) -> fx.Node:
+    """The last in-place write to ``output``'s storage (or ``output`` itself): where its final value is made."""
+    key = storage_key(output)
+    last = output
+    for n in nx.descendants(dag, output):
+        m = mutated_arg(n)
+        if m is not None and storage_key(m) == key and position[n] > position[last]:
+            last = n
+    return last
+
+
+@dataclass
+class RegionCheck:
+    ok: bool
+    reason: str = ""
+    keep: frozenset = frozenset()
+    last: Optional[fx.Node] = None
+
+
+def _fail(reason: str) -> RegionCheck:
+    return RegionCheck(False, reason)
+
+
+def check_region(dag: nx.DiGraph, position: dict, region: frozenset, output: fx.Node,
+                 inputs: Iterable[fx.Node]) -> RegionCheck:
+    inputs = [i for i in inputs if isinstance(i, fx.Node)]
+    if output not in region:
+        return _fail(f"the output node {output.name} is not inside the matched region")
+    inside = [n for n in inputs if n in region]
+    if inside:
+        return _fail(f"declared inputs {[n.name for n in inside]} lie inside the region")
+    last = max(region, key=position.__getitem__)
+    first = min(region, key=position.__getitem__)
+    late = [n.name for n in inputs if position[n] > position[last]]
+    if late:
+        return _fail(f"inputs {late} are defined after the region ends")
+
+    # 2. Influence: everything the output's final value depends on is modelled.
+    fin = final_node(dag, output, position)
+    if fin not in region:
+        return _fail(f"{fin.name} updates the MoE output in place but is not part of the recognised MoE")
+    upstream = set()
+    for i in inputs:
+        upstream |= nx.ancestors(dag, i)
+        upstream.add(i)
+    influencers = (nx.ancestors(dag, fin) | {fin}) - upstream
+    stray = sorted((n for n in influencers - region if n.op != "get_attr" and is_tensor_node(n)),
+                   key=position.__getitem__)
+    if stray:
+        names = ", ".join(n.name for n in stray[:4])
+        return _fail(f"{names} affect{'s' if len(stray) == 1 else ''} the MoE output but are not part of the "
+                     "recognised MoE (an unmodelled op)")
+
+    # 3. Reads from outside are declared.
+    declared = set(inputs)
+    for n in region:
+        for i in n.all_input_nodes:
+            if i not in region and i not in declared and is_tensor_node(i) and i.op != "get_attr":
+                return _fail(f"{n.name} reads {i.name}, a tensor the match did not declare as an input")
+
+    # 5. Side effects.
+    region_storages = {storage_key(n) for n in region if mutated_arg(n) is None}
+    region_storages.discard(None)
+    for n in region:
+        m = mutated_arg(n)
+        if m is not None and storage_key(m) not in region_storages:
+            return _fail(f"{n.name} writes in place into {m.name}, which lives outside the region")
+    for n in list(position):
+        if first is not None and position[first] < position[n] < position[last] and n not in region \
+                and mutated_arg(n) is not None:
+            return _fail(f"{n.name} (outside the MoE) writes memory in the middle of the MoE region")
+
+    # 4. Escapes.
+    out_key = storage_key(output)
+    escaping = [n for n in region if n is not output and any(u not in region for u in n.users)]
+    for u in output.users:
+        if u not in region and position[u] < position[last]:
+            return _fail(f"{u.name} reads the MoE output before the MoE has finished computing it")
+    keep: set = set()
+    for n in escaping:
+        keep.add(n)
+        keep |= nx.ancestors(dag, n) & region
+    written = {storage_key(mutated_arg(n)) for n in region if mutated_arg(n) is not None}
+    for n in keep:
+        if mutated_arg(n) is not None:
+            return _fail(f"{n.name} is still needed outside the MoE but writes memory in place")
+        if n is output or storage_key(n) == out_key:
+            return _fail(f"{n.name} exposes the MoE output buffer before it is complete")
+        if storage_key(n) in written or any(storage_key(i) in written for i in n.all_input_nodes):
+            return _fail(f"{n.name} is still needed outside the MoE but reads a buffer the MoE updates in place")
+    return RegionCheck(True, keep=frozenset(keep), last=last)
