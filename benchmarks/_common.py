@@ -1,0 +1,200 @@
+"""Shared helpers for the benchmark scripts: interleaved timing, CPU peak memory, environment, CSV.
+
+Timing (``interleaved_medians``): every round runs each variant once, in a fresh random order, so that slow
+phases of a noisy shared machine hit all variants alike; a variant's ``setup`` (e.g. clearing ``.grad``) runs
+outside its timed region; the garbage collector is off inside a round. Warm-up rounds come first and are thrown
+away. Rounds stop at ``rounds`` or, after ``min_rounds``, once ``max_seconds`` have passed. Report the median.
+
+Peak memory (``peak_bytes``): CPU tensors have no ``torch.cuda.max_memory_allocated``. We run the function once
+under ``torch.profiler.profile(profile_memory=True)``: c10's CPU allocator then reports every allocation (+bytes)
+and free (-bytes) with a timestamp. Sorting those events by time and taking the maximum of their running sum
+gives the peak of live bytes allocated by the function above what was live when it started (its output and any
+``.grad`` it creates included; blocks that existed before and were freed inside are not reported by c10, so they
+cannot lower the count). What it does not see: scratch memory a BLAS/oneDNN kernel takes from its own allocator,
+and allocations made on intra-op worker threads (ATen allocates its tensors on the calling thread); both are the
+same for every variant of one op. Autograd's backward on CPU runs on the calling thread, so a training step is
+covered end to end.
+
+Noise (``busy_cores_elsewhere``, ``wait_until_quiet``): the cores other processes keep busy, sampled from
+``/proc/stat`` while we sleep. Medians absorb short bursts but not sustained load: with as many intra-op threads
+as cores, every parallel region then waits a scheduler slice for a descheduled worker (a 20 us GEMM measured at
+10-30 ms), so scripts record this figure next to their timings and can wait for a quiet machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import contextlib
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+__all__ = ["Variant", "busy_cores_elsewhere", "environment", "interleaved_medians", "median", "peak_bytes",
+           "results_dir", "run_profiled", "wait_until_quiet", "write_csv"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class Variant:
+    """One timed column: ``run()`` is timed, ``setup()`` (optional) runs just before it, untimed."""
+
+    def __init__(self, run: Callable[[], object], setup: Optional[Callable[[], None]] = None):
+        self.run = run
+        self.setup = setup or (lambda: None)
+
+
+def interleaved_medians(variants: dict[str, Variant], *, rounds: int, warmup: int, min_rounds: int = 3,
+                        max_seconds: float = float("inf"), seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per call of every variant, one list each, from interleaved rounds (see the module docstring)."""
+    rng = random.Random(seed)
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(warmup + rounds):
+        if r >= warmup + min_rounds and time.perf_counter() - start > max_seconds:
+            break
+        rng.shuffle(names)
+        gc.collect()
+        gc.disable()
+        try:
+            for n in names:
+                v = variants[n]
+                v.setup()
+                t0 = time.perf_counter()
+                v.run()
+                dt = time.perf_counter() - t0
+                if r >= warmup:
+                    times[n].append(dt)
+        finally:
+            gc.enable()
+        if r == warmup - 1:
+            start = time.perf_counter()
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_profiled(fn: Callable[[], object], setup: Optional[Callable[[], None]] = None, *, reps: int = 1,
+                 profile_memory: bool = False) -> profile:
+    """``fn()`` ``reps`` times under the CPU profiler (``setup()`` before each call; the first one unprofiled)."""
+    setup = setup or (lambda: None)
+    setup()
+    gc.collect()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=profile_memory)
+    with _stderr_fd_muted():  # kineto prints a line to fd 2 at start and stop; fn's own output stays visible
+        prof.start()
+    try:
+        for r in range(reps):
+            if r:
+                setup()
+            out = fn()
+            del out
+    finally:
+        with _stderr_fd_muted():
+            prof.stop()
+    return prof
+
+
+def peak_bytes(fn: Callable[[], object], setup: Optional[Callable[[], None]] = None) -> int:
+    """Peak bytes of CPU memory live at once during ``fn()`` beyond what was live before (see the docstring)."""
+    prof = run_profiled(fn, setup, profile_memory=True)
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == cpu)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _stderr_fd_muted():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_jiffies() -> Optional[tuple[int, int]]:
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def busy_cores_elsewhere(seconds: float = 0.5) -> float:
+    """Cores kept busy by other processes: /proc/stat sampled while this one sleeps (nan off Linux).
+
+    On a shared 2-core machine this is the noise indicator that matters: with 2 intra-op threads, a parallel
+    region waits for a descheduled worker for a whole time slice, so small GEMMs can take 1000x longer."""
+    a = _cpu_jiffies()
+    time.sleep(seconds)
+    b = _cpu_jiffies()
+    if a is None or b is None or b[1] == a[1]:
+        return float("nan")
+    return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or 1)
+
+
+def wait_until_quiet(max_busy: float, timeout: float) -> float:
+    """Sleep (up to ``timeout`` s) until other processes keep fewer than ``max_busy`` cores busy; return that."""
+    deadline = time.perf_counter() + timeout
+    busy = busy_cores_elsewhere()
+    while busy >= max_busy and time.perf_counter() < deadline:
+        busy = busy_cores_elsewhere(2.0)
+    return busy
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(**packages: str) -> dict[str, str]:
+    """Versions, CPU model and thread count, for the CSV and the table header."""
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_model(),
+           "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads())}
+    env.update(packages)
+    return env
+
+
+def results_dir(out: Optional[str]) -> Path:
+    path = Path(out) if out else RESULTS_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], env: dict[str, str]) -> None:
+    """One row per measurement, the environment repeated in every row so each row stands alone."""
+    fields = list(rows[0]) + [k for k in env if k not in rows[0]]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({**env, **row})

@@ -1,0 +1,426 @@
+"""Benchmark of ``moe_fuser.fused_moe`` on CPU against the eager loop, transformers' grouped_mm and the GEMM floor.
+
+Columns (each one MoE layer of SwiGLU experts, ``expert(x) = w2 @ (silu(w1 @ x) * (w3 @ x))``, bias-free):
+
+- ``eager``: the hand-written loop users write: an ``nn.ModuleList`` of Mixtral-style expert modules (three
+  ``nn.Linear``: w1 gate, w3 up, w2 down), and per expert ``torch.where(ids == e)``, index the token rows, the FFN,
+  multiply by the routing weight, ``index_add_`` into the output (experts with no token are skipped);
+- ``hf``: transformers' ``grouped_mm`` experts implementation: a ``MixtralExperts`` built from a
+  ``MixtralConfig(experts_implementation="grouped_mm")``, called as a v5 model's sparse MoE block calls it
+  (fused ``gate_up_proj [E, 2F, D] = cat(w1, w3)``, ``down_proj [E, D, F]``). In eager mode on CPU with
+  torch > 2.10 it takes ``F.grouped_mm`` for fp32 and bf16 alike (its ``grouped_mm_fallback`` is only for
+  non-bf16 under torch.compile or old torch); the path taken is printed and written to the CSV;
+- ``fused``: ``moe_fuser.fused_moe(x, logits, w1, w2, w3, top_k=K)`` with stacked ``w1, w3 [E, F, D]``,
+  ``w2 [E, D, F]`` (separate gate and up), ``impl=None`` (the CPU lowering);
+- ``floor``: the GEMMs alone, on the same routed row counts: rows pre-gathered and contiguous per expert, outputs
+  pre-allocated, all outside the timed region. Forward: ``x@w1^T, x@w3^T, a@w2^T`` per expert; training adds
+  the six backward GEMMs per expert (``dA = dy@w2``, ``dW2 = dy^T a``, ``dx = dh1@w1 + dh3@w3`` (two),
+  ``dW1 = dh1^T x``, ``dW3 = dh3^T x``). No gather, activation, routing or combine: a lower bound, not an MoE.
+
+The router is the same in the first three columns: the logits ``[T, E]`` are an input (in the model's dtype),
+``softmax`` in fp32, ``topk``, renormalise (inside ``fused_moe``; a shared ``route`` function for the others).
+Modes: ``fwd`` is inference (``torch.no_grad``); ``train`` is a training step: forward with every weight, the
+hidden states and the logits requiring grad, then ``out.backward(g)`` with a fresh random ``g`` (grads reset to
+None before each step, untimed).
+
+Timing and peak memory come from ``_common`` (interleaved rounds in random order, medians; peak = maximum of
+live CPU bytes allocated during one call, read from the profiler's allocation events: see its docstring).
+Memory is not measured for the floor (its buffers are pre-allocated by design). This machine is shared: the
+cores other processes keep busy are sampled before and after each cell (``busy_elsewhere`` in the CSV) and the
+table flags noisy cells; ``--wait-quiet`` waits for a quiet machine, ``--threads 1`` is robust to load.
+
+Output: a table on stdout, ``<out>/<name>.csv`` (one row per config x dtype x mode, with versions, CPU model
+and thread count) and ``<out>/<name>.png``; ``--profile`` also prints the top ops of fused vs floor per cell.
+
+    python benchmarks/bench_op.py                                        # all (about 6 min on 2 cores)
+    python benchmarks/bench_op.py --configs fine --dtype bf16 --mode train --iters 5
+    python benchmarks/bench_op.py --configs fine --dtype fp32 --mode train --profile --no-memory
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, n = T*K routed rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from _common import (Variant, busy_cores_elsewhere, environment, interleaved_medians, median, peak_bytes,
+                     results_dir, run_profiled, wait_until_quiet, write_csv)
+
+import moe_fuser
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    E: int
+    K: int
+    D: int
+    F: int
+    T: int
+
+    def label(self) -> str:
+        return f"{self.name} E={self.E} k={self.K} D={self.D} F={self.F} T={self.T}"
+
+
+CONFIGS = {c.name: c for c in (
+    Config("dense", E=8, K=2, D=1024, F=3584, T=512),
+    Config("fine", E=64, K=8, D=1024, F=256, T=512),
+    Config("decode", E=8, K=2, D=1024, F=3584, T=4),
+    Config("e128", E=128, K=8, D=512, F=128, T=256),
+)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("fwd", "train")
+VARIANTS = ("eager", "hf", "fused", "floor")
+SPEED_TOL = 1.10  # acceptance: fused within 1.10x of the GEMM floor
+QUIET_CORES = 0.3  # other processes' load under which the machine counts as quiet enough to time on
+
+
+def route(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax in fp32 -> top-k -> renormalise: the router of the eager and hf columns."""
+    p_TE = torch.softmax(logits_TE.float(), dim=-1)
+    w_TK, ids_TK = torch.topk(p_TE, k, dim=-1)
+    return w_TK / w_TK.sum(dim=-1, keepdim=True), ids_TK
+
+
+class SwiGLUExpert(nn.Module):
+    def __init__(self, D: int, F_: int, dtype: torch.dtype):
+        super().__init__()
+        self.w1 = nn.Linear(D, F_, bias=False, dtype=dtype)
+        self.w3 = nn.Linear(D, F_, bias=False, dtype=dtype)
+        self.w2 = nn.Linear(F_, D, bias=False, dtype=dtype)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def eager_moe(x_TD, logits_TE, experts: nn.ModuleList, k: int):
+    w_TK, ids_TK = route(logits_TE, k)
+    w_TK = w_TK.to(x_TD.dtype)
+    out_TD = torch.zeros_like(x_TD)
+    for e, expert in enumerate(experts):
+        tok, slot = torch.where(ids_TK == e)
+        if tok.numel() == 0:
+            continue
+        out_TD.index_add_(0, tok, expert(x_TD[tok]) * w_TK[tok, slot, None])
+    return out_TD
+
+
+def hf_moe(x_TD, logits_TE, experts: nn.Module, k: int):
+    w_TK, ids_TK = route(logits_TE, k)
+    return experts(x_TD, ids_TK, w_TK)
+
+
+def hf_experts(cfg: Config, w1, w2, w3, dtype) -> tuple[nn.Module, str]:
+    """transformers' MixtralExperts with the grouped_mm implementation and our weights; plus the path it takes."""
+    import transformers.integrations.moe as hf_moe_mod
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    hf_cfg = MixtralConfig(hidden_size=cfg.D, intermediate_size=cfg.F, num_local_experts=cfg.E,
+                           num_experts_per_tok=cfg.K, hidden_act="silu", experts_implementation="grouped_mm")
+    m = MixtralExperts(hf_cfg).to(dtype)
+    with torch.no_grad():
+        m.gate_up_proj.copy_(torch.cat([w1, w3], dim=1))
+        m.down_proj.copy_(w2)
+    offs = torch.zeros(cfg.E, dtype=torch.int32)
+    if hf_moe_mod._can_use_grouped_mm(torch.empty(0, cfg.D, dtype=dtype), m.down_proj, offs):
+        path = "F.grouped_mm" if hasattr(F, "grouped_mm") else "torch._grouped_mm"
+    else:
+        path = "grouped_mm_fallback"
+    return m, path
+
+
+class Floor:
+    """Per-expert contiguous GEMMs on pre-gathered rows with pre-allocated outputs (see the module docstring)."""
+
+    def __init__(self, counts: list[int], w1, w2, w3, gen: torch.Generator):
+        E, F_, D = w1.shape
+        n = sum(counts)
+        dt = w1.dtype
+        rnd = lambda *s: torch.randn(*s, generator=gen).to(dt)  # noqa: E731
+        self.w1, self.w2, self.w3 = w1.detach(), w2.detach(), w3.detach()
+        self.ranges = [(e, s, s + c) for e, (s, c) in enumerate(zip(_cumsum0(counts), counts)) if c]
+        self.x_nD, self.a_nF, self.dy_nD = rnd(n, D), rnd(n, F_), rnd(n, D)
+        self.dh1_nF, self.dh3_nF = rnd(n, F_), rnd(n, F_)
+        self.h1_nF, self.h3_nF, self.y_nD = (torch.empty(n, F_, dtype=dt), torch.empty(n, F_, dtype=dt),
+                                             torch.empty(n, D, dtype=dt))
+        self.dA_nF, self.dx_nD = torch.empty(n, F_, dtype=dt), torch.empty(n, D, dtype=dt)
+        self.dw1, self.dw2, self.dw3 = torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(w3)
+
+    def forward(self):
+        for e, s, t in self.ranges:
+            torch.mm(self.x_nD[s:t], self.w1[e].t(), out=self.h1_nF[s:t])
+            torch.mm(self.x_nD[s:t], self.w3[e].t(), out=self.h3_nF[s:t])
+            torch.mm(self.a_nF[s:t], self.w2[e].t(), out=self.y_nD[s:t])
+
+    def train(self):
+        self.forward()
+        for e, s, t in self.ranges:
+            torch.mm(self.dy_nD[s:t], self.w2[e], out=self.dA_nF[s:t])
+            torch.mm(self.dy_nD[s:t].t(), self.a_nF[s:t], out=self.dw2[e])
+            torch.mm(self.dh1_nF[s:t], self.w1[e], out=self.dx_nD[s:t])
+            self.dx_nD[s:t].addmm_(self.dh3_nF[s:t], self.w3[e])
+            torch.mm(self.dh1_nF[s:t].t(), self.x_nD[s:t], out=self.dw1[e])
+            torch.mm(self.dh3_nF[s:t].t(), self.x_nD[s:t], out=self.dw3[e])
+
+
+def _cumsum0(counts):
+    s = 0
+    for c in counts:
+        yield s
+        s += c
+
+
+class Case:
+    """One config x dtype: the inputs, the weights in every layout, and a step function per variant and mode."""
+
+    def __init__(self, cfg: Config, dtype: torch.dtype, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        E, K, D, F_, T = cfg.E, cfg.K, cfg.D, cfg.F, cfg.T
+        rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(dtype)  # noqa: E731
+        self.cfg, self.dtype = cfg, dtype
+        self.x_TD = rnd(T, D).requires_grad_()
+        self.logits_TE = rnd(T, E).requires_grad_()
+        self.grad_TD = rnd(T, D)
+        self.w1 = nn.Parameter(rnd(E, F_, D, scale=D ** -0.5))
+        self.w3 = nn.Parameter(rnd(E, F_, D, scale=D ** -0.5))
+        self.w2 = nn.Parameter(rnd(E, D, F_, scale=F_ ** -0.5))
+        self.experts = nn.ModuleList(SwiGLUExpert(D, F_, dtype) for _ in range(E))
+        with torch.no_grad():
+            for e, ex in enumerate(self.experts):
+                ex.w1.weight.copy_(self.w1[e])
+                ex.w3.weight.copy_(self.w3[e])
+                ex.w2.weight.copy_(self.w2[e])
+        self.hf, self.hf_path = hf_experts(cfg, self.w1, self.w2, self.w3, dtype)
+        _, ids_TK = route(self.logits_TE.detach(), K)
+        counts = torch.bincount(ids_TK.flatten(), minlength=E).tolist()
+        self.experts_hit = sum(c > 0 for c in counts)
+        self.floor = Floor(counts, self.w1, self.w2, self.w3, gen)
+        self.fns = {
+            "eager": lambda x, lg: eager_moe(x, lg, self.experts, K),
+            "hf": lambda x, lg: hf_moe(x, lg, self.hf, K),
+            "fused": lambda x, lg: moe_fuser.fused_moe(x, lg, self.w1, self.w2, self.w3, top_k=K),
+        }
+
+    def _leaves(self):
+        return [self.x_TD, self.logits_TE, self.w1, self.w2, self.w3, *self.experts.parameters(),
+                *self.hf.parameters()]
+
+    def clear_grads(self):
+        for p in self._leaves():
+            p.grad = None
+
+    def step(self, variant: str, mode: str):
+        """(run, setup) for one call of a variant in a mode."""
+        if variant == "floor":
+            return (self.floor.forward if mode == "fwd" else self.floor.train), None
+        fn = self.fns[variant]
+        if mode == "fwd":
+            def run():
+                with torch.no_grad():
+                    return fn(self.x_TD, self.logits_TE)
+            return run, None
+
+        def train():
+            out = fn(self.x_TD, self.logits_TE)
+            out.backward(self.grad_TD)
+        return train, self.clear_grads
+
+    def errors(self) -> dict[str, float]:
+        """Forward max |variant - eager| / max |eager| for hf and fused (a sanity check, not a test)."""
+        with torch.no_grad():
+            ref = self.fns["eager"](self.x_TD, self.logits_TE).float()
+            scale = ref.abs().max().clamp_min(1e-30)
+            return {v: float((self.fns[v](self.x_TD, self.logits_TE).float() - ref).abs().max() / scale)
+                    for v in ("hf", "fused")}
+
+
+def measure(case: Case, mode: str, args) -> dict:
+    variants = {v: Variant(*case.step(v, mode)) for v in VARIANTS}
+    times = interleaved_medians(variants, rounds=args.iters, warmup=args.warmup, min_rounds=args.min_iters,
+                                max_seconds=args.max_seconds, seed=args.seed)
+    row = {f"{v}_ms": median(times[v]) * 1e3 for v in VARIANTS}
+    row["rounds"] = len(times["fused"])
+    for v in VARIANTS[:3]:
+        if args.no_memory:
+            row[f"{v}_mib"] = float("nan")
+        else:
+            run, setup = case.step(v, mode)
+            row[f"{v}_mib"] = peak_bytes(run, setup) / 2 ** 20
+    case.clear_grads()
+    row["fused/eager"] = row["fused_ms"] / row["eager_ms"]
+    row["fused/floor"] = row["fused_ms"] / row["floor_ms"]
+    row["hf/floor"] = row["hf_ms"] / row["floor_ms"]
+    row["eager/floor"] = row["eager_ms"] / row["floor_ms"]
+    row["mem fused/eager"] = row["fused_mib"] / row["eager_mib"]
+    row["ok"] = _verdict(row)
+    return row
+
+
+def _verdict(row) -> str:
+    fails = []
+    if row["fused/eager"] > 1.0:
+        fails.append("slower than eager")
+    if row["fused/floor"] > SPEED_TOL:
+        fails.append(f">{SPEED_TOL:.2f}x floor")
+    if not math.isnan(row["mem fused/eager"]) and row["mem fused/eager"] > 1.0:
+        fails.append("more memory than eager")
+    return "yes" if not fails else "NO: " + ", ".join(fails)
+
+
+def profile_cell(case: Case, mode: str, rows: int = 15) -> None:
+    """Top ops (self CPU time) of fused vs floor over a few calls: where fused spends beyond the GEMMs."""
+    reps = 3
+    for v in ("fused", "floor"):
+        run, setup = case.step(v, mode)
+        prof = run_profiled(run, setup, reps=reps)
+        case.clear_grads()
+        print(f"\n--- profile: {v}, {case.cfg.label()} {_dtype_name(case.dtype)} {mode} ({reps} calls) ---")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def _dtype_name(dt):
+    return {v: k for k, v in DTYPES.items()}[dt]
+
+
+def print_table(rows: list[dict], env: dict) -> None:
+    print(f"\ntorch {env['torch']}, transformers {env['transformers']}, moe_fuser {env['moe_fuser']}; "
+          f"CPU {env['cpu']}, {env['threads']} threads; medians in ms, peak MiB")
+    head = ["config", "dtype", "mode", "eager", "hf", "fused", "floor", "fus/eag", "fus/flr", "eag/flr", "hf/flr",
+            "eagMiB", "hfMiB", "fusMiB", "mem f/e", "ok"]
+    fmt = "{:<7}{:<5}{:<6}" + "{:>9}" * 4 + "{:>8}" * 4 + "{:>8}" * 3 + "{:>8}  {}"
+    print(fmt.format(*head))
+    for r in rows:
+        print(fmt.format(r["config"], r["dtype"], r["mode"],
+                         *(f"{r[f'{v}_ms']:.2f}" for v in VARIANTS),
+                         *(f"{r[k]:.2f}" for k in ("fused/eager", "fused/floor", "eager/floor", "hf/floor")),
+                         *(f"{r[f'{v}_mib']:.1f}" for v in VARIANTS[:3]),
+                         f"{r['mem fused/eager']:.2f}", r["ok"]))
+    noisy = [f"{r['config']}/{r['dtype']}/{r['mode']}" for r in rows if not r["busy_elsewhere"] < QUIET_CORES]
+    if noisy:
+        print(f"NOISY: other processes kept >= {QUIET_CORES} cores busy around {', '.join(noisy)}; rerun those on a "
+              "quiet machine (--wait-quiet 600) or with --threads 1")
+    n_ok = sum(r["ok"] == "yes" for r in rows)
+    print(f"acceptance (fused <= eager, <= {SPEED_TOL:.2f}x floor, peak <= eager): {n_ok}/{len(rows)} cells pass")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    labels = [f"{r['config']}\n{r['dtype']} {r['mode']}" for r in rows]
+    xs = range(len(rows))
+    fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(rows)), 8), sharex=True)
+    width = 0.27
+    for i, v in enumerate(("eager", "hf", "fused")):
+        ax_t.bar([x + (i - 1) * width for x in xs], [r[f"{v}/floor"] for r in rows], width, label=v)
+        ax_m.bar([x + (i - 1) * width for x in xs], [r[f"{v}_mib"] / r["eager_mib"] for r in rows], width,
+                 label=v)
+    ax_t.axhline(1.0, color="k", lw=0.8)
+    ax_t.axhline(SPEED_TOL, color="r", ls="--", lw=0.8, label=f"{SPEED_TOL:.2f}x floor")
+    ax_t.set_yscale("log")
+    ax_t.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_t.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_t.set_ylabel("median time / GEMM floor")
+    ax_t.legend(fontsize=8)
+    ax_m.axhline(1.0, color="k", lw=0.8)
+    ax_m.set_ylabel("peak memory / eager")
+    ax_m.set_xticks(list(xs))
+    ax_m.set_xticklabels(labels, fontsize=7)
+    fig.suptitle("MoE layer on CPU: eager loop, transformers grouped_mm, moe_fuser.fused_moe")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _choices(value: str, allowed, what: str) -> list[str]:
+    items = [s.strip() for s in value.split(",") if s.strip()]
+    if "all" in items:
+        return list(allowed)
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise SystemExit(f"--{what}: unknown {bad or value!r}; choose from {', '.join(allowed)} or all "
+                         "(comma-separated)")
+    return items
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="all", help=f"comma list of {', '.join(CONFIGS)} (default all)")
+    p.add_argument("--dtype", default="all", help="comma list of fp32, bf16 (default all)")
+    p.add_argument("--mode", default="all", help="comma list of fwd, train (default all)")
+    p.add_argument("--iters", type=int, default=15, help="timed rounds per cell at most (default 15)")
+    p.add_argument("--min-iters", type=int, default=5, help="timed rounds per cell at least (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="stop timing a cell after this many seconds once --min-iters rounds ran (default 20)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each cell, wait up to SECONDS for other processes to use < 0.3 cores (default 0)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--profile", action="store_true", help="print the top ops of fused vs floor per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/)")
+    p.add_argument("--name", default="bench_op", help="file stem of the CSV and PNG (default bench_op)")
+    args = p.parse_args(argv)
+    configs = [CONFIGS[c] for c in _choices(args.configs, CONFIGS, "configs")]
+    dtypes = _choices(args.dtype, DTYPES, "dtype")
+    modes = _choices(args.mode, MODES, "mode")
+    if args.iters < 1 or args.min_iters < 1 or args.warmup < 0:
+        raise SystemExit("--iters and --min-iters must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+    env = environment(transformers=transformers.__version__, moe_fuser=moe_fuser.__version__)
+    out_dir = results_dir(args.out)
+    rows = []
+    t_start = time.perf_counter()
+    for cfg in configs:
+        for dt_name in dtypes:
+            case = Case(cfg, DTYPES[dt_name], args.seed)
+            err = case.errors()
+            tol = 1e-4 if dt_name == "fp32" else 3e-2
+            for v, e in err.items():
+                if e > tol:
+                    print(f"WARNING: {v} differs from eager by {e:.2e} (relative) on {cfg.name} {dt_name}",
+                          file=sys.stderr)
+            for mode in modes:
+                busy = (wait_until_quiet(QUIET_CORES, args.wait_quiet) if args.wait_quiet
+                        else busy_cores_elsewhere())
+                t0 = time.perf_counter()
+                row = {"config": cfg.name, "E": cfg.E, "K": cfg.K, "D": cfg.D, "F": cfg.F, "T": cfg.T,
+                       "dtype": dt_name, "mode": mode, "experts_hit": case.experts_hit}
+                row.update(measure(case, mode, args))
+                row["busy_elsewhere"] = max(busy, busy_cores_elsewhere())
+                row.update({"hf_err": err["hf"], "fused_err": err["fused"], "hf_path": case.hf_path})
+                rows.append(row)
+                print(f"[{time.perf_counter() - t_start:6.0f}s] {cfg.label()} {dt_name} {mode}: "
+                      f"eager {row['eager_ms']:.2f} hf {row['hf_ms']:.2f} fused {row['fused_ms']:.2f} "
+                      f"floor {row['floor_ms']:.2f} ms ({row['rounds']} rounds, {time.perf_counter() - t0:.0f}s, "
+                      f"{row['busy_elsewhere']:.1f} cores busy elsewhere)", flush=True)
+                if args.profile:
+                    profile_cell(case, mode)
+            del case
+    print_table(rows, env)
+    csv_path, png_path = out_dir / f"{args.name}.csv", out_dir / f"{args.name}.png"
+    write_csv(csv_path, rows, env)
+    plot(rows, png_path)
+    print(f"hf path: {sorted({r['hf_path'] for r in rows})}; wrote {csv_path} and {png_path} "
+          f"({time.perf_counter() - t_start:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
