@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .. import lowering
 from ..lowering.reference import experts_reference
 from ..spec import CapacitySpec, ExpertSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 from .activations import act_fn
@@ -159,7 +160,11 @@ def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[to
     if spec.router.external:
         weights_TK, ids_TK = topk_weights_TK, topk_ids_TK.long()
     else:
-        weights_TK, ids_TK = route(router_logits_TE, spec.router, w.selection_bias)
+        # a lowering may route on its own device ops (npu: the gating ops); None means plain `route`
+        lowered = None if impl == "reference" else getattr(lowering.select(impl, x_TD.device), "route", None)
+        routed = lowered(router_logits_TE, spec.router, w.selection_bias) if lowered else None
+        weights_TK, ids_TK = routed if routed is not None else route(router_logits_TE, spec.router,
+                                                                     w.selection_bias)
     if spec.capacity is not None:
         ids_TK = apply_capacity(ids_TK, spec.num_experts, spec.capacity, capacity_groups)
 
