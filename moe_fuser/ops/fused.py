@@ -154,7 +154,12 @@ def _shared_expert(x_TD: torch.Tensor, spec: SharedExpertSpec, w: MoEWeights) ->
 def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights, *,
                 impl: Optional[str] = None, topk_weights_TK: Optional[torch.Tensor] = None,
                 topk_ids_TK: Optional[torch.Tensor] = None, capacity_groups: int = 1,
-                return_router_stats: bool = False, check: bool = True):
+                return_router_stats: bool = False, check: bool = True, ep_group=None, **ep_options):
+    if ep_group is not None:  # expert parallelism: moe_fuser.distributed (ep_options: see fused_moe)
+        from ..distributed.ep_moe import ep_moe_forward
+        return ep_moe_forward(spec, x_TD, router_logits_TE, w, ep_group, impl=impl,
+                              topk_weights_TK=topk_weights_TK, topk_ids_TK=topk_ids_TK,
+                              return_router_stats=return_router_stats, check=check, **ep_options)
     if check:
         validate(spec, x_TD, router_logits_TE, w, topk_weights_TK, topk_ids_TK)
     if spec.router.external:
@@ -196,7 +201,9 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
               shared_w1: Optional[torch.Tensor] = None, shared_w2: Optional[torch.Tensor] = None,
               shared_w3: Optional[torch.Tensor] = None, shared_gate: Optional[torch.Tensor] = None,
               shared_activation: Optional[str] = None, alpha: float = 1.702, limit: float = 7.0,
-              return_router_stats: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, RouterStats]]:
+              return_router_stats: bool = False, ep_group=None, expert_placement=None,
+              overlap_chunks: Optional[int] = None, ranks_per_node: Optional[int] = None,
+              ep_timeout: Optional[float] = None) -> Union[torch.Tensor, tuple[torch.Tensor, RouterStats]]:
     """Fused Mixture-of-Experts layer: routing (fp32), grouped experts, weighted combine.
 
     Shapes: hidden_states [T, D], router_logits [T, E]; w1 [E, F, D] (or [E, 2F, D] with ``gate_up``),
@@ -219,6 +226,10 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
     scaled by sigmoid(x @ shared_gate^T) when given.
     ``impl``: None/"auto" (best for the device), "reference" (plain PyTorch), "cpu", "triton", "npu".
     ``return_router_stats=True`` also returns ``RouterStats(topk_weights, topk_ids, tokens_per_expert)``.
+    ``ep_group`` (a torch.distributed ProcessGroup): expert parallelism (``moe_fuser.distributed``): each rank
+    passes its own tokens and only its local experts' weights; ``expert_placement`` (owner rank per expert,
+    default balanced, uneven allowed), ``overlap_chunks`` (None: automatic), ``ranks_per_node`` (None: detected),
+    ``ep_timeout`` (seconds before a dead or stalled peer is reported).
     """
     if w3 is not None and gate_up is not None:
         _fail("give either w3 (separate up projection) or gate_up (w1 holds both), not both")
@@ -242,4 +253,7 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
     weights = MoEWeights(w1, w2, w3, b1, b2, b3, selection_bias, shared_w1, shared_w2, shared_w3, shared_gate)
     return moe_forward(spec, hidden_states, router_logits, weights, impl=impl, topk_weights_TK=topk_weights,
                        topk_ids_TK=topk_ids, capacity_groups=capacity_groups,
-                       return_router_stats=return_router_stats)
+                       return_router_stats=return_router_stats, ep_group=ep_group,
+                       **({} if ep_group is None else dict(
+                           expert_placement=expert_placement, ep_timeout=ep_timeout, overlap_chunks=overlap_chunks,
+                           ranks_per_node=ranks_per_node)))

@@ -1,0 +1,330 @@
+"""The expert-parallel fused MoE op: ``torch.ops.moe_fuser.ep_experts`` and ``ep_moe_forward``.
+
+``fused_moe(..., ep_group=group)`` / ``moe_forward(..., ep_group=group)`` land in ``ep_moe_forward``: routing in
+fp32 on each rank's own tokens (plain differentiable code, as in the single-device op), then the expert part as
+one custom op that, on each rank,
+
+    counts exchange (one all_gather, configuration fingerprint checked) -> per chunk: dispatch (node-level, then
+    rank-level) -> local grouped experts with the device's lowering -> combine back (rank-level, node-level)
+
+with chunk c+1 in flight while chunk c computes (``moe_fuser.distributed.dispatch`` has the exchange and the
+schedule). Each rank holds only its local experts' weights (``ExpertPlacement.local_experts(rank)``, stacked or
+as a list in global-id order); E is ``router_logits.shape[1]`` (or the placement's size with an external router).
+
+Backward (training): a second custom op replays the plan saved by the forward: the output gradient travels the
+way the tokens went, the lowering's backward runs on each rank's received pairs (weight gradients stay local: the
+expert weights are not replicated), and input and routing-weight gradients travel back. Both directions issue
+the same collectives on every rank whatever ``requires_grad`` says locally, so no rank can wait for a message
+another rank decided not to send.
+
+Why a custom op (and not an ``autograd.Function``): it stays one opaque node under torch.compile (the compiler's
+rewrite of hand-written EP code emits it), its fake kernel gives the output shapes, and the forward's plan (index
+tensors with data-dependent sizes) is returned as extra outputs with unbacked sizes, which AOTAutograd saves for
+the backward op: nothing lives outside the graph. The process group travels by name (``group.group_name``).
+
+Legend: T tokens (this rank), K top-k, D model dim, E global experts, E_r experts on this rank, F expert hidden
+dim, H = F (plain) or 2F (gated), n pairs computed on this rank, R rows received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+from .. import lowering
+from ..ops.experts import _unpack_all, pack_weights
+from ..ops.fused import _shared_expert, validate
+from ..ops.routing import route, router_stats
+from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
+from .dispatch import HEADER_FIELDS, MAX_CHUNKS, TokenDispatcher, _dtype_code, _MAGIC, _KINDS
+from .placement import ExpertPlacement, Placement, Topology, resolve_placement, resolve_ranks_per_node
+
+__all__ = ["DEFAULT_TIMEOUT_S", "auto_chunks", "ep_experts", "ep_moe_forward"]
+
+DEFAULT_TIMEOUT_S = 300.0   # a peer that died or stalls is reported after this long (first calls may compile)
+AUTO_CHUNK_TOKENS = 512     # auto overlap: about this many tokens per chunk (smaller GEMMs lose efficiency) ...
+AUTO_MAX_CHUNKS = 4         # ... and at most this many chunks (each adds collective latency)
+
+
+def auto_chunks(num_tokens: int) -> int:
+    """This rank's overlap degree when none is given; the call uses the maximum over the ranks."""
+    return max(1, min(AUTO_MAX_CHUNKS, num_tokens // AUTO_CHUNK_TOKENS))
+
+
+_DISPATCHERS: dict[tuple, TokenDispatcher] = {}
+
+
+def _dispatcher(group_name: str, owner: Sequence[int], ranks_per_node: int, timeout_s: float) -> TokenDispatcher:
+    key = (group_name, tuple(owner), ranks_per_node, timeout_s)
+    if key not in _DISPATCHERS:
+        group = _resolve_process_group(group_name)
+        world = dist.get_world_size(group)
+        _DISPATCHERS[key] = TokenDispatcher(group, ExpertPlacement(tuple(owner), world),
+                                            Topology(world, ranks_per_node), timeout_s)
+    return _DISPATCHERS[key]
+
+
+def _config_crc(activation: str, glu: str, alpha: float, limit: float, biases: Sequence[bool]) -> int:
+    return zlib.crc32(f"{activation}|{glu}|{alpha!r}|{limit!r}|{tuple(biases)}".encode())
+
+
+def _local_spec(num_local: int, activation, glu, alpha, limit, has_bias) -> Optional[ExpertSpec]:
+    if num_local == 0:
+        return None
+    return ExpertSpec(num_experts=num_local, activation=activation, glu=glu or None, bias=has_bias, alpha=alpha,
+                      limit=limit)
+
+
+def _num_local(w1: list[torch.Tensor]) -> int:
+    return w1[0].shape[0] if len(w1) == 1 and w1[0].dim() == 3 else len(w1)
+
+
+@torch.library.custom_op("moe_fuser::ep_experts", mutates_args=())
+def _ep_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                   w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
+                   b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
+                   owner: list[int], ranks_per_node: int, chunks: int, timeout_s: float, group_name: str,
+                   activation: str, glu: str, alpha: float, limit: float, impl: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor]:
+    disp = _dispatcher(group_name, owner, ranks_per_node, timeout_s)
+    T, K = topk_ids.shape
+    D = x.shape[1]
+    ws = _unpack_all(w1, w2, w3, b1, b2, b3)
+    spec = _local_spec(_num_local(w1), activation, glu, alpha, limit, bool(b1 or b2 or b3))
+    low = lowering.select(impl, x.device)
+    header = [_MAGIC, len(owner), K, D, _dtype_code(x.dtype), w1[0].shape[-2], w2[0].shape[-1], ranks_per_node,
+              zlib.crc32(repr(tuple(owner)).encode()),
+              _config_crc(activation, glu, alpha, limit, (bool(b1), bool(b2), bool(b3))),
+              chunks or auto_chunks(T)]
+    plan = disp.plan(topk_ids, topk_weights, header[-1], header)
+
+    saved_rows, saved_h, saved_order = [], [], []
+
+    def compute(c, cp, rows_RD):
+        saved_rows.append(rows_RD)
+        if cp.row_of_pair.numel() == 0:
+            return rows_RD.new_zeros(cp.num_rows, D), None
+        xs_nD = rows_RD.index_select(0, cp.row_of_pair)
+        y_nD, h_nH, order_n = low.forward(xs_nD, cp.weight[:, None], cp.local_expert[:, None], *ws, spec)
+        saved_h.append(h_nH)
+        saved_order.append(order_n)
+        return rows_RD.new_zeros(cp.num_rows, D).index_add_(0, cp.row_of_pair, y_nD), None
+
+    plan, back = disp.run(plan, lambda c: x.index_select(0, plan.origin[c].tok_rows), compute)
+    out_TD = torch.zeros_like(x)
+    for c, (rows, _) in enumerate(back):
+        out_TD.index_add_(0, plan.origin[c].tok_rows, rows)
+    idx, wpair = disp.pack(plan)
+    H = 2 * w2[0].shape[-1] if glu else w2[0].shape[-1]
+    xrows = torch.cat(saved_rows) if saved_rows else x.new_zeros(0, D)
+    h = torch.cat(saved_h) if saved_h else x.new_zeros(0, H)
+    order = torch.cat(saved_order) if saved_order else topk_ids.new_zeros(0)
+    return out_TD, plan.table, idx, wpair, xrows, h, order
+
+
+def _table_width(group_name: str) -> tuple[int, int]:
+    world = dist.get_world_size(_resolve_process_group(group_name))
+    return world, len(HEADER_FIELDS) + MAX_CHUNKS * _KINDS * world
+
+
+@_ep_experts_op.register_fake
+def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, ranks_per_node, chunks, timeout_s, group_name,
+      activation, glu, alpha, limit, impl):
+    ctx = torch.library.get_ctx()
+    n_idx, n_pairs, n_rows = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    F_ = w2[0].shape[-1]
+    H = 2 * F_ if glu else F_
+    world, width = _table_width(group_name)
+    return (x.new_empty(x.shape), topk_ids.new_empty((world, width), dtype=torch.int64),
+            topk_ids.new_empty((n_idx,), dtype=torch.int64), topk_weights.new_empty((n_pairs,), dtype=torch.float32),
+            x.new_empty((n_rows, x.shape[1])), x.new_empty((n_pairs, H)),
+            topk_ids.new_empty((n_pairs,), dtype=torch.int64))
+
+
+@torch.library.custom_op("moe_fuser::ep_experts_backward", mutates_args=())
+def _ep_experts_backward_op(
+        grad: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        table: torch.Tensor, idx: torch.Tensor, wpair: torch.Tensor, xrows: torch.Tensor, h: torch.Tensor,
+        order: torch.Tensor, w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
+        b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
+        owner: list[int], ranks_per_node: int, chunks: int, timeout_s: float, group_name: str,
+        activation: str, glu: str, alpha: float, limit: float, impl: str, need_w: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
+           list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    disp = _dispatcher(group_name, owner, ranks_per_node, timeout_s)
+    T, K = topk_ids.shape
+    D = x.shape[1]
+    ws = _unpack_all(w1, w2, w3, b1, b2, b3)
+    spec = _local_spec(_num_local(w1), activation, glu, alpha, limit, bool(b1 or b2 or b3))
+    low = lowering.select(impl, x.device)
+    plan = disp.restore(table, idx, wpair)
+    grad = grad.contiguous()
+    grads_w = [[torch.zeros_like(w) for w in wl] if need_w else [] for wl in (w1, w2, w3, b1, b2, b3)]
+    offsets = {"rows": 0, "pairs": 0}
+
+    def compute(c, cp, g_RD):
+        r0, p0, n = offsets["rows"], offsets["pairs"], cp.row_of_pair.numel()
+        offsets["rows"] += cp.num_rows
+        offsets["pairs"] += n
+        dx_RD = g_RD.new_zeros(cp.num_rows, D)
+        if n == 0:
+            return dx_RD, cp.weight.new_zeros(0)
+        rows = xrows[r0:r0 + cp.num_rows]
+        xs_nD = rows.index_select(0, cp.row_of_pair)
+        g_nD = g_RD.index_select(0, cp.row_of_pair)
+        dxs_nD, dw_n1, *dws = low.backward(g_nD, xs_nD, cp.weight[:, None], cp.local_expert[:, None],
+                                           h[p0:p0 + n], order[p0:p0 + n], *ws, spec, (True, True, need_w))
+        if need_w:
+            for acc, g in zip(grads_w, dws):
+                for a, gi in zip(acc, pack_weights(g)):
+                    a.add_(gi)
+        return dx_RD.index_add_(0, cp.row_of_pair, dxs_nD), dw_n1.reshape(-1).to(torch.float32)
+
+    plan, back = disp.run(plan, lambda c: grad.index_select(0, plan.origin[c].tok_rows), compute)
+    dx_TD = torch.zeros_like(x)
+    dweights_N = torch.zeros(T * K, dtype=torch.float32, device=x.device)
+    for c, (rows, pairs) in enumerate(back):
+        dx_TD.index_add_(0, plan.origin[c].tok_rows, rows)
+        dweights_N.index_copy_(0, plan.origin[c].tj_pairs, pairs)
+    return (dx_TD, dweights_N.view(T, K).to(topk_weights.dtype), *grads_w)
+
+
+@_ep_experts_backward_op.register_fake
+def _(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w2, w3, b1, b2, b3, owner,
+      ranks_per_node, chunks, timeout_s, group_name, activation, glu, alpha, limit, impl, need_w):
+    def like(ws):
+        return [w.new_empty(w.shape) for w in ws] if need_w else []
+
+    return (x.new_empty(x.shape), topk_weights.new_empty(topk_weights.shape),
+            like(w1), like(w2), like(w3), like(b1), like(b2), like(b3))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, *config) = inputs
+    _, table, idx, wpair, xrows, h, order = output
+    ctx.save_for_backward(x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order,
+                          *w1, *w2, *w3, *b1, *b2, *b3)
+    ctx.lengths = [len(w) for w in (w1, w2, w3, b1, b2, b3)]
+    ctx.config = tuple(config)
+
+
+def _backward(ctx, grad_out, *_unused):
+    x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, *flat = ctx.saved_tensors
+    lists, start = [], 0
+    for n in ctx.lengths:
+        lists.append(list(flat[start:start + n]))
+        start += n
+    need_w = any(ctx.needs_input_grad[3:9])
+    dx, dweights, *dws = _ep_experts_backward_op(grad_out, x, topk_weights, topk_ids, table, idx, wpair, xrows,
+                                                 h, order, *lists, *ctx.config, need_w)
+    dws = [list(g) if g else [None] * n for g, n in zip(dws, ctx.lengths)]
+    return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None, *dws,
+            *([None] * len(ctx.config)))
+
+
+_ep_experts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]
+
+
+@torch.compiler.assume_constant_result
+def _lowering_name(impl: Optional[str], device_type: str) -> str:
+    if impl == "reference":
+        raise ValueError("impl='reference' is the single-process oracle and has no expert-parallel form; use "
+                         "impl=None or a lowering name ('cpu', 'triton', 'npu') with ep_group")
+    return lowering.select(impl, torch.device(device_type)).name
+
+
+def ep_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, w1: Weights,
+               w2: Weights, w3: Weights = None, b1: Weights = None, b2: Weights = None, b3: Weights = None, *,
+               spec: ExpertSpec, group: dist.ProcessGroup, placement: ExpertPlacement, ranks_per_node: int,
+               chunks: Optional[int] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+               impl: Optional[str] = None) -> torch.Tensor:
+    """The expert part under expert parallelism: ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` for this
+    rank's tokens, the experts living on their owner ranks. ``topk_ids`` are global expert ids (-1: dropped)."""
+    if chunks is not None and not (isinstance(chunks, int) and 1 <= chunks <= MAX_CHUNKS):
+        raise ValueError(f"overlap_chunks={chunks!r} must be an int in [1, {MAX_CHUNKS}] or None (automatic)")
+    out = _ep_experts_op(
+        x_TD, topk_weights_TK, topk_ids_TK, pack_weights(w1), pack_weights(w2), pack_weights(w3),
+        pack_weights(b1), pack_weights(b2), pack_weights(b3), list(placement.owner), int(ranks_per_node),
+        int(chunks or 0), float(timeout_s), group.group_name, spec.activation, spec.glu or "", float(spec.alpha),
+        float(spec.limit), _lowering_name(impl, x_TD.device.type))
+    return out[0]
+
+
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def _validate_ep(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, placement: ExpertPlacement, rank: int,
+                 weights_TK, ids_TK) -> None:
+    """The single-device checks on this rank's share (local experts), plus the EP-specific ones."""
+    E = placement.num_experts
+    if spec.capacity is not None:
+        _fail("capacity (token dropping) is not supported with expert parallelism; drop capacity= or ep_group=")
+    if router_logits_TE is not None:
+        if router_logits_TE.dim() != 2 or router_logits_TE.shape[0] != x_TD.shape[0]:
+            _fail(f"router_logits must be [T={x_TD.shape[0]}, E]; got {tuple(router_logits_TE.shape)}")
+        if not torch.compiler.is_compiling() and router_logits_TE.numel() and \
+                not bool(torch.isfinite(router_logits_TE).all()):
+            _fail("router_logits contain NaN or inf; check the router's input and weights")
+    if w.selection_bias is not None and tuple(w.selection_bias.shape) != (E,):
+        _fail(f"selection_bias must be [E={E}]; got {tuple(w.selection_bias.shape)}")
+    local = placement.local_experts(rank)
+    w1 = pack_weights(w.w1)
+    held = _num_local(w1) if w1 else 0
+    if held != len(local):
+        _fail(f"rank {rank} holds {held} experts but the placement gives it {len(local)} (global ids "
+              f"{list(local)}); pass only this rank's experts' weights, stacked in global-id order"
+              + ("; a rank without experts passes empty stacked tensors [0, F, D]" if not local else ""))
+    if not local:
+        for name in ("w1", "w2", "w3"):
+            ws = getattr(w, name)
+            if ws is not None and not (isinstance(ws, torch.Tensor) and ws.dim() == 3 and ws.shape[0] == 0):
+                _fail(f"rank {rank} holds no experts: pass {name} as an empty stacked tensor [0, out, in]")
+        return
+    local_spec = spec.replace(router=RouterSpec(top_k=spec.top_k, external=True),
+                              experts=dataclasses.replace(spec.experts, num_experts=len(local)), capacity=None)
+    validate(local_spec, x_TD, None, w._replace(selection_bias=None), weights_TK, ids_TK)
+
+
+def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights,
+                   group: dist.ProcessGroup, *, expert_placement: Placement = None,
+                   overlap_chunks: Optional[int] = None, ranks_per_node: Optional[int] = None,
+                   ep_timeout: Optional[float] = None, impl: Optional[str] = None,
+                   topk_weights_TK: Optional[torch.Tensor] = None, topk_ids_TK: Optional[torch.Tensor] = None,
+                   return_router_stats: bool = False, check: bool = True):
+    """``moe_forward`` under expert parallelism (what ``fused_moe(..., ep_group=...)`` runs)."""
+    world, rank = group.size(), group.rank()
+    E = None if spec.router.external else router_logits_TE.shape[-1]
+    if spec.router.external and expert_placement is None:
+        _fail("with topk_weights/topk_ids under expert parallelism the number of experts is unknown: pass "
+              "expert_placement (one owner rank per global expert)")
+    placement = resolve_placement(expert_placement, E, world)
+    E = placement.num_experts
+    if spec.num_experts != E:
+        spec = spec.replace(experts=dataclasses.replace(spec.experts, num_experts=E))
+    rpn = resolve_ranks_per_node(group, ranks_per_node)
+    if spec.router.external:
+        weights_TK, ids_TK = topk_weights_TK, topk_ids_TK.long()
+    else:
+        spec.router.validate_for(E)
+        weights_TK, ids_TK = route(router_logits_TE, spec.router, w.selection_bias)
+    if check:
+        _validate_ep(spec, x_TD, router_logits_TE, w, placement, rank, weights_TK, ids_TK)
+    out_TD = ep_experts(x_TD, weights_TK, ids_TK, w.w1, w.w2, w.w3, w.b1, w.b2, w.b3, spec=spec.experts,
+                        group=group, placement=placement, ranks_per_node=rpn, chunks=overlap_chunks,
+                        timeout_s=DEFAULT_TIMEOUT_S if ep_timeout is None else float(ep_timeout), impl=impl)
+    if spec.shared is not None:
+        out_TD = out_TD + _shared_expert(x_TD, spec.shared, w)
+    out_TD = out_TD.to(x_TD.dtype)
+    if return_router_stats:
+        return out_TD, router_stats(weights_TK, ids_TK, E)
+    return out_TD
