@@ -40,6 +40,11 @@ The Match contract (the rewrite relies on it; the driver re-checks what it can)
     spec          the ``MoESpec``: everything static the op needs
     capacity_groups  int, or a node holding a SymInt (Switch: one capacity group per sequence)
     op_kwargs     further keyword arguments for the fused op (constants or nodes), for families that need more
+    transposed    names of ``weights`` fields ("w1", "w2", "w3") whose nodes hold the transposed ``[E, in, out]``
+                  layout (transformers' ``is_transposed`` experts, GPT-OSS); the op reads ``.transpose(-2, -1)``
+    output_like   a node outside the region whose shape the output has when that is not [T, D] (a block that
+                  adds its shared expert after viewing the routed output back to [B, S, D]); the fused [T, D]
+                  result is viewed as it
 Values inside the region that the rest of the graph still reads (probabilities for a load-balancing loss,
 top-k ids for statistics) are *kept*, unchanged, when they are pure and do not read a buffer the region
 mutates; anything else escaping the region makes the driver reject the match.
@@ -99,6 +104,8 @@ class Match:
     topk_ids: Optional[fx.Node] = None
     capacity_groups: Union[int, fx.Node] = 1
     op_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    transposed: frozenset = frozenset()
+    output_like: Optional[fx.Node] = None
     module_path: str = ""
     notes: tuple = ()
     # Filled in by the driver when the match is rewritten.
@@ -113,7 +120,7 @@ class Match:
         """Every node the fused op reads (all must be defined outside the region)."""
         out: list[fx.Node] = []
         fx.node.map_arg((self.x, self.router_logits, self.topk_weights, self.topk_ids, tuple(self.weights),
-                         self.capacity_groups, dict(self.op_kwargs)), out.append)
+                         self.capacity_groups, dict(self.op_kwargs), self.output_like), out.append)
         return out
 
 
@@ -215,7 +222,7 @@ _REGISTRY: dict[str, Pattern] = {}
 _LOCK = threading.Lock()
 # Built-in families (module names in this package), imported on first use; each registers its patterns at
 # import. Add a family module here.
-_BUILTIN_MODULES: tuple = ()
+_BUILTIN_MODULES: tuple = ("handwritten", "transformers_experts")
 _builtins_loaded = False
 
 

@@ -1,0 +1,95 @@
+"""Whole-MoE capture: the dynamo settings a hand-written MoE loop needs, in force exactly when moe_fuser compiles.
+
+Why. A hand-written loop dispatches with data-dependent ops (``torch.where(ids == e)``, ``nonzero``, ``.tolist()``
+counts). Under dynamo's defaults each is a graph break, and a break inside a ``for`` loop makes dynamo skip the
+frame: the MoE reaches no backend at all. With ``capture_dynamic_output_shape_ops=True`` and
+``capture_scalar_outputs=True`` the same code is captured as one graph (unbacked SymInts for the per-expert
+token counts). The settings must hold while the frame is *traced*, i.e. on the compiled model's first call,
+before any backend sees a graph.
+
+How. Dynamo enters a backend's ``backend_ctx_ctor`` context around every call of the compiled function (tracing
+included), but ``torch.compile`` wraps a named backend in ``_TorchCompileWrapper``, which hides that attribute
+from dynamo. ``install()`` (run when ``moe_fuser.backend`` is imported, which dynamo does when it looks up the
+entry point ``backend="moe_fuser"`` inside that very ``torch.compile`` call) wraps
+``torch._dynamo.eval_frame.get_compiler_fn`` so that a ``_TorchCompileWrapper`` whose compiler carries
+``backend_ctx_ctor`` exposes it again. Only wrappers around a compiler with that attribute are touched:
+``backend="inductor"`` and every other backend go through unchanged, and the settings are entered per call of the
+moe_fuser-compiled model only, so other compiled models in the process never see them.
+
+Limits.
+- Frames traced *under* a moe_fuser-compiled call (its whole model) are traced with the two settings. A frame
+  without data-dependent ops traces identically (the settings are never consulted), so its graph and the code
+  the inner compiler generates are exactly those of plain ``torch.compile``. A non-MoE frame *with* such ops is
+  captured whole where plain dynamo would break it; it is still compiled by the inner compiler unchanged.
+- Code that iterates a data-dependent tensor (transformers' own ``experts_implementation="eager"`` loop,
+  ``for e in expert_hit:``) can never be captured whole under any setting; compile such models with their
+  default ``grouped_mm`` implementation (the default for whole ``*ForCausalLM`` models).
+- ``options={"capture": False}`` turns the settings off (the loop then runs in eager, unfused).
+- Settings given explicitly via ``torch._dynamo.config.patch(...)`` around the call are overridden during it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Any, Callable
+
+import torch._dynamo.config as dynamo_config
+import torch._dynamo.eval_frame as eval_frame
+
+__all__ = ["CAPTURE_SETTINGS", "capture_context", "install", "installed"]
+
+log = logging.getLogger("moe_fuser")
+
+#: The dynamo settings moe_fuser traces under.
+CAPTURE_SETTINGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+
+
+def capture_context() -> contextlib.AbstractContextManager:
+    """The settings as a context manager (dynamo enters one per call of a moe_fuser-compiled function)."""
+    return dynamo_config.patch(**CAPTURE_SETTINGS)
+
+
+def _no_capture() -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _wants_capture(wrapper: Any) -> bool:
+    options = (getattr(wrapper, "kwargs", None) or {}).get("options") or {}
+    return options.get("capture", True) is not False
+
+
+def _expose_ctx(compiler_fn: Any) -> None:
+    """Give a torch.compile wrapper the ``backend_ctx_ctor`` of the compiler it wraps (instance attribute, so
+    dynamo's debug wrapper copies it along with the rest of the instance dict)."""
+    inner = getattr(compiler_fn, "compiler_fn", None)
+    ctor: Callable | None = getattr(inner, "backend_ctx_ctor", None)
+    if ctor is None or "backend_ctx_ctor" in getattr(compiler_fn, "__dict__", {}):
+        return
+    if getattr(inner, "_moe_fuser_backend", False) and not _wants_capture(compiler_fn):
+        ctor = _no_capture
+    try:
+        compiler_fn.backend_ctx_ctor = ctor
+    except AttributeError:
+        log.debug("moe_fuser: cannot attach backend_ctx_ctor to %r", compiler_fn)
+
+
+def installed() -> bool:
+    return getattr(eval_frame.get_compiler_fn, "_moe_fuser_wrapped", False)
+
+
+def install() -> None:
+    """Make dynamo honour ``backend_ctx_ctor`` of backends wrapped by ``torch.compile`` (idempotent)."""
+    if installed():
+        return
+    original = eval_frame.get_compiler_fn
+
+    @functools.wraps(original)
+    def get_compiler_fn(compiler_fn):
+        _expose_ctx(compiler_fn)
+        return original(compiler_fn)
+
+    get_compiler_fn._moe_fuser_wrapped = True
+    eval_frame.get_compiler_fn = get_compiler_fn
+    log.debug("moe_fuser: capture hook installed on torch._dynamo.eval_frame.get_compiler_fn")

@@ -1,0 +1,483 @@
+"""Hand-written MoE loops: ``for e in range(E)`` over per-expert FFNs, accumulating into one output buffer.
+
+The family covers the seed's Switch layer, transformers-4 style Mixtral blocks and the usual research code:
+
+    out = zeros_like(x)                                   # the accumulation buffer (also zeros / new_zeros)
+    for e in range(E):
+        tok, slot = torch.where(ids == e)                 # DISPATCH (see below)
+        y = expert[e](x[tok])                             # GATHER + FFN
+        out.index_add_(0, tok, y * w[tok, slot, None])    # WEIGHT + COMBINE
+
+Recognition works backwards from each in-place write into the buffer, one small predicate per step; each step
+lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it sees something else:
+
+    COMBINE   out.index_add_(0, tok, y) | out.scatter_add_(0, tok[:, None].expand(-1, D), y)
+              | out.index_put_((tok,), y, accumulate=True) | out[tok] += y | out = out.index_add(0, tok, y)
+    WEIGHT    y = f * w[tok, slot, None] (either order; ``w[tok, slot].unsqueeze(-1)``/``[:, None]``/``view``;
+              ``w[tok, None]`` for 1-D top-1 weights), with dtype casts anywhere
+    FFN       Linear -> act -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear (SwiGLU/GeGLU module),
+              Linear -> chunk(2) -> act(gate) * up -> Linear (fused gate_up); eval-mode dropout is skipped.
+              Weights are the ModuleList's own parameters (a list per role: never stacked) or ``W[e]`` rows of a
+              stacked parameter. Activations: silu, gelu, gelu(tanh), relu.
+    GATHER    x[tok] | x[None, tok].reshape(-1, D) | x.index_select(0, tok)
+    DISPATCH  torch.where(ids == e) -> (tok, slot)  |  torch.where(one_hot(ids, E).permute(2, 1, 0)[e]) ->
+              (slot, tok) (``permute(2, 0, 1)`` gives (tok, slot))  |  (ids == e).nonzero() -> [:, 0], [:, 1]
+              |  with 1-D top-1 ids: torch.where(ids == e)[0]
+
+The loop must cover every expert 0..E-1 exactly once with one FFN structure; the weights and ids of all experts
+must be the same two nodes, which ``routers.recognise_router`` resolves to a RouterSpec (or an external router).
+Everything else (an extra op on the way, a second buffer, an expert skipped) is a Rejection with the reason.
+
+Legend: T tokens, D hidden size, E experts, K top-k, N routed (token, slot) pairs of one expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from ..fx.dag import mutated_arg
+from ..fx.graph import arg, common_prefix, is_op, module_path, op, scalar_arg, val
+from ..spec import ExpertSpec, MoESpec, MoEWeights
+from .base import Match, MatchContext, Rejection, register_pattern
+from .routers import recognise_router
+
+__all__ = ["HandwrittenLoop"]
+
+FAMILY = "handwritten"
+_CASTS = ("to", "float", "type_as", "half", "bfloat16", "double", "type")
+_ALLOCS = ("zeros", "zeros_like", "new_zeros")
+_ACTIVATIONS = {"silu": "silu", "relu": "relu", "gelu": "gelu"}
+_EXPERT_KEYS = ("w1", "w2", "w3", "b1", "b2", "b3")
+
+
+class _NoMatch(Exception):
+    pass
+
+
+@dataclass
+class _Expert:
+    """One loop iteration, as recognised."""
+
+    e: int
+    x: fx.Node
+    ids: fx.Node
+    weights: Optional[fx.Node]
+    activation: str
+    glu: Optional[str]
+    params: dict                  # role -> (kind, node): "param" (the expert's own tensor) or "row" (stacked[e])
+
+
+class _Walk:
+    def __init__(self) -> None:
+        self.nodes: set = set()
+
+    def take(self, node: fx.Node) -> fx.Node:
+        self.nodes.add(node)
+        return node
+
+    def casts(self, node):
+        while is_op(node, *_CASTS) and isinstance(node.args[0], fx.Node) and _same_shape(node, node.args[0]):
+            self.take(node)
+            node = node.args[0]
+        return node
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = val(a), val(b)
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and tuple(va.shape) == tuple(vb.shape)
+
+
+# ---------------------------------------------------------------- COMBINE: buffer writes -> (tok, contribution)
+
+def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]:
+    """Every accumulation into ``buf``: (writer, tok, y, nodes). Raises _NoMatch on any other write."""
+    writes = []
+    for u in buf.users:
+        if mutated_arg(u) is not buf:
+            continue
+        name = op(u)
+        if name == "index_add_" and arg(u, 1, "dim") == 0 and len(u.args) >= 4 and "alpha" not in u.kwargs:
+            writes.append((u, u.args[2], u.args[3], {u}))
+        elif name == "scatter_add_" and arg(u, 1, "dim") == 0:
+            idx = u.args[2]
+            walk = _Walk()
+            if is_op(idx, "expand", "expand_as"):
+                walk.take(idx)
+                idx = idx.args[0]
+            if is_op(idx, "unsqueeze") and arg(idx, 1, "dim") in (1, -1):
+                walk.take(idx)
+                writes.append((u, idx.args[0], u.args[3], walk.nodes | {u}))
+            elif is_op(idx, "view", "reshape") and len(idx.args) == 3 and idx.args[2] == 1:
+                walk.take(idx)
+                writes.append((u, idx.args[0], u.args[3], walk.nodes | {u}))
+            else:
+                raise _NoMatch(f"{u.name} scatters with an index that is not a broadcast token index")
+        elif name == "index_put_" and arg(u, 3, "accumulate", False) is True \
+                and isinstance(u.args[1], (tuple, list)) and len(u.args[1]) == 1:
+            writes.append((u, u.args[1][0], u.args[2], {u}))
+        elif name == "setitem":
+            tok, rhs = u.args[1], u.args[2]
+            if not (isinstance(tok, fx.Node) and is_op(rhs, "iadd", "add") and len(rhs.args) == 2):
+                raise _NoMatch(f"{u.name} assigns into the output instead of accumulating")
+            old, y = rhs.args
+            if not (is_op(old, "getitem") and old.args[0] is buf and old.args[1] is tok):
+                old, y = y, old
+            if not (is_op(old, "getitem") and old.args[0] is buf and old.args[1] is tok):
+                raise _NoMatch(f"{u.name} does not add to out[tok]")
+            writes.append((u, tok, y, {u, rhs, old}))
+        else:
+            raise _NoMatch(f"{u.name} ({name}) writes into the output buffer {buf.name} in a way not modelled")
+    return writes
+
+
+def _functional_chain(buf: fx.Node) -> tuple[list, fx.Node]:
+    """out = zeros; out = out.index_add(0, tok, y) ...: the writes and the chain's last node."""
+    writes, node = [], buf
+    while True:
+        nxt = [u for u in node.users if is_op(u, "index_add") and u.args[0] is node]
+        if len(nxt) != 1:
+            return writes, node
+        u = nxt[0]
+        if arg(u, 1, "dim") != 0 or len(u.args) < 4 or "alpha" in u.kwargs:
+            raise _NoMatch(f"{u.name} is not index_add(0, tok, y)")
+        writes.append((u, u.args[2], u.args[3], {u}))
+        node = u
+
+
+# ---------------------------------------------------------------- WEIGHT: y -> (ffn output, weights node)
+
+def _split_weight(y: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
+    """y = f * w_e -> (f, topk weights node W, slot node or None); w_e = W[tok, slot, None] and friends."""
+    y = walk.casts(y)
+    if not (is_op(y, "mul") and len(y.args) == 2 and all(isinstance(a, fx.Node) for a in y.args)):
+        raise _NoMatch(f"the expert output {y.name} is not multiplied by its routing weight")
+    walk.take(y)
+    for f, we in (y.args, y.args[::-1]):
+        try:
+            sub = _Walk()
+            W, slot = _weight_index(we, sub, tok)
+        except _NoMatch:
+            continue
+        walk.nodes |= sub.nodes
+        return f, W, slot
+    raise _NoMatch(f"neither factor of {y.name} is the routing weight of the dispatched tokens")
+
+
+def _weight_index(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
+    we = walk.casts(we)
+    trailing_none = False
+    if is_op(we, "unsqueeze") and arg(we, 1, "dim") in (-1, 1):
+        walk.take(we)
+        we = walk.casts(we.args[0])
+        trailing_none = True
+    elif is_op(we, "view", "reshape") and we.args[1:] in ((-1, 1),):
+        walk.take(we)
+        we = walk.casts(we.args[0])
+        trailing_none = True
+    elif is_op(we, "getitem") and we.args[1] == (slice(None), None):
+        walk.take(we)
+        we = walk.casts(we.args[0])
+        trailing_none = True
+    if not is_op(we, "getitem"):
+        raise _NoMatch(f"{we.name} does not index the routing weights")
+    walk.take(we)
+    W, index = we.args
+    index = index if isinstance(index, tuple) else (index,)
+    if index and index[-1] is None:
+        if trailing_none:
+            raise _NoMatch(f"{we.name} adds two trailing dims")
+        index, trailing_none = index[:-1], True
+    if not trailing_none or not index or index[0] is not tok or len(index) > 2:
+        raise _NoMatch(f"{we.name} is not W[tok, slot, None]")
+    slot = index[1] if len(index) == 2 else None
+    W = walk.casts(W)
+    v = val(W)
+    if not isinstance(v, torch.Tensor) or v.dim() != (1 if slot is None else 2):
+        raise _NoMatch(f"{we.name} indexes routing weights of rank {getattr(v, 'ndim', None)} with "
+                       f"{len(index)} indices")
+    return W, slot
+
+
+# ---------------------------------------------------------------- FFN: f -> (x_e, params, activation, glu)
+
+def _weight_source(w: Any, e: int, walk: _Walk) -> tuple:
+    """A Linear weight/bias: ("param", node) for the expert's own tensor, ("row", stacked) for stacked[e]."""
+    if isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr"):
+        return ("param", w)
+    if is_op(w, "getitem") and w.args[1] == e and isinstance(w.args[0], fx.Node) \
+            and w.args[0].op in ("placeholder", "get_attr"):
+        walk.take(w)
+        return ("row", w.args[0])
+    raise _NoMatch(f"{getattr(w, 'name', w)} is not a parameter of expert {e} (nor row {e} of a stacked one)")
+
+
+def _linear(node: fx.Node, e: int, walk: _Walk) -> tuple[fx.Node, tuple, Optional[tuple]]:
+    if not is_op(node, "linear"):
+        raise _NoMatch(f"{node.name} ({op(node)}) is not an nn.Linear / F.linear")
+    walk.take(node)
+    w = _weight_source(arg(node, 1, "weight"), e, walk)
+    b = arg(node, 2, "bias")
+    return node.args[0], w, (None if b is None else _weight_source(b, e, walk))
+
+
+def _skip_dropout(node: fx.Node, walk: _Walk) -> fx.Node:
+    while is_op(node, "dropout"):
+        p, training = scalar_arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
+        if training is not False and p != 0:
+            raise _NoMatch(f"{node.name} is an active dropout; the fused op has none (compile in eval mode)")
+        walk.take(node)
+        node = node.args[0]
+    return node
+
+
+def _activation(node: fx.Node, walk: _Walk) -> tuple[str, fx.Node]:
+    name = op(node)
+    if name not in _ACTIVATIONS or node.kwargs.get("inplace"):
+        raise _NoMatch(f"{node.name} ({name}) is not a supported activation (silu, gelu, gelu-tanh, relu)")
+    act = _ACTIVATIONS[name]
+    if name == "gelu":
+        approx = arg(node, 1, "approximate", "none")
+        if approx not in ("none", "tanh"):
+            raise _NoMatch(f"gelu approximate={approx!r}")
+        act = "gelu_tanh" if approx == "tanh" else "gelu"
+    walk.take(node)
+    return act, node.args[0]
+
+
+def _ffn(f: fx.Node, e: int, walk: _Walk) -> tuple[fx.Node, dict, str, Optional[str]]:
+    f = _skip_dropout(walk.casts(f), walk)
+    h, w2, b2 = _linear(f, e, walk)
+    h = _skip_dropout(h, walk)
+    params = {"w2": w2, "b2": b2}
+    if is_op(h, "mul") and len(h.args) == 2:
+        walk.take(h)
+        for a, b in (h.args, h.args[::-1]):
+            if is_op(a, *_ACTIVATIONS):
+                break
+        else:
+            raise _NoMatch(f"{h.name} multiplies two branches, neither of them an activation")
+        act, g = _activation(a, walk)
+        if is_op(g, "getitem") and is_op(g.args[0], "chunk") and is_op(b, "getitem") and b.args[0] is g.args[0]:
+            chunk = g.args[0]
+            if not (g.args[1] == 0 and b.args[1] == 1 and arg(chunk, 1, "chunks") == 2
+                    and arg(chunk, 2, "dim", 0) in (-1, 1)):
+                raise _NoMatch(f"{chunk.name} does not split gate and up in halves along the last dim")
+            walk.take(g)
+            walk.take(b)
+            walk.take(chunk)
+            x_e, w1, b1 = _linear(chunk.args[0], e, walk)
+            params.update(w1=w1, b1=b1)
+            return x_e, params, act, "concat"
+        x_e, w1, b1 = _linear(g, e, walk)
+        x_e3, w3, b3 = _linear(b, e, walk)
+        if x_e3 is not x_e:
+            raise _NoMatch(f"gate and up projections of expert {e} read different inputs")
+        params.update(w1=w1, b1=b1, w3=w3, b3=b3)
+        return x_e, params, act, "separate"
+    act, h1 = _activation(h, walk)
+    x_e, w1, b1 = _linear(h1, e, walk)
+    params.update(w1=w1, b1=b1)
+    return x_e, params, act, None
+
+
+# ---------------------------------------------------------------- GATHER and DISPATCH
+
+def _gather(x_e: fx.Node, tok: fx.Node, walk: _Walk) -> fx.Node:
+    """x_e = x[tok] (and friends) -> x."""
+    if is_op(x_e, "reshape", "view") and is_op(x_e.args[0], "getitem"):
+        inner = x_e.args[0]
+        if isinstance(inner.args[1], tuple) and inner.args[1] == (None, tok):
+            walk.take(x_e)
+            walk.take(inner)
+            return inner.args[0]
+    if is_op(x_e, "getitem") and x_e.args[1] is tok:
+        walk.take(x_e)
+        return x_e.args[0]
+    if is_op(x_e, "index_select") and arg(x_e, 1, "dim") == 0 and arg(x_e, 2, "index") is tok:
+        walk.take(x_e)
+        return x_e.args[0]
+    raise _NoMatch(f"the expert input {x_e.name} is not x[tok] for the dispatched tokens {tok.name}")
+
+
+def _expert_of(eq: fx.Node, walk: _Walk) -> tuple[fx.Node, int]:
+    if not is_op(eq, "eq") or not isinstance(eq.args[1], int) or isinstance(eq.args[1], bool):
+        raise _NoMatch(f"{eq.name} is not `ids == e` with a constant e")
+    walk.take(eq)
+    return eq.args[0], eq.args[1]
+
+
+def _dispatch(tok: fx.Node, slot: Optional[fx.Node], walk: _Walk) -> tuple[fx.Node, int]:
+    """(tok, slot) -> (ids node, expert index e)."""
+    if is_op(tok, "getitem") and isinstance(tok.args[1], tuple) and len(tok.args[1]) == 2 \
+            and tok.args[1][0] == slice(None) and is_op(tok.args[0], "nonzero"):
+        nz = tok.args[0]
+        if slot is None or not (is_op(slot, "getitem") and slot.args[0] is nz and slot.args[1] == (slice(None), 1)
+                                and tok.args[1][1] == 0):
+            raise _NoMatch(f"{tok.name} and {getattr(slot, 'name', None)} are not the columns of one nonzero")
+        walk.take(tok)
+        walk.take(slot)
+        walk.take(nz)
+        return _expert_of(nz.args[0], walk)
+    if not (is_op(tok, "getitem") and is_op(tok.args[0], "where", "nonzero") and isinstance(tok.args[1], int)):
+        raise _NoMatch(f"the token index {tok.name} does not come from torch.where / nonzero")
+    where = tok.args[0]
+    if is_op(where, "nonzero") and arg(where, 1, "as_tuple", False) is not True:
+        raise _NoMatch(f"{where.name} is nonzero without as_tuple")
+    if len(where.args) != 1 or where.kwargs.get("as_tuple", True) is not True:
+        raise _NoMatch(f"{where.name} is the three-argument torch.where")
+    walk.take(tok)
+    cond = where.args[0]
+    walk.take(where)
+    if slot is not None:
+        if not (is_op(slot, "getitem") and slot.args[0] is where):
+            raise _NoMatch(f"token and slot indices come from different torch.where calls")
+        walk.take(slot)
+    tok_pos = tok.args[1]
+    slot_pos = slot.args[1] if slot is not None else None
+    if is_op(cond, "eq"):
+        ids, e = _expert_of(cond, walk)
+        ndim = val(ids).dim()
+        if (ndim, tok_pos, slot_pos) not in ((2, 0, 1), (1, 0, None)):
+            raise _NoMatch(f"{where.name}: token/slot positions {tok_pos}/{slot_pos} do not fit ids of rank {ndim}")
+        return ids, e
+    # one_hot(ids, E).permute(...)[e]
+    if not (is_op(cond, "getitem") and isinstance(cond.args[1], int) and is_op(cond.args[0], "permute")):
+        raise _NoMatch(f"the routing mask {cond.name} is neither `ids == e` nor one_hot(ids).permute(...)[e]")
+    e = cond.args[1]
+    perm_node = cond.args[0]
+    perm = tuple(perm_node.args[1:]) if len(perm_node.args) > 2 else tuple(perm_node.args[1])
+    oh = perm_node.args[0]
+    if not is_op(oh, "one_hot"):
+        raise _NoMatch(f"{oh.name} is not a one_hot of the expert ids")
+    walk.take(cond)
+    walk.take(perm_node)
+    walk.take(oh)
+    ids = oh.args[0]
+    ndim = val(ids).dim()
+    table = {(2, (2, 1, 0)): (1, 0), (2, (2, 0, 1)): (0, 1), (1, (1, 0)): (0, None)}
+    want = table.get((ndim, perm))
+    if want is None or want != (tok_pos, slot_pos):
+        raise _NoMatch(f"{perm_node.name}: permute{perm} with token/slot positions {tok_pos}/{slot_pos} is not a "
+                       "dispatch this pattern models")
+    return ids, e
+
+
+# ---------------------------------------------------------------- the pattern
+
+def _expert(write, walk: _Walk) -> _Expert:
+    _writer, tok, y, nodes = write
+    walk.nodes |= nodes
+    f, W, slot = _split_weight(y, walk, tok)
+    ids, e = _dispatch(tok, slot, walk)
+    x_e, params, act, glu = _ffn(f, e, walk)
+    x = _gather(x_e, tok, walk)
+    return _Expert(e, x, ids, W, act, glu, params)
+
+
+class HandwrittenLoop:
+    """Per-expert loops accumulating into one buffer (see the module docstring)."""
+
+    name = "handwritten.loop"
+    family = FAMILY
+    priority = 0
+
+    def find(self, ctx: MatchContext):
+        for buf in ctx.nodes_of(*_ALLOCS):
+            if buf in ctx.claimed:
+                continue
+            try:
+                writes = _combine_writes(buf)
+                output = buf
+                if not writes:
+                    writes, output = _functional_chain(buf)
+                if not writes:
+                    continue
+            except _NoMatch as exc:
+                yield Rejection(FAMILY, self.name, str(exc), module_path(buf))
+                continue
+            try:
+                yield self._match(ctx, buf, output, writes)
+            except _NoMatch as exc:
+                yield Rejection(FAMILY, self.name, str(exc), module_path(buf))
+
+    def _match(self, ctx: MatchContext, buf: fx.Node, output: fx.Node, writes: list) -> Match:
+        walk = _Walk()
+        walk.take(buf)
+        experts = [_expert(w, walk) for w in writes]
+        first = experts[0]
+        E = len(experts)
+        if sorted(x.e for x in experts) != list(range(E)):
+            raise _NoMatch(f"the loop covers experts {sorted(x.e for x in experts)}, not each of 0..{E - 1} once")
+        for ex in experts[1:]:
+            for what in ("x", "ids", "weights", "activation", "glu"):
+                if getattr(ex, what) is not getattr(first, what) and getattr(ex, what) != getattr(first, what):
+                    raise _NoMatch(f"experts {first.e} and {ex.e} differ in {what}")
+            if {k: (v[0] if v else None) for k, v in ex.params.items()} != \
+                    {k: (v[0] if v else None) for k, v in first.params.items()}:
+                raise _NoMatch(f"experts {first.e} and {ex.e} hold their weights differently")
+        experts.sort(key=lambda x: x.e)
+        weights = self._weights(experts)
+        router = recognise_router(first.weights, first.ids)
+        if router.external:
+            self._check_external_ids(first.ids, E)
+        walk.nodes |= router.nodes
+        expert_spec = ExpertSpec(num_experts=E, activation=first.activation, glu=first.glu,
+                                 bias=weights.b1 is not None or weights.b2 is not None or weights.b3 is not None)
+        spec = MoESpec(router=router.spec, experts=expert_spec)
+        if router.selection_bias is not None:
+            weights = weights._replace(selection_bias=router.selection_bias)
+        paths = [ctx.param_path(w) or "" for w in (weights.w2 if isinstance(weights.w2, list) else [weights.w2])]
+        prefix = common_prefix(paths)          # the ModuleList ("layers.0.moe.experts"): the MoE is its parent
+        where = module_path(buf) or (prefix.rsplit(".", 1)[0] if "." in prefix else "")
+        notes = () if not router.external else (f"router kept as written: {router.reason}",)
+        return Match(family=FAMILY, pattern=self.name, spec=spec, x=first.x, output=output,
+                     region=frozenset(walk.nodes), weights=weights,
+                     router_logits=router.logits, topk_weights=None if not router.external else first.weights,
+                     topk_ids=None if not router.external else first.ids, module_path=where, notes=notes)
+
+    @staticmethod
+    def _weights(experts: list) -> MoEWeights:
+        out = {}
+        for key in _EXPERT_KEYS:
+            srcs = [ex.params.get(key) for ex in experts]
+            if all(s is None for s in srcs):
+                out[key] = None
+                continue
+            if any(s is None for s in srcs):
+                raise _NoMatch(f"only some experts have {key}")
+            kinds = {s[0] for s in srcs}
+            if kinds == {"param"}:
+                nodes = [s[1] for s in srcs]
+                if len(set(nodes)) != len(nodes):
+                    raise _NoMatch(f"experts share one {key} tensor")
+                out[key] = nodes
+            elif kinds == {"row"} and len({s[1] for s in srcs}) == 1:
+                stacked = srcs[0][1]
+                if val(stacked).shape[0] != len(experts):
+                    raise _NoMatch(f"the stacked {key} {stacked.name} holds {val(stacked).shape[0]} experts, "
+                                   f"the loop {len(experts)}")
+                out[key] = stacked
+            else:
+                raise _NoMatch(f"experts take {key} from different places")
+        return MoEWeights(**out)
+
+    @staticmethod
+    def _check_external_ids(ids: fx.Node, E: int) -> None:
+        """An external router's ids must provably lie in [0, E): they are a top-k over E scores."""
+        node = ids
+        while is_op(node, "to", "long", "int") and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        if is_op(node, "getitem") and node.args[1] == 1 and is_op(node.args[0], "topk", "max"):
+            v = val(node.args[0].args[0])
+            if isinstance(v, torch.Tensor) and v.shape[-1] == E:
+                return
+        if node.op == "placeholder":
+            raise _NoMatch("the expert ids are a graph input: cannot prove they lie in [0, E)")
+        raise _NoMatch(f"cannot prove the expert ids {ids.name} lie in [0, {E}) (not a top-k over {E} scores)")
+
+
+register_pattern(HandwrittenLoop())

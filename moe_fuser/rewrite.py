@@ -1,0 +1,258 @@
+"""The rewrite: offer a graph to every enabled pattern, check each match, replace its region by the fused op.
+
+Entry point: ``fuse_graph(gm, example_inputs, options) -> FuseResult``. Per pattern (best priority first) the
+driver collects the pattern's Matches and Rejections, then for each match:
+
+1. *Overlap*: a node already replaced by an earlier match rejects it.
+2. *Shapes and dtypes*: ``moe_fuser.ops.fused.validate`` runs on the nodes' fake values (``meta``), so a
+   mismatch is found at compile time and the fused op can run with ``check=False``; the output must have the
+   hidden states' shape and dtype.
+3. *Closure*: ``moe_fuser.fx.region.check_region`` (nothing unmodelled feeds the output, nothing escapes that is
+   not kept unchanged, side effects stay inside).
+4. *Lowering*: ``impl`` (option) or the best lowering for the hidden states' device.
+
+Only then the region is replaced: one ``call_function`` node is inserted after the region's last node, the
+output's later readers are redirected to it, and the region's nodes are erased, except the pure ones the rest of
+the graph still reads (router probabilities for an auxiliary loss stay, unchanged). Every rewrite bumps
+``FuseResult.num_fused`` (and the module counter ``counters``); every refusal is a ``Rejection`` with its reason.
+
+The inserted node's target is a small function made per match that closes over the ``MoESpec`` and calls
+``moe_fuser.ops.fused.moe_forward(spec, x, logits, MoEWeights(...), ..., check=False)``; its arguments are the
+match's nodes, flat (lists of per-expert weights stay lists: nothing is stacked or copied). The inner compiler
+traces through it, so routing becomes ordinary ops and the experts one custom op (forward and backward).
+
+For ``explain``/``draw`` each rewrite keeps a small before/after picture of its region (``RegionPicture``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.fx as fx
+
+from . import lowering
+from .fx.graph import module_path, op, val
+from .fx.region import absorb_plumbing, check_region
+from .ops.fused import moe_forward, validate
+from .patterns.base import Match, MatchContext, Rejection, patterns_for
+from .spec import MoESpec, MoEWeights
+
+__all__ = ["FuseResult", "RegionPicture", "counters", "fuse_graph"]
+
+log = logging.getLogger("moe_fuser")
+
+#: Totals over the process: "fused", "rejected", "graphs" (graphs seen by the pass).
+counters: collections.Counter = collections.Counter()
+
+
+@dataclass
+class RegionPicture:
+    """Nodes (name -> label) and edges of a region and its boundary, for drawing. ``role`` marks nodes as
+    "input", "region", "kept", "fused" or "user"."""
+
+    nodes: dict = field(default_factory=dict)
+    edges: list = field(default_factory=list)
+    role: dict = field(default_factory=dict)
+
+
+@dataclass
+class FuseResult:
+    matches: list = field(default_factory=list)      # accepted Matches, in rewrite order
+    rejections: list = field(default_factory=list)
+    before: list = field(default_factory=list)       # RegionPicture per match
+    after: list = field(default_factory=list)
+
+    @property
+    def num_fused(self) -> int:
+        return len(self.matches)
+
+
+def _label(n: fx.Node) -> str:
+    name = op(n) or n.op
+    v = val(n)
+    shape = ""
+    if isinstance(v, torch.Tensor):
+        shape = "[" + ", ".join(str(s) for s in v.shape) + "]"
+    return f"{n.name}\n{name} {shape}".strip()
+
+
+def _picture(region, keep, inputs, users, extra=None) -> RegionPicture:
+    pic = RegionPicture()
+    shown = set(region) | set(inputs) | set(users) | ({extra} if extra is not None else set())
+    for n in shown:
+        pic.nodes[n.name] = _label(n)
+        pic.role[n.name] = ("fused" if n is extra else "kept" if n in keep else "region" if n in region
+                            else "input" if n in inputs else "user")
+    for n in shown:
+        for i in n.all_input_nodes:
+            if i in shown:
+                pic.edges.append((i.name, n.name))
+    return pic
+
+
+def _transpose_fields(w: MoEWeights, fields) -> MoEWeights:
+    """``Match.transposed``: the named expert weights hold [E, in, out]; the op reads [E, out, in] views."""
+    def t(x):
+        return [e.transpose(-2, -1) for e in x] if isinstance(x, (list, tuple)) else x.transpose(-2, -1)
+    return w._replace(**{f: t(getattr(w, f)) for f in fields}) if fields else w
+
+
+def _fake_weights(w: MoEWeights, transposed=frozenset()) -> MoEWeights:
+    def conv(x):
+        if isinstance(x, (list, tuple)):
+            return [val(n) for n in x]
+        return val(x) if isinstance(x, fx.Node) else x
+    return _transpose_fields(MoEWeights(*(conv(x) for x in w)), transposed)
+
+
+def _to_2d(t):
+    return t if t is None or t.dim() == 2 else t.unsqueeze(-1)
+
+
+def _make_target(spec: MoESpec, impl: Optional[str], index: int, transposed=frozenset()):
+    """The function the new node calls; it closes over the spec (FX keeps it as a graph global)."""
+
+    def fused_moe_call(x, logits, topk_weights, topk_ids, capacity_groups, w1, w2, w3, b1, b2, b3,
+                       selection_bias, shared_w1, shared_w2, shared_w3, shared_gate, op_kwargs):
+        weights = MoEWeights(w1, w2, w3, b1, b2, b3, selection_bias, shared_w1, shared_w2, shared_w3, shared_gate)
+        weights = _transpose_fields(weights, transposed)
+        if topk_ids is not None and topk_ids.dim() == 1:
+            topk_ids, topk_weights = topk_ids.unsqueeze(-1), topk_weights.unsqueeze(-1)
+        return moe_forward(spec, x, logits, weights, impl=impl, topk_weights_TK=topk_weights,
+                           topk_ids_TK=topk_ids, capacity_groups=capacity_groups, check=False, **op_kwargs)
+
+    fused_moe_call.__name__ = fused_moe_call.__qualname__ = f"moe_fuser_fused_moe_{index}"
+    fused_moe_call.spec = spec
+    return fused_moe_call
+
+
+def _check_values(m: Match, ctx: MatchContext) -> Optional[str]:
+    xv = val(m.x)
+    ov = val(m.output)
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 2:
+        return f"the hidden states {m.x.name} are not a [T, D] tensor"
+    want = tuple(xv.shape) if m.output_like is None else tuple(getattr(val(m.output_like), "shape", ()))
+    if m.output_like is not None and (not want or want[-1] != xv.shape[-1]):
+        return f"output_like {m.output_like.name} does not end in the hidden size {xv.shape[-1]}"
+    if not isinstance(ov, torch.Tensor) or tuple(ov.shape) != want or ov.dtype != xv.dtype:
+        return (f"the MoE output {m.output.name} is not [T, D] in the hidden states' dtype "
+                f"({getattr(ov, 'shape', None)}, {getattr(ov, 'dtype', None)} vs {tuple(xv.shape)}, {xv.dtype})")
+    tw, ti = _to_2d(val(m.topk_weights)), _to_2d(val(m.topk_ids))
+    try:
+        validate(m.spec, xv, val(m.router_logits), _fake_weights(m.weights, m.transposed), tw, ti)
+    except ValueError as exc:
+        return f"shape/dtype check failed: {exc}"
+    except Exception as exc:  # a symbolic comparison that cannot be decided at compile time
+        return f"shapes could not be checked at compile time ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _choose_lowering(m: Match, impl: Optional[str]) -> str:
+    if impl == "reference":
+        return "reference"
+    return lowering.select(impl, val(m.x).device).name
+
+
+def _rewrite(ctx: MatchContext, m: Match, keep: frozenset, last: fx.Node, impl: Optional[str], index: int,
+             result: FuseResult) -> None:
+    graph = ctx.graph
+    region = m.region
+    inputs = m.input_nodes()
+    users = [u for u in m.output.users if u not in region]
+    result.before.append(_picture(region, keep, inputs, users))
+    w = m.weights
+    args = (m.x, m.router_logits, m.topk_weights, m.topk_ids, m.capacity_groups, *w, dict(m.op_kwargs))
+    target = _make_target(m.spec, None if impl in (None, "auto") else impl, index, m.transposed)
+    with graph.inserting_after(last):
+        new = graph.call_function(target, args=tuple(
+            list(a) if isinstance(a, (list, tuple)) else a for a in args))
+    if m.output_like is not None:
+        new.meta["example_value"] = val(m.x)
+        with graph.inserting_after(new):
+            new = graph.call_method("view_as", (new, m.output_like))
+    new.meta["example_value"] = val(m.output)
+    if "val" in m.output.meta:
+        new.meta["val"] = m.output.meta["val"]
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in m.output.meta:
+            new.meta[key] = m.output.meta[key]
+    m.output.replace_all_uses_with(new, delete_user_cb=lambda u: u not in region and u is not new)
+    for n in reversed(list(graph.nodes)):
+        if n in region and n not in keep:
+            if n.users:
+                raise AssertionError(f"moe_fuser internal error: {n.name} still has users "
+                                     f"{list(n.users)} after the rewrite")
+            graph.erase_node(n)
+    result.after.append(_picture({new}, frozenset(), inputs, users, extra=new))
+
+
+def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
+               options: Optional[Mapping[str, Any]] = None) -> FuseResult:
+    """Find and replace every MoE in ``gm`` (in place). See the module docstring."""
+    options = dict(options or {})
+    impl = options.get("impl")
+    ctx = MatchContext(gm, example_inputs, options)
+    result = FuseResult()
+    counters["graphs"] += 1
+    for pattern in patterns_for(options.get("patterns")):
+        try:
+            found = list(pattern.find(ctx))
+        except Exception as exc:  # a broken pattern must not break compilation
+            log.warning("moe_fuser: pattern %s raised %s: %s; skipping it", pattern.name, type(exc).__name__, exc)
+            result.rejections.append(Rejection(pattern.family, pattern.name, f"pattern raised {exc!r}"))
+            continue
+        for item in found:
+            if isinstance(item, Rejection):
+                result.rejections.append(item)
+                continue
+            if not isinstance(item, Match):
+                raise TypeError(f"pattern {pattern.name} yielded {type(item).__name__}; yield Match or Rejection")
+            reason = _accept(ctx, item, impl)
+            if isinstance(reason, str):
+                result.rejections.append(Rejection(item.family, item.pattern, reason, item.module_path,
+                                                   item.region))
+                counters["rejected"] += 1
+                log.info("moe_fuser: not fusing %s (%s): %s", item.module_path or "<unnamed>", item.pattern, reason)
+                continue
+            keep, last, lowering_name = reason
+            item.lowering = lowering_name
+            item.dtype = val(item.x).dtype
+            item.module_path = item.module_path or module_path(item.output)
+            _rewrite(ctx, item, keep, last, impl, len(result.matches), result)
+            ctx.claimed |= set(item.region)
+            ctx.invalidate()
+            result.matches.append(item)
+            counters["fused"] += 1
+            log.info("moe_fuser: fused %s (%s, %s) with lowering %s", item.module_path or "<unnamed>",
+                     item.pattern, item.spec.summary(), lowering_name)
+    if result.matches:
+        gm.graph.lint()
+        gm.recompile()
+    return result
+
+
+def _accept(ctx: MatchContext, m: Match, impl: Optional[str]):
+    """Either a rejection reason, or (nodes to keep, the region's last node, lowering name)."""
+    overlap = [n.name for n in m.region if n in ctx.claimed]
+    if overlap:
+        return f"overlaps an MoE already fused ({', '.join(sorted(overlap)[:3])})"
+    if m.spec.router.external and (m.topk_weights is None or m.topk_ids is None):
+        return "an external router needs topk_weights and topk_ids nodes"
+    if not m.spec.router.external and m.router_logits is None:
+        return "the spec routes, but no router_logits node was given"
+    reason = _check_values(m, ctx)
+    if reason:
+        return reason
+    m.region = absorb_plumbing(m.region)
+    check = check_region(ctx.dag, ctx.position, m.region, m.output, m.input_nodes())
+    if not check.ok:
+        return check.reason
+    try:
+        name = _choose_lowering(m, impl)
+    except ValueError as exc:
+        raise ValueError(f"moe_fuser: options['impl']={impl!r} cannot be used: {exc}") from None
+    return check.keep, check.last, name
