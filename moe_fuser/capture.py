@@ -11,8 +11,8 @@ How. Dynamo enters a backend's ``backend_ctx_ctor`` context around every call of
 included), but ``torch.compile`` wraps a named backend in ``_TorchCompileWrapper``, which hides that attribute
 from dynamo. ``install()`` (run when ``moe_fuser.backend`` is imported, which dynamo does when it looks up the
 entry point ``backend="moe_fuser"`` inside that very ``torch.compile`` call) wraps
-``torch._dynamo.eval_frame.get_compiler_fn`` so that a ``_TorchCompileWrapper`` whose compiler carries
-``backend_ctx_ctor`` exposes it again. Only wrappers around a compiler with that attribute are touched:
+``torch._dynamo.eval_frame.get_compiler_fn`` so that a ``_TorchCompileWrapper`` around a moe_fuser backend
+(marked ``_moe_fuser_backend``) exposes its ``backend_ctx_ctor`` again. Only those wrappers are touched:
 ``backend="inductor"`` and every other backend go through unchanged, and the settings are entered per call of the
 moe_fuser-compiled model only, so other compiled models in the process never see them.
 
@@ -64,11 +64,9 @@ def _expose_ctx(compiler_fn: Any) -> None:
     """Give a torch.compile wrapper the ``backend_ctx_ctor`` of the compiler it wraps (instance attribute, so
     dynamo's debug wrapper copies it along with the rest of the instance dict)."""
     inner = getattr(compiler_fn, "compiler_fn", None)
-    ctor: Callable | None = getattr(inner, "backend_ctx_ctor", None)
-    if ctor is None or "backend_ctx_ctor" in getattr(compiler_fn, "__dict__", {}):
+    if not getattr(inner, "_moe_fuser_backend", False) or "backend_ctx_ctor" in getattr(compiler_fn, "__dict__", {}):
         return
-    if getattr(inner, "_moe_fuser_backend", False) and not _wants_capture(compiler_fn):
-        ctor = _no_capture
+    ctor: Callable = inner.backend_ctx_ctor if _wants_capture(compiler_fn) else _no_capture
     try:
         compiler_fn.backend_ctx_ctor = ctor
     except AttributeError:

@@ -56,15 +56,26 @@ def _is_plumbing(node: fx.Node) -> bool:
     return v is None and node.op == "call_function" and "assert" in getattr(node.target, "__name__", "")
 
 
+def _is_shape_reader(node: fx.Node, region: set) -> bool:
+    """``where(...)[0]`` read only for its size (dynamo's range asserts on unbacked sizes), or a size query."""
+    if node.op != "call_function" and node.op != "call_method":
+        return False
+    name = getattr(node.target, "__name__", node.target)
+    if name in ("sym_size", "size", "numel", "dim", "sym_numel"):
+        return True
+    return name == "getitem" and node.args[0] in region and isinstance(val(node.args[0]), (tuple, list))
+
+
 def absorb_plumbing(region: Iterable[fx.Node]) -> frozenset:
-    """``region`` plus every plumbing node fed by it whose users are all plumbing or in the region."""
+    """``region`` plus every plumbing tree hanging off it: shape arithmetic, range asserts and the size reads
+    that feed them, when all their users are plumbing or in the region."""
     region = set(region)
     changed = True
     while changed:
         changed = False
         for n in list(region):
             for u in n.users:
-                if u in region or not _is_plumbing(u):
+                if u in region or not (_is_plumbing(u) or _is_shape_reader(u, region)):
                     continue
                 stack, tree = [u], set()
                 ok = True
@@ -76,7 +87,7 @@ def absorb_plumbing(region: Iterable[fx.Node]) -> frozenset:
                     for w in m.users:
                         if w in region or w in tree:
                             continue
-                        if _is_plumbing(w):
+                        if _is_plumbing(w) or _is_shape_reader(w, region | tree):
                             stack.append(w)
                         else:
                             ok = False

@@ -1,0 +1,202 @@
+"""``moe_fuser.explain(model, *args, **kwargs)``: what the backend would fuse, where, how, and what it refused.
+
+It compiles ``model`` with the moe_fuser backend (its own compile: ``isolate_recompiles``, the user's compiled
+models are untouched), runs it once on the given inputs, and records every dynamo graph the backend saw. By
+default the rewritten graphs run through ``inner="eager"`` (no inductor compile: explain is for looking);
+``options=`` takes any backend option.
+
+The ``Report``:
+    num_fused     how many MoE regions were replaced
+    fused         one ``FusedRow`` per match: module path, family, pattern, router kind, E, k, activation, dtype,
+                  lowering, notes
+    rejected      one ``RejectedRow`` per candidate left alone: module path, family, pattern, reason
+    graphs        the (rewritten) GraphModules, one per dynamo graph
+    str(report)   a readable table;  report.draw(path)  the before/after of each fused region, rendered by
+                  Graphviz ``dot`` (format from the suffix: .svg, .png, .pdf; ``report.to_dot()`` gives the text)
+
+Everything explain records is also logged on the ``moe_fuser`` logger (INFO: each fusion and refusal).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.fx as fx
+
+from . import capture
+from .backend import BackendOptions, compile_graph
+from .patterns.base import Match, Rejection, router_kind
+from .rewrite import FuseResult, RegionPicture
+
+__all__ = ["FusedRow", "RejectedRow", "Report", "explain"]
+
+log = logging.getLogger("moe_fuser")
+
+
+@dataclass(frozen=True)
+class FusedRow:
+    module_path: str
+    family: str
+    pattern: str
+    router: str
+    num_experts: int
+    top_k: int
+    activation: str
+    dtype: str
+    lowering: str
+    notes: tuple = ()
+
+    @classmethod
+    def of(cls, m: Match) -> "FusedRow":
+        e = m.spec.experts
+        act = e.activation + ("-glu" if e.gated else "")
+        extras = [x for x, on in (("bias", e.bias), ("shared", m.spec.shared is not None),
+                                  ("capacity", m.spec.capacity is not None)) if on]
+        if extras:
+            act += f" [{', '.join(extras)}]"
+        return cls(m.module_path or "<root>", m.family, m.pattern, router_kind(m.spec), e.num_experts,
+                   m.spec.top_k, act, str(m.dtype).replace("torch.", ""), m.lowering or "?", tuple(m.notes))
+
+
+@dataclass(frozen=True)
+class RejectedRow:
+    module_path: str
+    family: str
+    pattern: str
+    reason: str
+
+    @classmethod
+    def of(cls, r: Rejection) -> "RejectedRow":
+        return cls(r.module_path or "<root>", r.family, r.pattern, r.reason)
+
+
+@dataclass
+class Report:
+    fused: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+    graphs: list = field(default_factory=list)
+    matches: list = field(default_factory=list)
+    pictures: list = field(default_factory=list)      # (before, after) RegionPicture per match
+
+    @property
+    def num_fused(self) -> int:
+        return len(self.fused)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.graphs)
+
+    def _record(self, result: FuseResult, gm: fx.GraphModule) -> None:
+        self.graphs.append(gm)
+        self.matches.extend(result.matches)
+        self.fused.extend(FusedRow.of(m) for m in result.matches)
+        self.rejected.extend(RejectedRow.of(r) for r in result.rejections)
+        self.pictures.extend(zip(result.before, result.after))
+
+    def __str__(self) -> str:
+        lines = [f"moe_fuser: {self.num_fused} MoE fused in {self.num_graphs} graph(s), "
+                 f"{len(self.rejected)} candidate(s) rejected"]
+        if self.fused:
+            head = ("module", "family", "router", "E", "k", "activation", "dtype", "lowering")
+            rows = [(r.module_path, r.family, r.router, str(r.num_experts), str(r.top_k), r.activation, r.dtype,
+                     r.lowering) for r in self.fused]
+            lines += ["", "fused:"] + _table(head, rows)
+            for r in self.fused:
+                lines += [f"  note ({r.module_path}): {n}" for n in r.notes]
+        if self.rejected:
+            head = ("module", "pattern", "reason")
+            rows = [(r.module_path, r.pattern, r.reason) for r in self.rejected]
+            lines += ["", "rejected:"] + _table(head, rows)
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text: for each fused region a 'before' and an 'after' cluster."""
+        out = ["digraph moe_fuser {", '  rankdir=TB; node [shape=box, fontname="Helvetica", fontsize=10];',
+               '  edge [color="#555555"];']
+        for i, ((before, after), row) in enumerate(zip(self.pictures, self.fused)):
+            for tag, pic in (("before", before), ("after", after)):
+                out.append(f'  subgraph "cluster_{i}_{tag}" {{')
+                out.append(f'    label="{_esc(row.module_path)}: {tag}"; fontname="Helvetica"; style=rounded;')
+                out += _dot_nodes(pic, f"m{i}{tag[0]}_")
+                out.append("  }")
+        out.append("}")
+        return "\n".join(out)
+
+    def draw(self, path: str, format: Optional[str] = None) -> Path:
+        """Render the before/after of every fused region to ``path`` (format from its suffix) with ``dot``."""
+        path = Path(path)
+        fmt = format or path.suffix.lstrip(".") or "svg"
+        if not self.pictures:
+            raise ValueError("nothing was fused, so there is nothing to draw; print(report) shows why")
+        dot = shutil.which("dot")
+        if dot is None:
+            raise RuntimeError("report.draw needs Graphviz's `dot` program: install it (apt install graphviz, "
+                               "brew install graphviz, conda install graphviz) or use report.to_dot()")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([dot, f"-T{fmt}", "-o", str(path)], input=self.to_dot().encode(),
+                              capture_output=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"dot failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[:500]}")
+        return path
+
+
+_COLORS = {"input": "#dbeafe", "region": "#fee2e2", "kept": "#fef9c3", "fused": "#bbf7d0", "user": "#e5e7eb"}
+
+
+def _esc(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _dot_nodes(pic: RegionPicture, prefix: str) -> list:
+    lines = []
+    for name, label in pic.nodes.items():
+        color = _COLORS.get(pic.role.get(name, "user"), "#ffffff")
+        label = _esc(label).replace("\n", "\\n")
+        lines.append(f'    "{prefix}{name}" [label="{label}", style=filled, fillcolor="{color}"];')
+    for a, b in pic.edges:
+        lines.append(f'    "{prefix}{a}" -> "{prefix}{b}";')
+    return lines
+
+
+def _table(head: tuple, rows: list) -> list:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths[-1] = min(widths[-1], 100)
+    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
+    sep = "  " + "  ".join("-" * w for w in widths)
+    return [fmt.format(*head), sep] + [fmt.format(*r) for r in rows]
+
+
+class _ExplainBackend:
+    """A moe_fuser backend that records into a Report (a distinct backend object per explain call)."""
+
+    _moe_fuser_backend = True
+
+    def __init__(self, report: Report, opts: BackendOptions):
+        self.report, self.opts = report, opts
+        self.__name__ = "moe_fuser_explain"
+        self.backend_ctx_ctor = capture.capture_context if opts.capture else capture._no_capture
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **_: Any):
+        return compile_graph(gm, example_inputs, self.opts, record=self.report._record)
+
+
+def explain(model: Any, *args: Any, options: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Report:
+    """Compile ``model`` with moe_fuser, run it once on ``*args, **kwargs`` and report what was fused."""
+    opts = BackendOptions.from_dict({"inner": "eager", **dict(options or {})})
+    report = Report()
+    compiled = torch.compile(model, backend=_ExplainBackend(report, opts), isolate_recompiles=True)
+    compiled(*args, **kwargs)
+    for row in report.fused:
+        log.info("moe_fuser.explain: fused %s (%s) E=%d k=%d %s %s -> %s", row.module_path, row.router,
+                 row.num_experts, row.top_k, row.activation, row.dtype, row.lowering)
+    for row in report.rejected:
+        log.info("moe_fuser.explain: rejected %s (%s): %s", row.module_path, row.pattern, row.reason)
+    return report
