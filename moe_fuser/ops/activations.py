@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ..spec import ExpertSpec
 
-__all__ = ["act_fn", "expert_activation", "expert_activation_backward", "split_gate_up"]
+__all__ = ["act_backward", "act_fn", "expert_activation", "expert_activation_backward", "gated_activation",
+           "gated_activation_backward", "split_gate_up"]
 
 
 def act_fn(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -36,15 +37,18 @@ def split_gate_up(h_NH: torch.Tensor, glu: str) -> tuple[torch.Tensor, torch.Ten
     return gate, up
 
 
-def expert_activation(h_NH: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
-    if not spec.gated:
-        return act_fn(spec.activation, h_NH)
-    gate, up = split_gate_up(h_NH, spec.glu)
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
     if spec.activation == "gpt_oss":
         gate = gate.clamp(max=spec.limit)
         up = up.clamp(min=-spec.limit, max=spec.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * spec.alpha))
     return act_fn(spec.activation, gate) * up
+
+
+def expert_activation(h_NH: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    if not spec.gated:
+        return act_fn(spec.activation, h_NH)
+    return gated_activation(*split_gate_up(h_NH, spec.glu), spec)
 
 
 def act_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -65,10 +69,8 @@ def _join_gate_up(d_gate: torch.Tensor, d_up: torch.Tensor, glu: str) -> torch.T
     return torch.cat([d_gate, d_up], dim=-1)
 
 
-def expert_activation_backward(h_NH: torch.Tensor, dA_NF: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
-    if not spec.gated:
-        return act_backward(spec.activation, dA_NF, h_NH)
-    gate, up = split_gate_up(h_NH, spec.glu)
+def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dA_NF: torch.Tensor,
+                              spec: ExpertSpec) -> tuple[torch.Tensor, torch.Tensor]:
     if spec.activation == "gpt_oss":
         g = gate.clamp(max=spec.limit)
         u = up.clamp(min=-spec.limit, max=spec.limit)
@@ -78,4 +80,11 @@ def expert_activation_backward(h_NH: torch.Tensor, dA_NF: torch.Tensor, spec: Ex
     else:
         d_up = dA_NF * act_fn(spec.activation, gate)
         d_gate = act_backward(spec.activation, dA_NF * up, gate)
-    return _join_gate_up(d_gate, d_up, spec.glu)
+    return d_gate, d_up
+
+
+def expert_activation_backward(h_NH: torch.Tensor, dA_NF: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    if not spec.gated:
+        return act_backward(spec.activation, dA_NF, h_NH)
+    gate, up = split_gate_up(h_NH, spec.glu)
+    return _join_gate_up(*gated_activation_backward(gate, up, dA_NF, spec), spec.glu)
