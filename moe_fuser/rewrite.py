@@ -113,6 +113,17 @@ def _to_2d(t):
     return t if t is None or t.dim() == 2 else t.unsqueeze(-1)
 
 
+def _flatten_tokens(x, logits, topk_weights, topk_ids):
+    """``Match.x`` may be [..., D]: the op sees [T, D]; logits and top-k given with x's leading dims
+    ([..., E], [..., K]) are flattened likewise (already flat ones pass through)."""
+    if x is None or x.dim() == 2:
+        return x, logits, topk_weights, topk_ids
+
+    def flat(t):
+        return t.reshape(-1, t.shape[-1]) if t is not None and t.dim() == x.dim() else t
+    return x.reshape(-1, x.shape[-1]), flat(logits), flat(topk_weights), flat(topk_ids)
+
+
 def _make_target(spec: MoESpec, impl: Optional[str], index: int, transposed=frozenset()):
     """The function the new node calls; it closes over the spec (FX keeps it as a graph global)."""
 
@@ -120,10 +131,13 @@ def _make_target(spec: MoESpec, impl: Optional[str], index: int, transposed=froz
                        selection_bias, shared_w1, shared_w2, shared_w3, shared_gate, op_kwargs):
         weights = MoEWeights(w1, w2, w3, b1, b2, b3, selection_bias, shared_w1, shared_w2, shared_w3, shared_gate)
         weights = _transpose_fields(weights, transposed)
+        x_shape = x.shape
+        x, logits, topk_weights, topk_ids = _flatten_tokens(x, logits, topk_weights, topk_ids)
         if topk_ids is not None and topk_ids.dim() == 1:
             topk_ids, topk_weights = topk_ids.unsqueeze(-1), topk_weights.unsqueeze(-1)
-        return moe_forward(spec, x, logits, weights, impl=impl, topk_weights_TK=topk_weights,
-                           topk_ids_TK=topk_ids, capacity_groups=capacity_groups, check=False, **op_kwargs)
+        out = moe_forward(spec, x, logits, weights, impl=impl, topk_weights_TK=topk_weights,
+                          topk_ids_TK=topk_ids, capacity_groups=capacity_groups, check=False, **op_kwargs)
+        return out.view(x_shape) if len(x_shape) != 2 else out
 
     fused_moe_call.__name__ = fused_moe_call.__qualname__ = f"moe_fuser_fused_moe_{index}"
     fused_moe_call.spec = spec
@@ -133,17 +147,15 @@ def _make_target(spec: MoESpec, impl: Optional[str], index: int, transposed=froz
 def _check_values(m: Match, ctx: MatchContext) -> Optional[str]:
     xv = val(m.x)
     ov = val(m.output)
-    if not isinstance(xv, torch.Tensor) or xv.dim() != 2:
-        return f"the hidden states {m.x.name} are not a [T, D] tensor"
-    want = tuple(xv.shape) if m.output_like is None else tuple(getattr(val(m.output_like), "shape", ()))
-    if m.output_like is not None and (not want or want[-1] != xv.shape[-1]):
-        return f"output_like {m.output_like.name} does not end in the hidden size {xv.shape[-1]}"
-    if not isinstance(ov, torch.Tensor) or tuple(ov.shape) != want or ov.dtype != xv.dtype:
-        return (f"the MoE output {m.output.name} is not [T, D] in the hidden states' dtype "
+    if not isinstance(xv, torch.Tensor) or xv.dim() < 2:
+        return f"the hidden states {m.x.name} are not a [T, D] (or [..., D]) tensor"
+    if not isinstance(ov, torch.Tensor) or tuple(ov.shape) != tuple(xv.shape) or ov.dtype != xv.dtype:
+        return (f"the MoE output {m.output.name} does not have the hidden states' shape and dtype "
                 f"({getattr(ov, 'shape', None)}, {getattr(ov, 'dtype', None)} vs {tuple(xv.shape)}, {xv.dtype})")
-    tw, ti = _to_2d(val(m.topk_weights)), _to_2d(val(m.topk_ids))
+    xv, lv, tw, ti = _flatten_tokens(xv, val(m.router_logits), val(m.topk_weights), val(m.topk_ids))
+    tw, ti = _to_2d(tw), _to_2d(ti)
     try:
-        validate(m.spec, xv, val(m.router_logits), _fake_weights(m.weights, m.transposed), tw, ti)
+        validate(m.spec, xv, lv, _fake_weights(m.weights, m.transposed), tw, ti)
     except ValueError as exc:
         return f"shape/dtype check failed: {exc}"
     except Exception as exc:  # a symbolic comparison that cannot be decided at compile time
@@ -170,10 +182,6 @@ def _rewrite(ctx: MatchContext, m: Match, keep: frozenset, last: fx.Node, impl: 
     with graph.inserting_after(last):
         new = graph.call_function(target, args=tuple(
             list(a) if isinstance(a, (list, tuple)) else a for a in args))
-    if m.output_like is not None:
-        new.meta["example_value"] = val(m.x)
-        with graph.inserting_after(new):
-            new = graph.call_method("view_as", (new, m.output_like))
     new.meta["example_value"] = val(m.output)
     if "val" in m.output.meta:
         new.meta["val"] = m.output.meta["val"]

@@ -27,10 +27,12 @@ Writing a pattern
     #      def my_block(ctx): ...
 
 The Match contract (the rewrite relies on it; the driver re-checks what it can)
-    x             node of the hidden states, value [T, D], defined outside ``region``
+    x             node of the hidden states, value [T, D] or [..., D] (e.g. [B, S, D]: the op sees the leading
+                  dims flattened to T, router logits / top-k likewise, and its result is viewed back), defined
+                  outside ``region``
     output        node inside ``region`` whose *final* value (after every in-place update in the region, e.g. the
-                  ``zeros_like`` buffer an ``index_add_`` loop fills) is the MoE output, value [T, D]; every use
-                  of it after the region is redirected to the fused op's result
+                  ``zeros_like`` buffer an ``index_add_`` loop fills) is the MoE output, shaped like ``x``; every
+                  use of it after the region is redirected to the fused op's result
     region        every node the fused op replaces: routing after the logits, dispatch, expert FFNs, combine
     router_logits [T, E] node outside the region, when the op should route (``spec.router.external`` False)
     topk_weights, topk_ids
@@ -42,9 +44,6 @@ The Match contract (the rewrite relies on it; the driver re-checks what it can)
     op_kwargs     further keyword arguments for the fused op (constants or nodes), for families that need more
     transposed    names of ``weights`` fields ("w1", "w2", "w3") whose nodes hold the transposed ``[E, in, out]``
                   layout (transformers' ``is_transposed`` experts, GPT-OSS); the op reads ``.transpose(-2, -1)``
-    output_like   a node outside the region whose shape the output has when that is not [T, D] (a block that
-                  adds its shared expert after viewing the routed output back to [B, S, D]); the fused [T, D]
-                  result is viewed as it
 Values inside the region that the rest of the graph still reads (probabilities for a load-balancing loss,
 top-k ids for statistics) are *kept*, unchanged, when they are pure and do not read a buffer the region
 mutates; anything else escaping the region makes the driver reject the match.
@@ -105,7 +104,6 @@ class Match:
     capacity_groups: Union[int, fx.Node] = 1
     op_kwargs: Mapping[str, Any] = field(default_factory=dict)
     transposed: frozenset = frozenset()
-    output_like: Optional[fx.Node] = None
     module_path: str = ""
     notes: tuple = ()
     # Filled in by the driver when the match is rewritten.
@@ -120,7 +118,7 @@ class Match:
         """Every node the fused op reads (all must be defined outside the region)."""
         out: list[fx.Node] = []
         fx.node.map_arg((self.x, self.router_logits, self.topk_weights, self.topk_ids, tuple(self.weights),
-                         self.capacity_groups, dict(self.op_kwargs), self.output_like), out.append)
+                         self.capacity_groups, dict(self.op_kwargs)), out.append)
         return out
 
 
