@@ -112,7 +112,7 @@ def _ep_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
             return rows_RD.new_zeros(cp.num_rows, D), None
         xs_nD = rows_RD.index_select(0, cp.row_of_pair)
         y_nD, h_nH, order_n = low.forward(xs_nD, cp.weight[:, None], cp.local_expert[:, None], *ws, spec)
-        saved_h.append(h_nH)
+        saved_h.append(h_nH.reshape(-1))   # flat: a lowering may give its saved tensor a storage layout
         saved_order.append(order_n)
         return rows_RD.new_zeros(cp.num_rows, D).index_add_(0, cp.row_of_pair, y_nD), None
 
@@ -121,9 +121,8 @@ def _ep_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     for c, (rows, _) in enumerate(back):
         out_TD.index_add_(0, plan.origin[c].tok_rows, rows)
     idx, wpair = disp.pack(plan)
-    H = 2 * w2[0].shape[-1] if glu else w2[0].shape[-1]
     xrows = torch.cat(saved_rows) if saved_rows else x.new_zeros(0, D)
-    h = torch.cat(saved_h) if saved_h else x.new_zeros(0, H)
+    h = torch.cat(saved_h) if saved_h else x.new_zeros(0)
     order = torch.cat(saved_order) if saved_order else topk_ids.new_zeros(0)
     return out_TD, plan.table, idx, wpair, xrows, h, order
 
@@ -137,13 +136,11 @@ def _table_width(group_name: str) -> tuple[int, int]:
 def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, ranks_per_node, chunks, timeout_s, group_name,
       activation, glu, alpha, limit, impl):
     ctx = torch.library.get_ctx()
-    n_idx, n_pairs, n_rows = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    F_ = w2[0].shape[-1]
-    H = 2 * F_ if glu else F_
+    n_idx, n_pairs, n_rows, n_h = (ctx.new_dynamic_size() for _ in range(4))
     world, width = _table_width(group_name)
     return (x.new_empty(x.shape), topk_ids.new_empty((world, width), dtype=torch.int64),
             topk_ids.new_empty((n_idx,), dtype=torch.int64), topk_weights.new_empty((n_pairs,), dtype=torch.float32),
-            x.new_empty((n_rows, x.shape[1])), x.new_empty((n_pairs, H)),
+            x.new_empty((n_rows, x.shape[1])), x.new_empty((n_h,)),
             topk_ids.new_empty((n_pairs,), dtype=torch.int64))
 
 
@@ -166,6 +163,7 @@ def _ep_experts_backward_op(
     plan = disp.restore(table, idx, wpair)
     grad = grad.contiguous()
     grads_w = [[torch.zeros_like(w) for w in wl] if need_w else [] for wl in (w1, w2, w3, b1, b2, b3)]
+    H = 2 * w2[0].shape[-1] if glu else w2[0].shape[-1]
     offsets = {"rows": 0, "pairs": 0}
 
     def compute(c, cp, g_RD):
@@ -179,7 +177,8 @@ def _ep_experts_backward_op(
         xs_nD = rows.index_select(0, cp.row_of_pair)
         g_nD = g_RD.index_select(0, cp.row_of_pair)
         dxs_nD, dw_n1, *dws = low.backward(g_nD, xs_nD, cp.weight[:, None], cp.local_expert[:, None],
-                                           h[p0:p0 + n], order[p0:p0 + n], *ws, spec, (True, True, need_w))
+                                           h[p0 * H:(p0 + n) * H].view(n, H), order[p0:p0 + n], *ws, spec,
+                                           (True, True, need_w))
         if need_w:
             for acc, g in zip(grads_w, dws):
                 for a, gi in zip(acc, pack_weights(g)):
@@ -311,12 +310,16 @@ def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional
     E = placement.num_experts
     if spec.num_experts != E:
         spec = spec.replace(experts=dataclasses.replace(spec.experts, num_experts=E))
-    rpn = resolve_ranks_per_node(group, ranks_per_node)
+    rpn = Topology(world, resolve_ranks_per_node(group, ranks_per_node)).ranks_per_node   # checks it divides
     if spec.router.external:
         weights_TK, ids_TK = topk_weights_TK, topk_ids_TK.long()
     else:
         spec.router.validate_for(E)
-        weights_TK, ids_TK = route(router_logits_TE, spec.router, w.selection_bias)
+        # as in moe_forward: a lowering may route with its own device ops (None: plain ``route``)
+        lowered = getattr(lowering.select(_lowering_name(impl, x_TD.device.type), x_TD.device), "route", None)
+        routed = lowered(router_logits_TE, spec.router, w.selection_bias) if lowered else None
+        weights_TK, ids_TK = routed if routed is not None else route(router_logits_TE, spec.router,
+                                                                     w.selection_bias)
     if check:
         _validate_ep(spec, x_TD, router_logits_TE, w, placement, rank, weights_TK, ids_TK)
     out_TD = ep_experts(x_TD, weights_TK, ids_TK, w.w1, w.w2, w.w3, w.b1, w.b2, w.b3, spec=spec.experts,

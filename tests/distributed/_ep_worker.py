@@ -1,0 +1,259 @@
+"""One rank of a multi-process EP test: ``python _ep_worker.py SCENARIO RANK WORLD PORT``.
+
+Each scenario runs several checks in one process group (process start-up is the slow part) and prints one line
+``RESULT <json>``. Every rank builds the *whole* problem from one seed (all ranks' tokens, all experts), keeps its
+share (its tokens, its local experts) for the EP call, and runs the single-process reference
+(``fused_moe(..., impl="reference")``) on the gathered inputs: outputs and gradients are compared on its share.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import moe_fuser
+from moe_fuser.distributed import ExpertParallelError, ExpertPlacement, traffic
+
+
+def tokens(world: int) -> list[int]:
+    return [23 + 7 * r for r in range(world)]   # uneven token counts per rank
+
+
+def make_problem(world, E, K, D=16, F=24, dtype=torch.float32, seed=0, glu=True, bias=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    w = dict(w1=rnd(E, F, D, scale=0.25), w2=rnd(E, D, F, scale=0.25))
+    if glu:
+        w["w3"] = rnd(E, F, D, scale=0.25)
+    if bias:
+        w["b1"], w["b2"] = rnd(E, F, scale=0.1), rnd(E, D, scale=0.1)
+    xs = [rnd(t, D) for t in tokens(world)]
+    logits = [rnd(t, E) for t in tokens(world)]
+    grads = [rnd(t, D) for t in tokens(world)]
+    return w, xs, logits, grads
+
+
+def external_routing(logits, K):
+    """Top-k of the softmax, with every fifth pair dropped (id -1)."""
+    tw, ti = logits.float().softmax(-1).topk(K)
+    return tw, torch.where(torch.arange(ti.numel()).view(ti.shape) % 5 == 3, -1, ti)
+
+
+def max_err(a, b):
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def call(x, logits, weights: dict, K, activation, tw=None, ti=None, **kw):
+    weights = dict(weights)
+    w1, w2, w3 = weights.pop("w1"), weights.pop("w2"), weights.pop("w3", None)
+    return moe_fuser.fused_moe(x, logits, w1, w2, w3, top_k=K, activation=activation, topk_weights=tw,
+                               topk_ids=ti, **weights, **kw)
+
+
+def check_case(group, rank, world, E, K, owners=None, rpn=None, chunks=None, dtype=torch.float32, glu=True,
+               bias=False, as_list=False, external=False, activation="silu", compile_backend=None):
+    """EP forward + backward vs the reference on gathered inputs: the max abs errors per tensor."""
+    w, xs, logits, grads = make_problem(world, E, K, dtype=dtype, glu=glu, bias=bias)
+    placement = ExpertPlacement.from_owners(owners, world) if owners else ExpertPlacement.balanced(E, world)
+    local = list(placement.local_experts(rank))
+    mine = {k: v[local].clone().requires_grad_() for k, v in w.items()}
+    x = xs[rank].clone().requires_grad_()
+    lg = logits[rank].clone().requires_grad_()
+    tw = ti = None
+    if external:
+        tw, ti = external_routing(logits[rank], K)
+        tw.requires_grad_()
+        lg = None
+
+    def ep(x, lg, tw, ti):
+        ws = {k: list(v.unbind(0)) for k, v in mine.items()} if as_list and local else mine
+        return call(x, lg, ws, K, activation, tw, ti, ep_group=group, expert_placement=placement,
+                    overlap_chunks=chunks, ranks_per_node=rpn)
+
+    fn = ep if compile_backend is None else torch.compile(ep, backend=compile_backend, fullgraph=True)
+    out = fn(x, lg, tw, ti)
+    (out.float() * grads[rank].float()).sum().backward()
+
+    X = torch.cat(xs).requires_grad_()
+    W = {k: v.clone().requires_grad_() for k, v in w.items()}
+    if external:
+        pairs = [external_routing(lgr, K) for lgr in logits]
+        TW = torch.cat([p[0] for p in pairs]).requires_grad_()
+        ref = call(X, None, W, K, activation, TW, torch.cat([p[1] for p in pairs]), impl="reference")
+    else:
+        L = torch.cat(logits).requires_grad_()
+        ref = call(X, L, W, K, activation, impl="reference")
+    (ref.float() * torch.cat(grads).float()).sum().backward()
+    start = sum(tokens(world)[:rank])
+    sl = slice(start, start + tokens(world)[rank])
+    errs = {"out": max_err(out, ref[sl]), "dx": max_err(x.grad, X.grad[sl]),
+            "drouter": max_err(tw.grad, TW.grad[sl]) if external else max_err(lg.grad, L.grad[sl]),
+            "scale": float(ref.float().abs().max())}
+    for name, v in mine.items():
+        errs["d" + name] = max_err(v.grad, W[name].grad[local]) if local else 0.0
+    return errs
+
+
+def inter_node_traffic(group, rank, world, E, K, rpn, owners=None):
+    """Forward-only EP call; returns (measured inter-node bytes summed over ranks, bytes the dedup scheme must
+    send: 2 rows per (token, other node) + 12 B per pair to another node, and what the seed's scheme sends:
+    2 rows per (token, slot) whose expert is on another node)."""
+    w, xs, logits, _ = make_problem(world, E, K)
+    placement = ExpertPlacement.from_owners(owners, world) if owners else ExpertPlacement.balanced(E, world)
+    local = list(placement.local_experts(rank))
+    traffic["inter_node_bytes"] = 0
+    with torch.no_grad():
+        call(xs[rank], logits[rank], {k: v[local] for k, v in w.items()}, K, "silu", ep_group=group,
+             expert_placement=placement, ranks_per_node=rpn)
+    measured = torch.tensor([traffic["inter_node_bytes"]])
+    dist.all_reduce(measured, group=group)
+    row = xs[0].shape[1] * xs[0].element_size()
+    owner_E = torch.tensor(placement.owner)
+    expect = seed = 0
+    for r in range(world):
+        node_TK = owner_E[logits[r].float().softmax(-1).topk(K).indices] // rpn
+        other_TK = node_TK != r // rpn
+        for t in range(node_TK.shape[0]):
+            expect += 2 * row * len(set(node_TK[t][other_TK[t]].tolist())) + 12 * int(other_TK[t].sum())
+        seed += 2 * row * int(other_TK.sum())
+    return {"measured": int(measured), "expected": expect, "seed_style": seed}
+
+
+def mismatch(group, rank, world, **diff):
+    """Ranks calling with different configurations: every rank must raise ValueError naming the difference."""
+    E, K, dtype, D = diff.get("E", 6), diff.get("K", 2), diff.get("dtype", torch.float32), diff.get("D", 16)
+    w, xs, logits, _ = make_problem(world, E, K, D=D, dtype=dtype)
+    placement = ExpertPlacement.balanced(E, world)
+    local = list(placement.local_experts(rank))
+    try:
+        call(xs[rank], logits[rank], {k: v[local] for k, v in w.items()}, K, "silu", ep_group=group,
+             expert_placement=placement, ranks_per_node=1)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def stall_or_die(group, rank, world, victim: int, die: bool, timeout_s: float):
+    """Rank ``victim`` dies (or sleeps past the timeout) instead of calling; the others must raise
+    ExpertParallelError within a bounded time. Returns (error message, seconds) on the other ranks."""
+    w, xs, logits, _ = make_problem(world, 6, 2)
+    placement = ExpertPlacement.balanced(6, world)
+    local = list(placement.local_experts(rank))
+    if rank == victim:
+        if die:
+            os._exit(3)
+        time.sleep(timeout_s * 3)
+        return {"victim": True, "_exit_now": True}
+    t0 = time.monotonic()
+    try:
+        call(xs[rank], logits[rank], {k: v[local] for k, v in w.items()}, 2, "silu", ep_group=group,
+             expert_placement=placement, ranks_per_node=1, ep_timeout=timeout_s)
+        return {"error": None, "_exit_now": True}
+    except ExpertParallelError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - t0, "_exit_now": True}
+
+
+def bad_inputs(group, rank, world):
+    """Errors every rank raises before any collective (so the group stays usable): the ValueError messages."""
+    w, xs, logits, _ = make_problem(world, 5, 2)
+    placement = ExpertPlacement.balanced(5, world)
+    local = list(placement.local_experts(rank))
+    mine = {k: v[local] for k, v in w.items()}
+    cases = {
+        "all_experts_passed": dict(weights=w),
+        "reference_impl": dict(impl="reference"),
+        "chunks_zero": dict(overlap_chunks=0),
+        "capacity": dict(capacity=4),
+        "ranks_per_node": dict(ranks_per_node=3),
+        "placement_size": dict(expert_placement=[0, 1, 0]),
+        "placement_rank": dict(expert_placement=[0, 1, 0, 1, world]),
+    }
+    out = {}
+    for name, kw in cases.items():
+        kw = dict(kw)
+        ws = kw.pop("weights", mine)
+        kw.setdefault("expert_placement", placement)
+        try:
+            call(xs[rank], logits[rank], ws, 2, "silu", ep_group=group, **kw)
+            out[name] = "no error"
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+# ---- scenarios: one process group each ---------------------------------------------------------------------
+
+def scenario_two(group, rank, world):
+    res = {"cases": {
+        "topk_uneven_glu": check_case(group, rank, world, E=5, K=2),                   # 3 + 2 experts
+        "top1_list_bias_chunks3": check_case(group, rank, world, E=4, K=1, owners=[1, 1, 1, 0], rpn=1,
+                                             chunks=3, glu=False, bias=True, as_list=True, activation="gelu"),
+        "external_dropped": check_case(group, rank, world, E=5, K=2, owners=[1, 0, 1, 0, 1], external=True),
+        "bf16_chunks2": check_case(group, rank, world, E=8, K=2, dtype=torch.bfloat16, chunks=2),
+        "compiled_aot_eager": check_case(group, rank, world, E=5, K=2, rpn=1, chunks=2,
+                                         compile_backend="aot_eager"),
+    }}
+    res["mismatch"] = {
+        "top_k": mismatch(group, rank, world, K=2 + rank),
+        "dtype": mismatch(group, rank, world, dtype=(torch.float32, torch.bfloat16)[rank]),
+        "hidden": mismatch(group, rank, world, D=16 + 8 * rank),
+    }
+    res["bad_inputs"] = bad_inputs(group, rank, world)
+    res["stall"] = stall_or_die(group, rank, world, victim=1, die=False, timeout_s=2.0)
+    return res
+
+
+def scenario_three(group, rank, world):
+    return {"cases": {
+        "topk_8_on_3": check_case(group, rank, world, E=8, K=2, chunks=2),               # 3 + 3 + 2, one node
+        "top1_8_on_3_flat": check_case(group, rank, world, E=8, K=1, rpn=1),
+        "rank_without_experts": check_case(group, rank, world, E=7, K=3, owners=[0, 2, 0, 2, 2, 0, 0], rpn=1),
+    }}
+
+
+def scenario_four(group, rank, world):
+    res = {"cases": {
+        "two_level": check_case(group, rank, world, E=8, K=3, rpn=2, chunks=2),
+        "two_level_uneven_empty_rank": check_case(group, rank, world, E=6, K=2, owners=[0, 0, 0, 3, 3, 1],
+                                                  rpn=2, chunks=3),
+        "top1_flat": check_case(group, rank, world, E=8, K=1, rpn=1),
+    }}
+    res["traffic_two_level"] = inter_node_traffic(group, rank, world, E=16, K=4, rpn=2)
+    res["traffic_flat"] = inter_node_traffic(group, rank, world, E=16, K=4, rpn=1)
+    res["dead"] = stall_or_die(group, rank, world, victim=3, die=True, timeout_s=30.0)
+    return res
+
+
+SCENARIOS = {"two": scenario_two, "three": scenario_three, "four": scenario_four}
+
+
+def main():
+    scenario, rank, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = SCENARIOS[scenario](dist.group.WORLD, rank, world)
+    except Exception:
+        print("RESULT " + json.dumps({"error": traceback.format_exc()}), flush=True)
+        os._exit(1)
+    exit_now = any(isinstance(v, dict) and v.pop("_exit_now", False) for v in result.values())
+    print("RESULT " + json.dumps(result), flush=True)
+    if exit_now:   # the group is broken on purpose (a stalled or dead peer): leave without a barrier
+        os._exit(0)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
