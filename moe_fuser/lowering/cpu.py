@@ -174,9 +174,11 @@ class _Grouping:
     def segment_sum(self, rows: torch.Tensor, like):
         """Per expert sum of its rows (bias grads), shaped like ``like``."""
         if self.padded:
-            return rows.sum(1)
-        sums = rows.new_zeros(self.E, rows.shape[-1]).index_add_(0, self.expert_n, rows)
-        return sums if isinstance(like, torch.Tensor) else list(sums.unbind(0))
+            sums = rows.sum(1)
+        else:
+            sums = rows.new_zeros(self.E, rows.shape[-1]).index_add_(0, self.expert_n, rows)
+        # Per-expert grads must not alias each other (custom-op outputs): one clone per small vector.
+        return sums if isinstance(like, torch.Tensor) else [s.clone() for s in sums.unbind(0)]
 
     def per_expert(self, bs) -> torch.Tensor:
         """A per-expert vector (a bias) broadcast to every row."""
@@ -249,9 +251,9 @@ class CpuLowering:
 
         dweights_TK = None
         if need_weights:
-            dg = (dA.float() * a.float()).sum(-1)
+            dg = (dA * a).sum(-1, dtype=torch.float32)
             if b2 is not None:
-                dg = dg + (dy.float() * G.per_expert(b2).float()).sum(-1)
+                dg = dg + (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32)
             dg_n = G.to_sorted(dg)
             dweights_TK = topk_weights_TK.new_zeros(T * K).index_copy_(0, G.order_n, dg_n.to(topk_weights_TK.dtype))
             dweights_TK = dweights_TK.view(T, K)
