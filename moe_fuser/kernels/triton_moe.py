@@ -346,7 +346,7 @@ def _down_kernel(
             acc *= tl.load(g_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         if ATOMIC:
             tok = pair // TOPK
-            tl.atomic_add(out_ptr + tok[:, None] * stride_ot + offs_n[None, :], acc, mask=mask)
+            tl.atomic_add(out_ptr + tok[:, None] * stride_ot + offs_n[None, :], acc, mask=mask, sem="relaxed")
     if not ATOMIC:
         tl.store(y_ptr + rows[:, None] * stride_yn + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -538,9 +538,13 @@ def align(ids_N: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
-        return "tf32"
-    return "ieee"
+    """tl.dot's input_precision: IEEE fp32 for fp32 inputs unless torch allows TF32 matmuls (and always in the
+    interpreter, where bf16 tiles are cast to fp32); 16-bit inputs keep Triton's default ("tf32", unused)."""
+    if INTERPRET:
+        return "ieee"
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
 
 
 def _tiles(cfg: dict) -> dict:

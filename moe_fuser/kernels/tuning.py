@@ -79,8 +79,15 @@ def validate_config(cfg: dict) -> dict:
 def block_config(E: int, F: int, D: int, dtype: torch.dtype, device: torch.device, T: int,
                  override: Optional[dict] = None) -> dict:
     """The configuration for T tokens: the tuned file's nearest entry, completed from the default; ``override``
-    (a full or partial configuration) wins over both."""
+    (a full or partial configuration) wins over both. Do not mutate the result: it is cached."""
+    if override:
+        return validate_config({**_data_config(E, F, D, dtype, device_name(device), T), **override})
+    return _data_config(E, F, D, dtype, device_name(device), T)
+
+
+@functools.lru_cache(maxsize=1024)
+def _data_config(E: int, F: int, D: int, dtype: torch.dtype, device: str, T: int) -> dict:
     default = _nearest(_load("default.json"), T)
-    tuned = _load(config_name(E, F, D, dtype, device_name(device)))
-    cfg = {**default, **(_nearest(tuned, T) if tuned else {}), **(override or {})}
+    tuned = _load(config_name(E, F, D, dtype, device))
+    cfg = {**default, **(_nearest(tuned, T) if tuned else {})}
     return validate_config({k: v for k, v in cfg.items() if not k.startswith("_")})

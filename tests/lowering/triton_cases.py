@@ -131,8 +131,9 @@ def test_dropped_pairs_and_idle_experts(dtype, small_tiles):
 
 @pytest.mark.parametrize("glu", ["separate", "interleaved"])
 def test_lowering_contract_matches_aten(glu):
-    """Same (out, h, order) as the ATen lowering, h zero in the dropped rows, and the same backward tuple; the
-    default (tuned-data) block config here, the atomic combine, and external routing with ids -1."""
+    """The lowering contract, against the ATen lowering: the same out and order, h as defined below, and the same
+    backward tuple (each lowering fed its own h); with the default (tuned-data) block config, both combines, and
+    external routing with ids -1."""
     T, D, F, E, K = 19, 32, 24, 5, 2
     spec = ExpertSpec(num_experts=E, activation="silu", glu=glu, bias=True)
     H = 2 * F
@@ -148,14 +149,22 @@ def test_lowering_contract_matches_aten(glu):
     b3 = torch.randn(E, F) * 0.1 if glu == "separate" else None
     ws = (w1, w2, w3, b1, b2, b3)
     cpu = CpuLowering()
-    want_out, want_h, want_order = cpu.forward(x, weights, ids, *ws, spec)
+    want_out, cpu_h, want_order = cpu.forward(x, weights, ids, *ws, spec)
     grad = torch.randn(T, D)
-    want = cpu.backward(grad, x, weights, ids, want_h, want_order, *ws, spec, (True, True, True))
+    want = cpu.backward(grad, x, weights, ids, cpu_h, want_order, *ws, spec, (True, True, True))
+    # h: the first projection of the kept rows in sorted order ([gate | up] columns, or w1's own row order for
+    # fused gate_up weights), zero in the dropped rows. Only this lowering's backward reads it.
+    n = int((ids >= 0).sum())
+    pair_n = want_order[:n]
+    e_n, x_n = ids.flatten()[pair_n], x[pair_n // K]
+    want_h = torch.einsum("nd,nhd->nh", x_n, w1[e_n]) + b1[e_n]
+    if glu == "separate":
+        want_h = torch.cat([want_h, torch.einsum("nd,nfd->nf", x_n, w3[e_n]) + b3[e_n]], dim=1)
     for combine in ("gather", "atomic"):
         low = TritonLowering(combine=combine)
         out, h, order = low.forward(x, weights, ids, *ws, spec)
         assert torch.equal(order, want_order)
-        assert torch.allclose(h, want_h, atol=1e-5) and h[(ids >= 0).sum():].abs().max() == 0
+        assert torch.allclose(h[:n], want_h, atol=1e-5) and h[n:].abs().max() == 0
         assert torch.allclose(out, want_out, atol=1e-5)
         got = low.backward(grad, x, weights, ids, h, order, *ws, spec, (True, True, True))
         for i, (g, w) in enumerate(zip(got, want)):
