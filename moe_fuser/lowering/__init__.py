@@ -77,7 +77,17 @@ def available_lowerings(device: torch.device) -> list[str]:
     return out
 
 
+@torch.compiler.assume_constant_result
+def _load_all() -> bool:
+    """Load every lowering eagerly, even while dynamo traces a caller of ``select``: a loader imports modules,
+    which dynamo cannot trace, and an instance first created inside a trace breaks its guards."""
+    for entry in _REGISTRY.values():
+        entry.load()
+    return True
+
+
 def select(impl: Optional[str], device: torch.device) -> ExpertsLowering:
+    _load_all()
     if impl in (None, "auto"):
         for entry in sorted(_REGISTRY.values(), key=lambda e: -e.priority):
             low = entry.load()

@@ -473,16 +473,23 @@ def npu_route(router_logits_TE: torch.Tensor, spec: RouterSpec, selection_bias_E
 
 # ---------------------------------------------------------------------------------------------------- lowering
 
+@torch.compiler.assume_constant_result
+def _unavailable(device_type: str) -> str:
+    """Why the lowering cannot run on ``device_type`` ("" if it can). Evaluated eagerly even while dynamo traces
+    (the first look may import torch_npu)."""
+    npu = torch_npu_module()
+    if npu is None:
+        return f"torch_npu cannot be imported ({_import_error}); install torch_npu and the CANN toolkit"
+    if device_type == "npu" or (device_type == "cpu" and _emulated(npu)):
+        return ""
+    return f"the npu lowering runs on npu tensors, not {device_type}"
+
+
 class NpuLowering:
     name = "npu"
 
     def available(self, device: torch.device) -> Optional[str]:
-        npu = torch_npu_module()
-        if npu is None:
-            return f"torch_npu cannot be imported ({_import_error}); install torch_npu and the CANN toolkit"
-        if device.type == "npu" or (device.type == "cpu" and _emulated(npu)):
-            return None
-        return f"the npu lowering runs on npu tensors, not {device.type}"
+        return _unavailable(device.type) or None
 
     def route(self, router_logits_TE, spec: RouterSpec, selection_bias_E=None):
         return npu_route(router_logits_TE, spec, selection_bias_E)
@@ -799,10 +806,10 @@ def npu_expert_parallel(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3=None, b1=
 # ------------------------------------------------------------------------------------------- inner compiler
 
 def get_inner_compiler(options: Mapping) -> Callable:
-    """torchair's dynamo backend, for ``options={"inner": "npu"}``. Its mode defaults to "reduce-overhead"
-    (aclgraph): the grouped-experts custom op has a meta kernel, which that mode needs, but no Ascend IR converter,
-    which "max-autotune" (GE graph) would. Override with ``options["npu_mode"]`` or a full
-    ``options["npu_config"]`` (a ``torchair.CompilerConfig``)."""
+    """torchair's dynamo backend, for the moe_fuser backend's ``options={"inner": "npu"}`` (``options`` here is its
+    ``inner_options``). The mode defaults to "reduce-overhead" (aclgraph): moe_fuser's custom ops have the meta
+    kernels that mode needs, but no Ascend IR converters, which "max-autotune" (GE graph) would. Override with
+    ``{"mode": ...}`` or a full ``{"config": torchair.CompilerConfig()}``."""
     if torch_npu_module() is None:
         raise ValueError(f"options inner='npu' needs torch_npu and CANN ({_import_error}); install them, or use "
                          "inner='inductor'")
@@ -810,8 +817,12 @@ def get_inner_compiler(options: Mapping) -> Callable:
         import torchair
     except ImportError:  # older wheels expose it only as a submodule
         from torch_npu.dynamo import torchair
-    config = options.get("npu_config")
+    unknown = set(options) - {"mode", "config"}
+    if unknown:
+        raise ValueError(f"inner_options {sorted(unknown)} are unknown for inner='npu'; use 'mode' "
+                         "('reduce-overhead' or 'max-autotune') or 'config' (a torchair.CompilerConfig)")
+    config = options.get("config")
     if config is None:
         config = torchair.CompilerConfig()
-        config.mode = options.get("npu_mode", "reduce-overhead")
+        config.mode = options.get("mode", "reduce-overhead")
     return torchair.get_npu_backend(compiler_config=config)

@@ -179,7 +179,7 @@ def test_empty_batch(fallbacks):
 def test_compiles_with_torchair_as_inner_compiler():
     import torchair
 
-    backend = npu_lowering.get_inner_compiler({"inner": "npu"})
+    backend = npu_lowering.get_inner_compiler({})
     assert torchair.BUILT[-1].mode == "reduce-overhead"
     x, logits, kw = make(T=11, D=16, F=12, E=4, k=2, dtype=torch.float32)
 
@@ -193,4 +193,48 @@ def test_compiles_with_torchair_as_inner_compiler():
     assert "grouped_experts" in graph
     gx, = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(gx, torch.autograd.grad(layer(x, logits).sum(), x)[0])
-    assert npu_lowering.get_inner_compiler({"npu_mode": "max-autotune"}) and torchair.BUILT[-1].mode == "max-autotune"
+    assert npu_lowering.get_inner_compiler({"mode": "max-autotune"}) and torchair.BUILT[-1].mode == "max-autotune"
+    with pytest.raises(ValueError, match="unknown"):
+        npu_lowering.get_inner_compiler({"npu_mode": "max-autotune"})
+
+
+class HandWrittenMoE(torch.nn.Module):
+    """The seed's style: a gate, softmax -> top-k -> renormalise, a loop over ModuleList experts."""
+
+    def __init__(self, D=16, F=24, E=4, k=2):
+        super().__init__()
+        self.k = k
+        self.gate = torch.nn.Linear(D, E, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(D, F, bias=False), torch.nn.SiLU(),
+                                                               torch.nn.Linear(F, D, bias=False)) for _ in range(E))
+
+    def forward(self, x):
+        p = torch.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        w, ids = torch.topk(p, self.k, dim=-1)
+        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return out
+
+
+def test_moe_fuser_backend_with_inner_npu_runs_the_npu_ops_under_torchair(npu_emulator, monkeypatch):
+    import torchair
+
+    calls = []
+    for name in ("npu_moe_gating_top_k_softmax", "npu_moe_init_routing_v2", "npu_moe_finalize_routing"):
+        op = getattr(npu_emulator, name)
+        monkeypatch.setattr(npu_emulator, name, lambda *a, _op=op, _n=name, **k: calls.append(_n) or _op(*a, **k))
+    model, x = HandWrittenMoE(), torch.randn(10, 16, requires_grad=True)
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": "npu"})
+    out = compiled(x)
+    assert torchair.BUILT[-1].mode == "reduce-overhead" and torchair.COMPILED
+    assert {"npu_moe_gating_top_k_softmax", "npu_moe_init_routing_v2", "npu_moe_finalize_routing"} <= set(calls)
+    want = model(x)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, [x, model.gate.weight], g)
+    want_grads = torch.autograd.grad(want, [x, model.gate.weight], g)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
