@@ -12,7 +12,7 @@ Single device, forward (``CHOICES`` holds every version-dependent argument, in o
               -> renormalise and scale in ATen where the op does not
     permute:  npu_moe_init_routing_v2(x, ids)   dropped pairs (capacity, id -1) become pseudo-expert E, so every
               row is defined and they sort last; per-expert counts (expert_tokens_num_type=1)
-    experts:  npu_grouped_matmul(w1 [, w3]) -> npu_swiglu (SiLU-GLU; other activations in ATen) -> npu_grouped_matmul(w2)
+    experts:  npu_grouped_matmul(w1 [, w3]) -> npu_swiglu (SiLU-GLU; else ATen) -> npu_grouped_matmul(w2)
               weights are nn.Linear [E, out, in]: passed as transposed [E, in, out] *views* (K-by-N, no copy);
               group_list = counts (group_list_type=1), the dropped rows appended to the last group so the counts
               sum to the row count as documented (their output is multiplied by a zero weight)
@@ -39,11 +39,15 @@ their constraints hold, which includes "inference only" (no gradient needed); ot
 ``npu_moe_re_routing`` + the single-device ops, inside an autograd.Function whose backward runs the exchange in
 reverse, so training works with any placement (uneven included).
 
+Compiling (``get_inner_compiler``): torchair in "reduce-overhead" (aclgraph) mode by default, since moe_fuser's
+custom ops have meta kernels but no Ascend IR converters. Host syncs: none in the single-device forward; one in
+its backward (the per-expert weight-gradient ranges); the EP exchange needs its split sizes on the host.
+
 Testing without hardware: ``available`` accepts CPU tensors only when ``torch_npu`` is the test emulator
 (``tests/npu_emulator``, marked ``EMULATOR = True``) *and* the environment sets ``MOE_FUSER_NPU_EMULATOR=1``.
 
 Legend: T tokens, D model dim, F expert hidden dim, H = F or 2F (gated), E experts, K top-k, N = T*K rows
-(pairs), L local experts, R ranks.
+(pairs), L local experts, R rows received by this rank (EP), A MC2's padded receive rows.
 """
 
 from __future__ import annotations

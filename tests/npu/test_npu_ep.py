@@ -7,7 +7,6 @@ import queue
 import socket
 import time
 
-import pytest
 import torch
 
 import _ep_worker

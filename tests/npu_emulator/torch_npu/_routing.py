@@ -116,7 +116,7 @@ def npu_moe_gating_top_k_backward(x_norm, grad_y, expert_idx, *, renorm=0, norm_
 
 def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1,
                             expert_num=-1, drop_pad_mode=0, expert_tokens_num_type=0, expert_tokens_num_flag=False,
-                            quant_mode=-1, active_expert_range=[], row_idx_type=0):  # noqa: B006 (the documented default)
+                            quant_mode=-1, active_expert_range=[], row_idx_type=0):  # noqa: B006 (documented)
     """Dropless routing (the 2.13 docs' only mode): a stable sort of the flat ids (``i*K + j``) groups the pairs
     by expert, then by token. Returns (expanded_x [N*K, H], expanded_row_idx [N*K] int32, expert tokens int64,
     expanded_scale [N*K] fp32). Only pairs whose expert lies in ``active_expert_range = [start, end)`` are kept;
