@@ -12,10 +12,15 @@ Columns (each one MoE layer of SwiGLU experts, ``expert(x) = w2 @ (silu(w1 @ x) 
   non-bf16 under torch.compile or old torch); the path taken is printed and written to the CSV;
 - ``fused``: ``moe_fuser.fused_moe(x, logits, w1, w2, w3, top_k=K)`` with stacked ``w1, w3 [E, F, D]``,
   ``w2 [E, D, F]`` (separate gate and up), ``impl=None`` (the CPU lowering);
-- ``floor``: the GEMMs alone, on the same routed row counts: rows pre-gathered and contiguous per expert, outputs
-  pre-allocated, all outside the timed region. Forward: ``x@w1^T, x@w3^T, a@w2^T`` per expert; training adds
+- ``floor``: the GEMMs alone, on the same routed row counts: rows pre-gathered and contiguous per expert,
+  everything arranged outside the timed region. Forward: ``x@w1^T, x@w3^T, a@w2^T`` per expert; training adds
   the six backward GEMMs per expert (``dA = dy@w2``, ``dW2 = dy^T a``, ``dx = dh1@w1 + dh3@w3`` (two),
   ``dW1 = dh1^T x``, ``dW3 = dh3^T x``). No gather, activation, routing or combine: a lower bound, not an MoE.
+  Three plain formulations run in every round and the fastest is the floor (``by`` column; all in the CSV):
+  ``mm`` (one ``mm`` per expert and GEMM into pre-allocated outputs: the literal definition), ``gmm`` (one
+  ``F.grouped_mm`` per GEMM kind, gate and up concatenated) and ``bmm`` (rows zero-padded to the largest count,
+  one ``bmm`` per GEMM kind): with ~16 rows per expert a batched call beats 128 small ``mm`` calls, so the
+  literal definition alone would be no floor there.
 
 The router is the same in the first three columns: the logits ``[T, E]`` are an input (in the model's dtype),
 ``softmax`` in fp32, ``topk``, renormalise (inside ``fused_moe``; a shared ``route`` function for the others).
@@ -79,7 +84,8 @@ CONFIGS = {c.name: c for c in (
 )}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd", "train")
-VARIANTS = ("eager", "hf", "fused", "floor")
+VARIANTS = ("eager", "hf", "fused")
+FLOORS = ("floor_mm", "floor_gmm", "floor_bmm")  # Floor's formulations; a cell's floor is the fastest
 SPEED_TOL = 1.10  # acceptance: fused within 1.10x of the GEMM floor
 QUIET_CORES = 0.3  # other processes' load under which the machine counts as quiet enough to time on
 
@@ -140,30 +146,57 @@ def hf_experts(cfg: Config, w1, w2, w3, dtype) -> tuple[nn.Module, str]:
 
 
 class Floor:
-    """Per-expert contiguous GEMMs on pre-gathered rows with pre-allocated outputs (see the module docstring)."""
+    """The GEMMs alone on the routed row counts, in three plain formulations (see the module docstring).
+
+    ``mm``: per expert, ``mm`` on contiguous rows with separate w1/w3 into pre-allocated outputs (9 GEMMs per
+    expert in training); ``gmm``: one ``F.grouped_mm`` per GEMM kind over the same ragged rows, gate and up
+    concatenated (``[E, 2F, D]``, arranged outside the timed region); ``bmm``: rows padded to the largest count,
+    ``[E, C, X]``, one ``bmm`` per GEMM kind into pre-allocated outputs (more rows, fewer calls). All inputs are
+    random, pre-gathered and pre-sorted; the floor of a cell is the fastest of them.
+    """
+
+    KINDS = ("mm", "gmm", "bmm")
 
     def __init__(self, counts: list[int], w1, w2, w3, gen: torch.Generator):
         E, F_, D = w1.shape
-        n = sum(counts)
+        n, C = sum(counts), max(counts)
         dt = w1.dtype
         rnd = lambda *s: torch.randn(*s, generator=gen).to(dt)  # noqa: E731
         self.w1, self.w2, self.w3 = w1.detach(), w2.detach(), w3.detach()
+        self.w13 = torch.cat([self.w1, self.w3], dim=1)  # [E, 2F, D]
+        self.offs = torch.tensor(counts).cumsum(0).to(torch.int32)
         self.ranges = [(e, s, s + c) for e, (s, c) in enumerate(zip(_cumsum0(counts), counts)) if c]
-        self.x_nD, self.a_nF, self.dy_nD = rnd(n, D), rnd(n, F_), rnd(n, D)
-        self.dh1_nF, self.dh3_nF = rnd(n, F_), rnd(n, F_)
+        # ragged rows (mm, gmm)
+        self.x_nD, self.a_nF, self.dy_nD, self.dh_n2F = rnd(n, D), rnd(n, F_), rnd(n, D), rnd(n, 2 * F_)
+        self.dh1_nF, self.dh3_nF = self.dh_n2F[:, :F_].contiguous(), self.dh_n2F[:, F_:].contiguous()
         self.h1_nF, self.h3_nF, self.y_nD = (torch.empty(n, F_, dtype=dt), torch.empty(n, F_, dtype=dt),
                                              torch.empty(n, D, dtype=dt))
         self.dA_nF, self.dx_nD = torch.empty(n, F_, dtype=dt), torch.empty(n, D, dtype=dt)
         self.dw1, self.dw2, self.dw3 = torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(w3)
+        self.dw13 = torch.empty_like(self.w13)
+        # padded rows (bmm)
+        self.x_ECD, self.a_ECF = rnd(E, C, D), rnd(E, C, F_)
+        self.dy_ECD, self.dh_EC2F = rnd(E, C, D), rnd(E, C, 2 * F_)
+        self.h_EC2F, self.y_ECD = torch.empty(E, C, 2 * F_, dtype=dt), torch.empty(E, C, D, dtype=dt)
+        self.dA_ECF, self.dx_ECD = torch.empty(E, C, F_, dtype=dt), torch.empty(E, C, D, dtype=dt)
 
-    def forward(self):
+    def step(self, kind: str, mode: str):
+        fwd, bwd = getattr(self, f"_{kind}_fwd"), getattr(self, f"_{kind}_bwd")
+        if mode == "fwd":
+            return fwd
+
+        def train():
+            fwd()
+            bwd()
+        return train
+
+    def _mm_fwd(self):
         for e, s, t in self.ranges:
             torch.mm(self.x_nD[s:t], self.w1[e].t(), out=self.h1_nF[s:t])
             torch.mm(self.x_nD[s:t], self.w3[e].t(), out=self.h3_nF[s:t])
             torch.mm(self.a_nF[s:t], self.w2[e].t(), out=self.y_nD[s:t])
 
-    def train(self):
-        self.forward()
+    def _mm_bwd(self):
         for e, s, t in self.ranges:
             torch.mm(self.dy_nD[s:t], self.w2[e], out=self.dA_nF[s:t])
             torch.mm(self.dy_nD[s:t].t(), self.a_nF[s:t], out=self.dw2[e])
@@ -171,6 +204,26 @@ class Floor:
             self.dx_nD[s:t].addmm_(self.dh3_nF[s:t], self.w3[e])
             torch.mm(self.dh1_nF[s:t].t(), self.x_nD[s:t], out=self.dw1[e])
             torch.mm(self.dh3_nF[s:t].t(), self.x_nD[s:t], out=self.dw3[e])
+
+    def _gmm_fwd(self):
+        F.grouped_mm(self.x_nD, self.w13.transpose(1, 2), offs=self.offs)
+        F.grouped_mm(self.a_nF, self.w2.transpose(1, 2), offs=self.offs)
+
+    def _gmm_bwd(self):
+        F.grouped_mm(self.dy_nD, self.w2, offs=self.offs)
+        F.grouped_mm(self.dy_nD.t(), self.a_nF, offs=self.offs)
+        F.grouped_mm(self.dh_n2F, self.w13, offs=self.offs)
+        F.grouped_mm(self.dh_n2F.t(), self.x_nD, offs=self.offs)
+
+    def _bmm_fwd(self):
+        torch.bmm(self.x_ECD, self.w13.transpose(1, 2), out=self.h_EC2F)
+        torch.bmm(self.a_ECF, self.w2.transpose(1, 2), out=self.y_ECD)
+
+    def _bmm_bwd(self):
+        torch.bmm(self.dy_ECD, self.w2, out=self.dA_ECF)
+        torch.bmm(self.dy_ECD.transpose(1, 2), self.a_ECF, out=self.dw2)
+        torch.bmm(self.dh_EC2F, self.w13, out=self.dx_ECD)
+        torch.bmm(self.dh_EC2F.transpose(1, 2), self.x_ECD, out=self.dw13)
 
 
 def _cumsum0(counts):
@@ -221,8 +274,8 @@ class Case:
 
     def step(self, variant: str, mode: str):
         """(run, setup) for one call of a variant in a mode."""
-        if variant == "floor":
-            return (self.floor.forward if mode == "fwd" else self.floor.train), None
+        if variant.startswith("floor_"):
+            return self.floor.step(variant[len("floor_"):], mode), None
         fn = self.fns[variant]
         if mode == "fwd":
             def run():
@@ -245,12 +298,14 @@ class Case:
 
 
 def measure(case: Case, mode: str, args) -> dict:
-    variants = {v: Variant(*case.step(v, mode)) for v in VARIANTS}
+    variants = {v: Variant(*case.step(v, mode)) for v in VARIANTS + FLOORS}
     times = interleaved_medians(variants, rounds=args.iters, warmup=args.warmup, min_rounds=args.min_iters,
                                 max_seconds=args.max_seconds, seed=args.seed)
-    row = {f"{v}_ms": median(times[v]) * 1e3 for v in VARIANTS}
+    row = {f"{v}_ms": median(times[v]) * 1e3 for v in VARIANTS + FLOORS}
+    best = min(FLOORS, key=lambda v: row[f"{v}_ms"])
+    row["floor_ms"], row["floor_by"] = row[f"{best}_ms"], best[len("floor_"):]
     row["rounds"] = len(times["fused"])
-    for v in VARIANTS[:3]:
+    for v in VARIANTS:
         if args.no_memory:
             row[f"{v}_mib"] = float("nan")
         else:
@@ -280,7 +335,9 @@ def _verdict(row) -> str:
 def profile_cell(case: Case, mode: str, rows: int = 15) -> None:
     """Top ops (self CPU time) of fused vs floor over a few calls: where fused spends beyond the GEMMs."""
     reps = 3
-    for v in ("fused", "floor"):
+    floor = min(FLOORS, key=lambda v: median(interleaved_medians(
+        {v: Variant(*case.step(v, mode))}, rounds=3, warmup=1)[v]))
+    for v in ("fused", floor):
         run, setup = case.step(v, mode)
         prof = run_profiled(run, setup, reps=reps)
         case.clear_grads()
@@ -295,15 +352,15 @@ def _dtype_name(dt):
 def print_table(rows: list[dict], env: dict) -> None:
     print(f"\ntorch {env['torch']}, transformers {env['transformers']}, moe_fuser {env['moe_fuser']}; "
           f"CPU {env['cpu']}, {env['threads']} threads; medians in ms, peak MiB")
-    head = ["config", "dtype", "mode", "eager", "hf", "fused", "floor", "fus/eag", "fus/flr", "eag/flr", "hf/flr",
-            "eagMiB", "hfMiB", "fusMiB", "mem f/e", "ok"]
-    fmt = "{:<7}{:<5}{:<6}" + "{:>9}" * 4 + "{:>8}" * 4 + "{:>8}" * 3 + "{:>8}  {}"
+    head = ["config", "dtype", "mode", "eager", "hf", "fused", "floor", "by", "fus/eag", "fus/flr", "eag/flr",
+            "hf/flr", "eagMiB", "hfMiB", "fusMiB", "mem f/e", "ok"]
+    fmt = "{:<7}{:<5}{:<6}" + "{:>9}" * 4 + "{:>4}" + "{:>8}" * 4 + "{:>8}" * 3 + "{:>8}  {}"
     print(fmt.format(*head))
     for r in rows:
         print(fmt.format(r["config"], r["dtype"], r["mode"],
-                         *(f"{r[f'{v}_ms']:.2f}" for v in VARIANTS),
+                         *(f"{r[f'{v}_ms']:.2f}" for v in VARIANTS + ("floor",)), r["floor_by"],
                          *(f"{r[k]:.2f}" for k in ("fused/eager", "fused/floor", "eager/floor", "hf/floor")),
-                         *(f"{r[f'{v}_mib']:.1f}" for v in VARIANTS[:3]),
+                         *(f"{r[f'{v}_mib']:.1f}" for v in VARIANTS),
                          f"{r['mem fused/eager']:.2f}", r["ok"]))
     noisy = [f"{r['config']}/{r['dtype']}/{r['mode']}" for r in rows if not r["busy_elsewhere"] < QUIET_CORES]
     if noisy:
@@ -409,8 +466,8 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print(f"[{time.perf_counter() - t_start:6.0f}s] {cfg.label()} {dt_name} {mode}: "
                       f"eager {row['eager_ms']:.2f} hf {row['hf_ms']:.2f} fused {row['fused_ms']:.2f} "
-                      f"floor {row['floor_ms']:.2f} ms ({row['rounds']} rounds, {time.perf_counter() - t0:.0f}s, "
-                      f"{row['busy_elsewhere']:.1f} cores busy elsewhere)", flush=True)
+                      f"floor {row['floor_ms']:.2f} ({row['floor_by']}) ms ({row['rounds']} rounds, "
+                      f"{time.perf_counter() - t0:.0f}s, {row['busy_elsewhere']:.1f} cores busy elsewhere)", flush=True)
                 if args.profile:
                     profile_cell(case, mode)
             del case
