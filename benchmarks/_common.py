@@ -29,6 +29,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -176,10 +177,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_revision(path: Path = Path(__file__).resolve().parent.parent) -> str:
+    """Short commit of the checkout, ``+dirty`` when ``moe_fuser/`` has uncommitted changes (numbers then
+    belong to the working tree, not to the commit)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "moe_fuser"], cwd=path, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
 def environment(**packages: str) -> dict[str, str]:
-    """Versions, CPU model and thread count, for the CSV and the table header."""
-    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_model(),
-           "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads())}
+    """Versions, commit, CPU model and thread count, for the CSV and the table header."""
+    env = {"torch": torch.__version__, "python": platform.python_version(), "git": git_revision(),
+           "cpu": _cpu_model(), "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads())}
     env.update(packages)
     return env
 

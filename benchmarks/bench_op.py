@@ -350,7 +350,8 @@ def _dtype_name(dt):
 
 
 def print_table(rows: list[dict], env: dict) -> None:
-    print(f"\ntorch {env['torch']}, transformers {env['transformers']}, moe_fuser {env['moe_fuser']}; "
+    print(f"\ntorch {env['torch']}, transformers {env['transformers']}, moe_fuser {env['moe_fuser']} "
+          f"({env['git']}); "
           f"CPU {env['cpu']}, {env['threads']} threads; medians in ms, peak MiB")
     head = ["config", "dtype", "mode", "eager", "hf", "fused", "floor", "by", "fus/eag", "fus/flr", "eag/flr",
             "hf/flr", "eagMiB", "hfMiB", "fusMiB", "mem f/e", "ok"]
