@@ -84,7 +84,9 @@ log = logging.getLogger("moe_fuser")
 
 def router_kind(spec: MoESpec) -> str:
     """Short router description for reports: "softmax-topk+renorm", "sigmoid-topk(groups 2/4)", "external"."""
-    return spec.summary().split(" ")[2]
+    head = spec.summary().split(" ", 2)[2]  # "<router> <activation>[ extras]"; the router may hold a space
+    act = spec.experts.activation + ("-glu" if spec.experts.gated else "")
+    return head[: head.index(" " + act)]
 
 
 @dataclass
