@@ -28,7 +28,7 @@ even if a kernel or compile hangs. Phases:
 
 Timing: ``triton.testing.do_bench`` (median, L2 flushed before each run) on CUDA; on CPU (dry run) a median of
 perf_counter runs. The final table prints last; with ``$OUT`` set it is also written as ``$OUT/gpu_check.csv``
-(with device and versions). Exit status 1 if a correctness check failed.
+(with device and versions). Exit status 1 if a correctness check failed or a benchmark raised.
 """
 
 from __future__ import annotations
@@ -213,12 +213,14 @@ def check_case(c) -> tuple[bool, str]:
     return ok, " ".join(f"{n}={v:.1e}" for n, v in errs.items())
 
 
-def run_correctness(budget_s: float) -> bool:
+def run_correctness(budget_s: float) -> tuple[int, int, int]:
+    """(passed, failed, skipped) cases."""
     log(f"phase 1: correctness vs reference on {DEV} (budget {budget_s:.0f}s)")
-    all_ok, stop = True, time.monotonic() + budget_s
+    counts, stop = [0, 0, 0], time.monotonic() + budget_s
     for c in correctness_cases():
         if time.monotonic() > stop or left() < 60:
             log(f"  SKIP {c['name']}: time guard")
+            counts[2] += 1
             continue
         t0 = time.monotonic()
         try:
@@ -228,10 +230,10 @@ def run_correctness(budget_s: float) -> bool:
         except Exception as exc:  # keep going: the table is still worth having
             ok, msg = False, f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-        all_ok &= ok
+        counts[0 if ok else 1] += 1
         log(f"  {'PASS' if ok else 'FAIL'} {c['name']}: {msg} ({time.monotonic() - t0:.1f}s)")
         free()
-    return all_ok
+    return tuple(counts)
 
 
 # --------------------------------------------------------------------------------- phase 2: forward table
@@ -594,9 +596,9 @@ def main() -> int:
         return 2
     log(f"gpu_check: {environment()}, budget {ARGS.budget:.0f}s, tune={ARGS.tune}, dry_run={ARGS.dry_run}")
     torch.manual_seed(0)
-    rows, bwd_rows, tuned_ms, tuned, copy_bw, ok = [], [], {}, [], float("nan"), True
+    rows, bwd_rows, tuned_ms, tuned, copy_bw, checks, errors = [], [], {}, [], float("nan"), (0, 0, 0), 0
     try:
-        ok = run_correctness(budget_s=min(100.0, 0.4 * ARGS.budget))
+        checks = run_correctness(budget_s=min(100.0, 0.4 * ARGS.budget))
         copy_bw = copy_bandwidth()
         log(f"phase 2: forward table (copy bandwidth {copy_bw / 1e9:.0f} GB/s)")
         for s in bench_shapes():
@@ -604,7 +606,16 @@ def main() -> int:
                 log(f"  SKIP {label(s)}: time guard")
                 continue
             t0 = time.monotonic()
-            row = bench_forward(s, copy_bw)
+            try:
+                row = bench_forward(s, copy_bw)
+            except TimeUp:
+                raise
+            except Exception:
+                traceback.print_exc()
+                log(f"  {label(s)} failed (above); next configuration")
+                errors += 1
+                free()
+                continue
             rows.append(row)
             log(f"  {row['config']}: eager {row['eager_ms']:.3f} grouped_mm {row['grouped_mm_ms']:.3f} triton "
                 f"{row['triton_ms']:.3f} (atomic {row.get('triton_atomic_ms', float('nan')):.3f}) dense "
@@ -621,10 +632,17 @@ def main() -> int:
                 for r in rows:  # room for the training step
                     r.pop("_tensors", None)
                 free()
-                bwd_rows.append(bench_backward(s))
-                b = bwd_rows[-1]
-                log(f"  eager {b['eager_ms']:.3f} grouped_mm {b['grouped_mm_ms']:.3f} triton {b['triton_ms']:.3f} "
-                    f"ms; grads vs grouped_mm: {b['grad_errs_vs_grouped_mm']}")
+                try:
+                    bwd_rows.append(bench_backward(s))
+                    b = bwd_rows[-1]
+                    log(f"  eager {b['eager_ms']:.3f} grouped_mm {b['grouped_mm_ms']:.3f} triton "
+                        f"{b['triton_ms']:.3f} ms; grads vs grouped_mm: {b['grad_errs_vs_grouped_mm']}")
+                except TimeUp:
+                    raise
+                except Exception:
+                    traceback.print_exc()
+                    log("  forward+backward failed (above)")
+                    errors += 1
                 free()
         if ARGS.tune:
             log("phase 4: block-config sweep")
@@ -650,7 +668,7 @@ def main() -> int:
     except Exception:
         traceback.print_exc()
         log("run aborted by the error above: printing what was measured")
-        ok = False
+        errors += 1
     signal.alarm(0)
     if bwd_rows:
         print("\nForward + backward (bf16 SwiGLU, routing given; triton TFLOP/s counts 3x the forward FLOPs):")
@@ -663,11 +681,13 @@ def main() -> int:
         if "triton_atomic_ms" in r:
             print(f"  combine: {r['config']}: gather {fmt(r['triton_ms'])} ms, atomic {fmt(r['triton_atomic_ms'])} ms")
     write_csv(rows + bwd_rows)
-    print(f"\ncorrectness: {'PASS' if ok else 'FAIL'}; total {time.monotonic() - START:.0f}s")
+    status = "FAIL" if checks[1] else ("PASS" if checks[0] else "NOT RUN")
+    print(f"\ncorrectness: {status} ({checks[0]} passed, {checks[1]} failed, {checks[2]} skipped by the time guard); "
+          f"benchmark errors: {errors}; total {time.monotonic() - START:.0f}s")
     if rows:
         print_table(rows, tuned_ms, copy_bw)
     faulthandler.cancel_dump_traceback_later()
-    return 0 if ok else 1
+    return 1 if checks[1] or errors else 0
 
 
 if __name__ == "__main__":

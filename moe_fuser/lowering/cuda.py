@@ -11,7 +11,8 @@ the weights, which a stacked-weights model avoids), biases made contiguous; the 
 ``moe_fuser.kernels.tuning`` for (E, F, D, dtype, device, T) unless ``configs`` overrides it. The combine is
 ``"gather"`` (sorted rows, each token sums its K rows in slot order: deterministic, the default) or
 ``"atomic"`` (fp32 atomic adds into ``[T, D]``); ``torch.use_deterministic_algorithms(True)`` forces
-``"gather"``.
+``"gather"``. Inputs other than fp16, bf16 and fp32 (float64, for gradcheck) run the ATen lowering in both
+directions.
 
 Devices: CUDA tensors, or CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` in the
 environment before ``moe_fuser.kernels.triton_moe`` is first imported: that is how the CPU tests run it). The
@@ -34,6 +35,7 @@ from ..spec import ExpertSpec
 __all__ = ["TritonLowering"]
 
 COMBINES = ("gather", "atomic")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # tl.dot inputs with fp32 accumulation
 
 
 def _interpreting() -> bool:
@@ -41,6 +43,12 @@ def _interpreting() -> bool:
     if mod is not None:
         return mod.INTERPRET
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _aten():
+    """The ATen lowering, for dtypes the kernels do not take (float64: gradcheck); it keeps the same contract."""
+    from .cpu import CpuLowering
+    return CpuLowering()
 
 
 def _stacked(ws):
@@ -105,12 +113,17 @@ class TritonLowering:
         return (w1_, w2_, w3_, _bias(b1), _bias(b2), _bias(b3)), kw
 
     def forward(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
+        if x_TD.dtype not in DTYPES:
+            return _aten().forward(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec)
         ws, kw = self._setup(x_TD, topk_ids_TK.shape[0], w1, w2, w3, b1, b2, b3, spec)
         return self._k().experts_forward(x_TD, topk_weights_TK, topk_ids_TK, *ws, **kw)
 
     def backward(self, grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, order_N, w1, w2, w3, b1, b2, b3,
                  spec: ExpertSpec, needs_input_grad):
         need_x, need_weights, need_w = needs_input_grad
+        if x_TD.dtype not in DTYPES:
+            return _aten().backward(grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, order_N, w1, w2, w3, b1, b2,
+                                    b3, spec, needs_input_grad)
         ws, kw = self._setup(x_TD, topk_ids_TK.shape[0], w1, w2, w3, b1, b2, b3, spec)
         dx, dweights, *dws = self._k().experts_backward(
             grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, *ws, **kw, need_x=need_x,

@@ -202,3 +202,13 @@ def test_block_configs_are_data():
             tuning.validate_config({**tuning._nearest(tuning._load("default.json"), T), **table[T]})
     with pytest.raises(ValueError, match="BLOCK_M must be a power of two"):
         tuning.block_config(8, 64, 32, torch.float32, CPU, T=16, override={"BLOCK_M": 24})
+
+
+def test_float64_runs_the_aten_path_both_ways():
+    x, logits, kw = Case(T=9, D=8, F=12, E=3, k=2, dtype=torch.float64, bias=True).make(requires_grad=True)
+    out = moe_fuser.fused_moe(x, logits, **kw, impl="triton")
+    ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
+    assert rel_err(out, ref) < 1e-12
+    ins = leaves(x, logits, kw)
+    for i, (g, w) in enumerate(zip(torch.autograd.grad(out.sum(), ins), torch.autograd.grad(ref.sum(), ins))):
+        assert rel_err(g, w) < (1e-6 if i == 1 else 1e-10), i  # i == 1: logits, routed in fp32
