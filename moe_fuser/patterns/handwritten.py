@@ -315,13 +315,17 @@ def _dispatch(tok: fx.Node, slot: Optional[fx.Node], walk: _Walk) -> tuple[fx.No
     if is_op(tok, "getitem") and isinstance(tok.args[1], tuple) and len(tok.args[1]) == 2 \
             and tok.args[1][0] == slice(None) and is_op(tok.args[0], "nonzero"):
         nz = tok.args[0]
-        if slot is None or not (is_op(slot, "getitem") and slot.args[0] is nz and slot.args[1] == (slice(None), 1)
-                                and tok.args[1][1] == 0):
+        if tok.args[1][1] != 0 or (slot is not None and not (
+                is_op(slot, "getitem") and slot.args[0] is nz and slot.args[1] == (slice(None), 1))):
             raise _NoMatch(f"{tok.name} and {getattr(slot, 'name', None)} are not the columns of one nonzero")
         walk.take(tok)
-        walk.take(slot)
         walk.take(nz)
-        return _expert_of(nz.args[0], walk)
+        if slot is not None:
+            walk.take(slot)
+        ids, e = _expert_of(nz.args[0], walk)
+        if val(ids).dim() != (1 if slot is None else 2):
+            raise _NoMatch(f"{nz.name}: nonzero columns do not fit ids of rank {val(ids).dim()}")
+        return ids, e
     if not (is_op(tok, "getitem") and is_op(tok.args[0], "where", "nonzero") and isinstance(tok.args[1], int)):
         raise _NoMatch(f"the token index {tok.name} does not come from torch.where / nonzero")
     where = tok.args[0]
@@ -374,7 +378,7 @@ def _expert(write, walk: _Walk) -> _Expert:
     f, W, slot = _split_weight(y, walk, tok)
     ids, e = _dispatch(tok, slot, walk)
     x_e, params, act, glu = _ffn(f, e, walk)
-    x = _gather(x_e, tok, walk)
+    x = _gather(_skip_dropout(x_e, walk), tok, walk)
     return _Expert(e, x, ids, W, act, glu, params)
 
 

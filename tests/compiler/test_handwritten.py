@@ -1,0 +1,99 @@
+"""The hand-written loop family: every style it claims is fused (count asserted) and trains eager-equal at two
+token counts; departures it must not model are left alone and still eager-equal."""
+
+import pytest
+import torch
+
+from moe_models import (ACTS, COMBINES, FFNS, LOOPS, ROUTERS, TOL, LoopMoE, MixtralV4Block, Recorder, SeedSwitch,
+                        Variant, check_train_step)
+
+
+def _run(model, variant_dtype, shapes=((2, 5), (3, 7)), fused=1, inner="aot_eager", options=None, dynamic=True):
+    """Train-step equality at two token counts (one dynamic compile; the default dynamic=None path, static
+    then dynamic, is test_no_recompile_per_batch_size's)."""
+    model = model.to(variant_dtype)
+    rec = Recorder(inner)
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": rec, **(options or {})},
+                             dynamic=dynamic)
+    for B, S in shapes:
+        x = torch.randn(B, S, model_dim(model), dtype=variant_dtype)
+        check_train_step(model, compiled, x, TOL[variant_dtype])
+    assert rec.graphs, "the backend never saw a graph"
+    assert rec.num_fused == fused * len(rec.graphs), (rec.num_fused, len(rec.graphs))
+    return rec
+
+
+def model_dim(model):
+    return model.gate.in_features
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_routers_fuse(router):
+    _run(LoopMoE(Variant(router=router)), torch.float32)
+
+
+@pytest.mark.parametrize("loop,router", [(loop, "softmax_topk_renorm") for loop in LOOPS]
+                         + [("one_hot_210", "max_top1"), ("nonzero", "max_top1")])
+def test_dispatch_styles_fuse(loop, router):
+    _run(LoopMoE(Variant(loop=loop, router=router)), torch.float32)
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+def test_combine_styles_fuse(combine):
+    _run(LoopMoE(Variant(combine=combine)), torch.float32)
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_ffn_styles_with_bias_fuse(ffn):
+    _run(LoopMoE(Variant(ffn=ffn, bias=True, weight_first=True)), torch.float32)
+
+
+@pytest.mark.parametrize("act", [a for a in ACTS if a != "silu"])
+def test_activations_fuse(act):
+    _run(LoopMoE(Variant(act=act, ffn="swiglu" if act == "gelu" else "sequential")), torch.float32)
+
+
+def test_bf16_fuses_and_trains():
+    _run(LoopMoE(Variant(router="mixtral_f32", ffn="swiglu", loop="one_hot_210")), torch.bfloat16)
+
+
+def test_seed_switch_layer_keeps_aux_loss():
+    model = SeedSwitch()
+    rec = _run(model, torch.float32)
+    code = rec.graphs[0].code
+    assert "one_hot" in code and "index_add_" not in code     # the loss stays, the loop is gone
+
+
+def test_mixtral_v4_block():
+    _run(MixtralV4Block(), torch.float32)
+
+
+def test_inductor_end_to_end():
+    _run(LoopMoE(Variant(ffn="swiglu")), torch.float32, inner="inductor", shapes=((2, 5),))
+
+
+@pytest.mark.parametrize("twist", ["extra_scale", "skip_expert"])
+def test_unmodelled_departures_are_not_fused(twist):
+    _run(LoopMoE(Variant(twist=twist)), torch.float32, fused=0)
+
+
+def test_active_dropout_is_not_fused():
+    model = LoopMoE(Variant(twist="train_dropout"))
+    rec = Recorder()
+    out, _ = torch.compile(model, backend="moe_fuser", options={"inner": rec})(torch.randn(2, 5, 16))
+    assert rec.num_fused == 0 and out.shape == (2, 5, 16)
+    torch._dynamo.reset()
+    model.eval()
+    # In eval mode the dropout is an identity: fused. (Static shapes: with dynamic=True dynamo first traces the
+    # dropout probability as a graph input, then restarts and specialises it.)
+    _run(model, torch.float32, dynamic=None)
+
+
+def test_no_recompile_per_batch_size():
+    model = LoopMoE(Variant())
+    rec = Recorder()
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": rec})
+    for B in (2, 3, 4, 5, 6):
+        compiled(torch.randn(B, 3, 16))
+    assert len(rec.graphs) == 2          # the static first graph, then one dynamic graph
+    assert rec.num_fused == 2
