@@ -117,14 +117,14 @@ def train_step(model, compiled, ids: torch.Tensor) -> dict:
 
 
 def block_step(blk, compiled, x: torch.Tensor) -> dict:
-    """Forward + backward through a bare block (eager and compiled): relative errors of every floating output,
-    the input gradient and the worst parameter gradient."""
+    """Forward + backward through a bare block (eager and compiled): relative errors of the floating outputs
+    (nested ones too: the router logits a block returns for its losses), the input gradient and the worst
+    parameter gradient."""
     results = []
     for fn in (blk, compiled):
         blk.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
-        out = fn(xi)
-        outs = out if isinstance(out, tuple) else (out,)
+        outs = [o for o in torch.utils._pytree.tree_leaves(fn(xi)) if o.is_floating_point()]
         weight = torch.linspace(0.5, 1.5, outs[0].numel()).view_as(outs[0])
         loss = (outs[0].float() * weight).sum() + sum(o.float().pow(2).sum() for o in outs[1:])
         loss.backward()
@@ -132,6 +132,7 @@ def block_step(blk, compiled, x: torch.Tensor) -> dict:
         results.append((outs, xi.grad, grads))
     (o_ref, x_ref, g_ref), (o_got, x_got, g_got) = results
     assert g_ref.keys() == g_got.keys(), sorted(set(g_ref) ^ set(g_got))
+    assert len(o_got) == len(o_ref)
     return {"outputs": max(rel_err(a, b) for a, b in zip(o_got, o_ref)), "x_grad": rel_err(x_got, x_ref),
             "grads": max(rel_err(g_got[n], g_ref[n]) for n in g_ref)}
 
@@ -160,3 +161,35 @@ class FusedSpecs:
     @property
     def specs(self) -> list:
         return [s for g in self.per_graph for s in g]
+
+
+# ------------------------------------------------------------------------------------------- Switch Transformers
+def switch_config(**overrides):
+    c = dict(d_model=32, d_ff=48, num_experts=4, expert_capacity=3, num_layers=1, num_sparse_encoder_layers=1,
+             num_decoder_layers=0, vocab_size=64, num_heads=2, d_kv=16, router_jitter_noise=0.0, dropout_rate=0.0)
+    c.update(overrides)
+    return transformers.SwitchTransformersConfig(**c)
+
+
+def switch_v4_block(dtype: torch.dtype = torch.float32, **overrides):
+    """transformers' own SwitchTransformersSparseMLP (its Top1Router, its ModuleDict of DenseActDense experts)
+    running the sparse MLP forward as transformers 4 wrote it: ``next = x.clone()``, each expert overwrites its
+    tokens, ``out = router_probs * next``, so a token dropped by the capacity keeps its input, scaled."""
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    class SwitchV4SparseMLP(SwitchTransformersSparseMLP):
+        def forward(self, hidden_states):
+            router_mask, router_probs, router_logits = self.router(hidden_states)
+            next_states = hidden_states.clone()
+            for idx, expert in enumerate(self.experts.values()):
+                token_indices = router_mask[:, :, idx].bool()
+                next_states[token_indices] = expert(hidden_states[token_indices]).to(next_states.dtype)
+            hidden_states = router_probs * next_states
+            return hidden_states, (router_logits, router_mask.argmax(-1))
+
+    return randomize(SwitchV4SparseMLP(switch_config(**overrides))).to(dtype)
+
+
+def switch_v5_block(dtype: torch.dtype = torch.float32, **overrides):
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+    return randomize(SwitchTransformersSparseMLP(switch_config(**overrides))).to(dtype)
