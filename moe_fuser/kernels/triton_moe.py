@@ -9,8 +9,10 @@ experts in ascending order, each expert's pairs in pair order (a stable sort), t
 id outside [0, E)) last as group ``E``. A block is ``BLOCK_M`` consecutive sorted rows of one group; a table of
 ``B = N // BLOCK_M + E + 1`` blocks (an upper bound, so no host sync is needed to size any grid) holds for each
 block its group, first row and row count; unused entries have group -1 and their programs return at once.
+``_count_kernel`` and ``_scatter_kernel`` build it: one program per group scans all N ids (counts, then a
+stable counting sort by prefix sums), so the alignment costs O(G * N) cheap integer work in two launches.
 
-Forward, three launches after the alignment (2 launches):
+Forward, three launches after the alignment:
 1. ``_gate_up_kernel``: per (block, F slab), gathers the token rows of ``x`` straight into the A tile, multiplies
    by the expert's gate (and up) weights with fp32 accumulation, adds the biases, stores ``h`` (the first
    projection, which the op saves for backward) and ``a = act(gate) * up`` (or ``act(h)``). GLU layouts:
@@ -26,7 +28,9 @@ Backward (``experts_backward``), with ``g`` the routing weight and ``dy`` the ou
 2. ``dx``: ``_down_kernel`` again with A = ``dh`` and B = ``W1`` (two phases for separate ``w1``/``w3``), no
    scale, same combine.
 3. ``_wgrad_kernel``: per (expert, weight tile), a reduction over that expert's rows: ``dW2 = (g dy)^T a``,
-   ``dW1 = dh^T x`` (gathered rows), biases as the row sums of the left operand.
+   ``dW1 = dh^T x`` (gathered rows), biases as the row sums of the left operand. One program reduces all of an
+   expert's rows (no split-K): a heavily loaded expert's tiles take longest.
+No launcher synchronises with the host: every grid is sized from T, K, E, D, F alone.
 
 Numerics: fp32 accumulation everywhere; ``h``, ``a`` and the sorted rows are stored in the input dtype (like the
 ATen lowering); the activation is computed in fp32 from the rounded ``h`` so forward and backward agree. fp32
