@@ -58,7 +58,6 @@ Legend: T tokens, D model dim, F expert hidden dim, H = F or 2F, E experts, K to
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
@@ -76,6 +75,7 @@ FAMILY = "transformers"
 # Canonical op names of the plain activations transformers' ACT2FN produces in a dynamo graph.
 _PLAIN_ACTS = ("silu", "gelu", "relu")
 _CASTS = ("to", "float", "type", "bfloat16", "half")
+_ID_CASTS = _CASTS + ("int", "long")  # histc reads the sorted ids as float on CPU, as int32 on CUDA
 
 
 class _Miss(Exception):
@@ -107,11 +107,6 @@ def _shape(node) -> Optional[tuple]:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
-def _dtype(node) -> Optional[torch.dtype]:
-    v = fxg.val(node)
-    return v.dtype if isinstance(v, torch.Tensor) else None
-
-
 def _int(node, index: int, name: str, default=None):
     a = fxg.arg(node, index, name, default)
     return a if isinstance(a, int) and not isinstance(a, bool) else None
@@ -129,9 +124,9 @@ def _only_user(node: fx.Node, region: set, what: str) -> fx.Node:
     return users[0]
 
 
-def _strip_casts(node, region: set):
+def _strip_casts(node, region: set, casts: tuple = _CASTS):
     """Follow ``.to(dtype)``/``.float()`` casts up from ``node``, adding them to the region."""
-    while _is(node, *_CASTS) and isinstance(node.args[0], fx.Node):
+    while _is(node, *casts) and isinstance(node.args[0], fx.Node):
         region.add(node)
         node = node.args[0]
     return node
@@ -336,16 +331,12 @@ def _walk_grouped(ctx: MatchContext, offs: fx.Node) -> _Experts:
     region: set = {offs}
     _want(fxg.arg(offs, 1, "dim") == 0 and offs.kwargs.get("dtype") in (torch.int32, None),
           f"{offs.name}: offsets should be cumsum(tokens_per_expert, dim=0)")
-    hist = _expect(offs.args[0], ("histc", "bincount"), "histc(expert ids)")
+    hist = _expect(offs.args[0], ("histc",), "histc(expert ids)")
     region.add(hist)
-    if _is(hist, "histc"):
-        E = _int(hist, 1, "bins")
-        _want(E is not None and fxg.arg(hist, 2, "min") == 0 and fxg.arg(hist, 3, "max") == E - 1,
-              f"{hist.name}: expected histc(ids, bins=E, min=0, max=E-1)")
-    else:
-        E = _int(hist, 2, "minlength")
-        _want(E is not None, f"{hist.name}: bincount needs a constant minlength")
-    ids_g = _strip_casts(hist.args[0], region)
+    E = _int(hist, 1, "bins")
+    _want(E is not None and fxg.arg(hist, 2, "min") == 0 and fxg.arg(hist, 3, "max") == E - 1,
+          f"{hist.name}: expected histc(ids, bins=E, min=0, max=E-1)")
+    ids_g = _strip_casts(hist.args[0], region, _ID_CASTS)
     _want(_is(ids_g, "getitem") and ids_g.args[1] == 0 and _is(ids_g.args[0], "sort"),
           f"{hist.name}: the histogram should count sort(expert_ids).values")
     sort = ids_g.args[0]
@@ -411,6 +402,16 @@ def _picks_expert_weights(node) -> bool:
     """``W[expert_ids]`` with a stacked [E, ., .] ``W``: per-pair expert weights for a bmm."""
     return _is(node, "getitem") and isinstance(node.args[1], fx.Node) and _shape(node.args[0]) is not None \
         and len(_shape(node.args[0])) == 3
+
+
+def _is_up_projection(bmm: fx.Node) -> bool:
+    """``bmm(W[ids], xs.unsqueeze(-1))`` or ``bmm(xs.unsqueeze(1), W[ids])`` with ``xs`` repeated per slot."""
+    if sum(_picks_expert_weights(a) for a in bmm.args[:2]) != 1:
+        return False
+    vec = bmm.args[1] if _picks_expert_weights(bmm.args[0]) else bmm.args[0]
+    if not _is(vec, "unsqueeze"):
+        return False
+    return _is(_strip_casts(vec.args[0], set()), "repeat_interleave")
 
 
 def _walk_batched(ctx: MatchContext, bmm1: fx.Node) -> _Experts:
@@ -566,10 +567,6 @@ def match_shared_expert(routed: fx.Node, x: fx.Node, region: set) -> Optional[_S
 
 
 # ------------------------------------------------------------------------------------------- building a match
-def _module_path(*nodes: fx.Node) -> str:
-    return fxg.common_prefix(fxg.module_path(n) for n in nodes if n is not None)
-
-
 def _block_path(anchor: fx.Node, router_nodes: Iterable[fx.Node]) -> str:
     """The MoE block's module path: the common prefix of the experts and the router ("model.layers.0.mlp")."""
     paths = [fxg.module_path(anchor)] + [fxg.module_path(n) for n in router_nodes]
@@ -652,16 +649,11 @@ def find_grouped_mm(ctx: MatchContext):
 
 def find_batched_mm(ctx: MatchContext):
     """Each ``bmm`` of per-pair expert weights (``W[expert_ids]``) feeding a gate is a candidate up projection."""
-    downs = set()
     for bmm in ctx.nodes_of("bmm"):
-        if bmm in downs or bmm in ctx.claimed:
-            continue
-        if sum(_picks_expert_weights(a) for a in bmm.args[:2]) != 1:
+        if bmm in ctx.claimed or not _is_up_projection(bmm):
             continue
         try:
-            ex = _walk_batched(ctx, bmm)
-            downs.update(n for n in ex.region if _is(n, "bmm"))
-            yield _to_match(ctx, ex, "transformers.batched_mm")
+            yield _to_match(ctx, _walk_batched(ctx, bmm), "transformers.batched_mm")
         except _Miss as e:
             yield Rejection(FAMILY, "transformers.batched_mm", str(e), fxg.module_path(bmm).rpartition(".")[0])
 
