@@ -216,6 +216,9 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
         for item in found:
             if isinstance(item, Rejection):
                 result.rejections.append(item)
+                counters["rejected"] += 1
+                log.info("moe_fuser: not fusing %s (%s): %s", item.module_path or "<unnamed>", item.pattern,
+                         item.reason)
                 continue
             if not isinstance(item, Match):
                 raise TypeError(f"pattern {pattern.name} yielded {type(item).__name__}; yield Match or Rejection")

@@ -1,0 +1,82 @@
+"""explain(): the report's fields, its table, its drawing, and the moe_fuser logger."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moe_fuser
+from moe_models import LoopMoE, MixtralV4Block, Variant
+
+
+class TwoLayers(nn.Module):
+    """A fusable Mixtral-v4 block in ``layers.0`` and an unfusable one (an extra scale) in ``layers.1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([MixtralV4Block(hidden=16, ffn=24, num_experts=4, top_k=2),
+                                     LoopMoE(Variant(twist="extra_scale"))])
+
+    def forward(self, x):
+        h, _ = self.layers[0](x)
+        h, aux = self.layers[1](x + h)
+        return h, aux
+
+
+def test_report_fields_and_table():
+    report = moe_fuser.explain(TwoLayers(), torch.randn(2, 3, 16))
+    assert report.num_fused == 1 and report.num_graphs == 1
+    row = report.fused[0]
+    assert (row.module_path, row.family, row.router, row.num_experts, row.top_k, row.activation, row.dtype,
+            row.lowering) == ("layers.0", "handwritten", "softmax-topk+renorm", 4, 2, "silu-glu", "float32", "cpu")
+    assert [(r.module_path, r.pattern) for r in report.rejected] == [("layers.1", "handwritten.loop")]
+    assert "routing weight" in report.rejected[0].reason          # y * w * 2.0: the * 2.0 is not modelled
+    text = str(report)
+    for word in ("1 MoE fused", "layers.0", "softmax-topk+renorm", "silu-glu", "rejected", "layers.1"):
+        assert word in text
+    gm = report.graphs[0]
+    assert isinstance(gm, torch.fx.GraphModule)
+    assert sum(1 for n in gm.graph.nodes if hasattr(n.target, "spec")) == 1
+
+
+def test_external_router_is_noted():
+    report = moe_fuser.explain(LoopMoE(Variant(router="external")), torch.randn(2, 3, 16))
+    assert report.fused[0].router == "external"
+    assert any("router kept as written" in n for n in report.fused[0].notes)
+    assert "router kept as written" in str(report)
+
+
+def test_explain_logs_on_the_moe_fuser_logger(caplog):
+    with caplog.at_level(logging.INFO, logger="moe_fuser"):
+        moe_fuser.explain(TwoLayers(), torch.randn(2, 3, 16))
+    messages = [r.getMessage() for r in caplog.records if r.name == "moe_fuser"]
+    assert any("fused layers.0" in m for m in messages)
+    assert any("not fusing layers.1" in m for m in messages)
+
+
+def test_explain_leaves_a_compiled_model_alone():
+    model = LoopMoE(Variant())
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": "eager"})
+    x = torch.randn(2, 3, 16)
+    before = compiled(x)[0]
+    moe_fuser.explain(model, x)
+    assert torch.equal(compiled(x)[0], before)
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
+@pytest.mark.parametrize("suffix, magic", [(".svg", b"<svg"), (".png", b"\x89PNG")])
+def test_draw_renders_before_and_after(tmp_path, suffix, magic):
+    report = moe_fuser.explain(TwoLayers(), torch.randn(2, 3, 16))
+    path = report.draw(tmp_path / f"moe{suffix}")
+    data = path.read_bytes()
+    assert magic in data[:400]
+    dot = report.to_dot()
+    assert "layers.0: before" in dot and "layers.0: after" in dot and "moe_fuser_fused_moe_0" in dot
+
+
+def test_draw_without_fusion_says_why():
+    report = moe_fuser.explain(LoopMoE(Variant(twist="skip_expert")), torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match="nothing was fused"):
+        report.draw("unused.svg")
