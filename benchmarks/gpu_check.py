@@ -541,7 +541,7 @@ def target(ok: bool) -> str:
 
 
 def print_table(rows, tuned_ms, copy_bw) -> None:
-    head = ["config", "eager ms", "grouped_mm ms", "triton ms", "tuned ms", "dense mm ms", "x eager",
+    head = ["config", "eager ms", "grouped_mm ms", "triton ms", "tuned ms", "dense mm ms", "x eager (ceiling)",
             "x grouped_mm", "TFLOP/s", "% dense mm", "HBM floor ms", "% HBM", "err vs eager", "targets"]
     lines = []
     for r in rows:
@@ -552,14 +552,16 @@ def print_table(rows, tuned_ms, copy_bw) -> None:
         else:
             goals.append(f">=70% HBM {target(r['pct_hbm'] >= 70)}")
         lines.append([r["config"], fmt(r["eager_ms"]), fmt(r["grouped_mm_ms"]), fmt(r["triton_ms"]),
-                      fmt(tuned_ms.get(r["config"])), fmt(r["dense_mm_ms"]), fmt(r["x_eager"], ".2f"),
+                      fmt(tuned_ms.get(r["config"])), fmt(r["dense_mm_ms"]),
+                      fmt(r["x_eager"], ".2f") + f" ({fmt(r['eager_ms'] / r['dense_mm_ms'], '.1f')})",
                       fmt(r["x_grouped_mm"], ".2f"), fmt(r["tflops_triton"], ".1f") + f" / {r['tflops_dense']:.1f}",
                       fmt(r["pct_dense"], ".0f"),
                       fmt(r["hbm_ms"]), fmt(r["pct_hbm"], ".0f"), fmt(r["err_vs_eager"], ".1e"), "; ".join(goals)])
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     print()
     print(f"Forward, bf16 SwiGLU, routing given; medians; copy bandwidth {copy_bw / 1e9:.0f} GB/s; "
-          f"TFLOP/s = triton / dense mm; {environment()}")
+          f"TFLOP/s = triton / dense mm; x eager ceiling = eager / dense mm (the speed-up at dense-matmul speed); "
+          f"{environment()}")
     print(" | ".join(h.ljust(w) for h, w in zip(head, widths)))
     print("-+-".join("-" * w for w in widths))
     for l in lines:
