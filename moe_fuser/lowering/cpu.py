@@ -162,7 +162,8 @@ class _Grouping:
         """Per expert a_e^T @ b_e, shaped like the weight ``like`` (stacked [E, A, B] or a list)."""
         if self.padded:
             return torch.bmm(a_rows.transpose(1, 2), b_rows)
-        out = torch.empty_like(like) if isinstance(like, torch.Tensor) else [torch.empty_like(w) for w in like]
+        # Contiguous like the op's fake kernel, also for a transposed-view weight (GPT-OSS layout).
+        out = like.new_empty(like.shape) if isinstance(like, torch.Tensor) else [w.new_empty(w.shape) for w in like]
         a_e, b_e = a_rows.split(self.counts), b_rows.split(self.counts)
         for e in range(self.E):
             if self.counts[e]:

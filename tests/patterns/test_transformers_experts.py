@@ -141,3 +141,13 @@ def test_explain_reports_each_family():
                                                           "transformers.grouped_mm")
     assert (row.num_experts, row.top_k) == (8, 2)
     assert row.router.startswith("sigmoid-topk(groups 2/4)")
+
+
+def test_transposed_weights_train_under_inductor():
+    """GPT-OSS's transposed [E, in, out] expert weights reach the op as views; inductor (which checks the op's
+    fake strides against the real ones) compiles forward and backward, eager-equal."""
+    blk = block("gpt_oss", F32, "grouped_mm")
+    rec = FusedSpecs(inner="inductor")
+    errs = block_step(blk, _compile(blk, rec), torch.randn(2, 5, 32))
+    assert max(errs.values()) <= TOL[F32], errs
+    _assert_fused(rec, expected_spec("gpt_oss"))
