@@ -1,0 +1,117 @@
+"""Router recognition on dynamo graphs: each router style maps to the RouterSpec whose routing equals it, and
+anything else becomes an external router (never a wrong spec)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_fuser.ops.routing import route
+from moe_fuser.patterns.routers import recognise_router
+
+E = 8
+
+
+def r_seed(x, w, b):
+    p = F.linear(x, w).float().softmax(-1)
+    v, i = p.topk(2, -1)
+    return v / v.sum(-1, keepdim=True), i
+
+
+def r_mixtral_inplace(x, w, b):
+    p = F.softmax(F.linear(x, w), dim=1, dtype=torch.float)
+    v, i = torch.topk(p, 2, dim=-1)
+    v /= v.sum(dim=-1, keepdim=True)
+    return v.to(x.dtype), i
+
+
+def r_no_renorm(x, w, b):
+    return torch.topk(F.linear(x, w).softmax(-1), 3, dim=-1)
+
+
+def r_topk_softmax(x, w, b):
+    v, i = torch.topk(F.linear(x, w), 2, dim=-1)
+    return F.softmax(v, dim=1, dtype=v.dtype), i
+
+
+def r_max(x, w, b):
+    v, i = F.linear(x, w).softmax(-1).max(dim=-1)
+    return v, i
+
+
+def r_deepseek(x, w, b):
+    scores = F.linear(x.float(), w.float()).sigmoid()
+    sel = scores + b.unsqueeze(0)
+    group_scores = sel.view(-1, 4, 2).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=2, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, 4, 2).reshape(-1, E)
+    sel = sel.masked_fill(~score_mask.bool(), float("-inf"))
+    ids = torch.topk(sel, k=3, dim=-1, sorted=False)[1]
+    wts = scores.gather(1, ids)
+    return wts / (wts.sum(dim=-1, keepdim=True) + 1e-20) * 2.5, ids
+
+
+def r_sigmoid_weights(x, w, b):                       # sigmoid of the top-k logits: not a modelled router
+    v, i = torch.topk(F.linear(x, w), 2, dim=-1)
+    return torch.sigmoid(v), i
+
+
+def r_masked_zero(x, w, b):                           # masks with 0.0 instead of -inf: not modelled
+    scores = F.linear(x, w).sigmoid()
+    keep = scores > 0.1
+    ids = torch.topk(scores.masked_fill(~keep, 0.0), 2, dim=-1)[1]
+    return scores.gather(1, ids), ids
+
+
+def r_inplace_surprise(x, w, b):                      # an in-place update after the top-k the walk cannot see
+    v, i = torch.topk(F.linear(x, w).softmax(-1), 2, dim=-1)
+    v.mul_(3.0)
+    return v, i
+
+
+CASES = [
+    (r_seed, dict(renormalize=True, dtype=torch.float32), True),
+    (r_mixtral_inplace, dict(renormalize=True, dtype=torch.float32), True),
+    (r_no_renorm, dict(renormalize=False, dtype=torch.float32), True),
+    (r_topk_softmax, dict(topk_first=True, renormalize=False), True),
+    (r_max, dict(top_k=1, renormalize=False), True),
+    (r_deepseek, dict(scoring="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum",
+                      selection_bias=True, scaling_factor=2.5, renormalize=True), True),
+    (r_sigmoid_weights, {}, False),
+    (r_masked_zero, {}, False),
+    (r_inplace_surprise, {}, False),
+]
+
+
+def _recognise(fn, args):
+    found = []
+
+    def backend(gm, example_inputs):
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        found.append(recognise_router(out[0], out[1]))
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return found[0]
+
+
+@pytest.mark.parametrize("fn, expect, recognised", CASES, ids=[c[0].__name__ for c in CASES])
+def test_router_recognition(fn, expect, recognised):
+    torch._dynamo.reset()
+    x, w, b = torch.randn(12, 16), torch.randn(E, 16), torch.randn(E) * 0.1
+    rm = _recognise(fn, (x, w, b))
+    assert rm.external is not recognised, rm.reason
+    if not recognised:
+        assert rm.reason and not rm.nodes
+        return
+    for key, value in expect.items():
+        assert getattr(rm.spec, key) == value, (key, rm.spec)
+    # the spec routes exactly like the code it was recognised from
+    logits = F.linear(x.float() if rm.spec.scoring == "sigmoid" else x, w)
+    want_w, want_ids = fn(x, w, b)
+    got_w, got_ids = route(logits, rm.spec, b if rm.spec.selection_bias else None)
+    want_ids = want_ids.view(12, -1)
+    order_w, order_g = want_ids.sort(-1).indices, got_ids.sort(-1).indices
+    assert torch.equal(want_ids.gather(1, order_w), got_ids.gather(1, order_g))
+    torch.testing.assert_close(want_w.view(12, -1).float().gather(1, order_w), got_w.gather(1, order_g))
