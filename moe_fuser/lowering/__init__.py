@@ -10,8 +10,13 @@ are imported lazily, so a CPU-only install imports cleanly. ``select(impl, devic
 - ``"reference"`` is not a lowering: ``fused_moe`` runs the plain-PyTorch oracle without the custom op.
 
 The contract every lowering keeps (``ExpertsLowering``): ``forward`` returns ``(out_TD, h_NH, order_N)`` where
-``order_N`` is the stable argsort of the flattened expert ids (dropped slots, id -1, last) and ``h_NH`` the first
-projection's output in that order, saved for backward; ``backward`` returns the gradients in the op's order.
+``order_N`` is the stable argsort of the flattened expert ids (dropped slots, id -1, last) and ``h_NH`` (shape
+``[T*K, H]``, the input's dtype) holds the first projection's output in that order, saved for backward; the
+layout of its columns (or storage) is private to the lowering, since only its own ``backward`` reads it.
+``backward`` returns the gradients in the op's order.
+
+Lowerings: ``cpu`` (``cpu.py``, ATen, any device), ``triton`` (``cuda.py``, Triton kernels in
+``moe_fuser.kernels``), ``npu`` (``npu.py``, torch_npu's fused MoE ops).
 """
 
 from __future__ import annotations
