@@ -24,7 +24,9 @@ holds the gate block then the up block, ``[2, N, F]``, so each half stays contig
 Backward rebuilds the same grouping, recomputes the activation from ``h`` (elementwise), and runs
 ``dA = dy @ W2``, routing-weight grads as ``rowsum(dA * a) (+ dy . b2)`` (so ``y`` is never kept),
 the activation's backward, ``dx``, ``dW1``/``dW3``, ``dW2`` and bias grads as grouped GEMMs and segment sums.
-Weight grads are allocated empty and written by the GEMMs (idle experts zeroed), never zero-filled first.
+Weight grads are allocated empty and written by the GEMMs (idle experts zeroed), never zero-filled first, and
+every large fresh buffer is advised for transparent huge pages (``_advise_huge_pages``): on CPU, first-touch page
+faults of fresh stacked weight gradients otherwise cost more than the elementwise work of the whole layer.
 
 Legend: T tokens, D model dim, F expert hidden dim, H = F (plain) or 2F (gated), E experts, K top-k,
 N = T*K pairs, n kept pairs, C rows per expert in the padded layout, X any feature dim.
@@ -32,6 +34,8 @@ N = T*K pairs, n kept pairs, C rows per expert in the padded layout, X any featu
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from typing import Optional
 
 import torch
@@ -41,6 +45,15 @@ from ..ops.activations import (act_fn, expert_activation, expert_activation_back
 from ..spec import ExpertSpec
 
 __all__ = ["CpuLowering", "sort_by_expert"]
+
+_HUGE = 1 << 21
+_MADV_HUGEPAGE = 14
+try:  # Linux: transparent huge pages for large fresh buffers (see _advise_huge_pages)
+    _MADVISE = ctypes.CDLL(None, use_errno=True).madvise if sys.platform.startswith("linux") else None
+    if _MADVISE is not None:
+        _MADVISE.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):
+    _MADVISE = None
 
 # Padded (bmm) layout: only when the mean rows per expert is at most this (larger groups run as well as
 # separate mm calls, which skip the padding) ...
@@ -57,6 +70,30 @@ def sort_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
     order_N = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
     return order_N, counts
+
+
+def _advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """Ask the kernel to back a fresh (not yet touched) CPU buffer with transparent huge pages.
+
+    A fresh allocation of more than a few MB comes straight from mmap, and its first write faults once per 4 KB
+    page: for the stacked weight gradients of one training step (e.g. 3 x 58 MB) that is ~45k faults, ~20 ms of
+    kernel time per 58 MB here. With ``MADV_HUGEPAGE`` it is one fault per 2 MB (3.4 ms instead of 23 ms for
+    58 MB). Only the 2 MB-aligned interior of the buffer is advised; nothing else about it changes. A no-op
+    where madvise is unavailable.
+    """
+    if _MADVISE is None or t.device.type != "cpu":
+        return t
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo, hi = (start + _HUGE - 1) & ~(_HUGE - 1), end & ~(_HUGE - 1)
+    if hi - lo >= 2 * _HUGE:
+        _MADVISE(lo, hi - lo, _MADV_HUGEPAGE)
+    return t
+
+
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """A contiguous uninitialised buffer of ``like``'s dtype and device, advised for huge pages."""
+    return _advise_huge_pages(torch.empty(shape, dtype=like.dtype, device=like.device))
 
 
 def _is_stacked(*ws) -> bool:
@@ -102,14 +139,14 @@ class _Grouping:
 
     # -- moving rows in and out --------------------------------------------------------------------------
     def gather(self, src_TX: torch.Tensor) -> torch.Tensor:
-        rows = src_TX.index_select(0, self.tok_n)
+        rows = torch.index_select(src_TX, 0, self.tok_n, out=_empty((self.n, src_TX.shape[1]), src_TX))
         return self.from_sorted(rows)
 
     def from_sorted(self, rows_nX: torch.Tensor) -> torch.Tensor:
         if not self.padded:
             return rows_nX
         X = rows_nX.shape[-1]
-        out = rows_nX.new_zeros(self.E * self.C, X).index_copy_(0, self.prow_n, rows_nX)
+        out = _empty((self.E * self.C, X), rows_nX).zero_().index_copy_(0, self.prow_n, rows_nX)
         return out.view(self.E, self.C, X)
 
     def to_sorted(self, rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -135,12 +172,16 @@ class _Grouping:
         """rows_e @ ws[e] (+ bias[e]) per expert; ws are per-expert [in, out] matrices. ``save_to`` ([n, out],
         sorted order) also receives the result."""
         if self.padded:
-            out = torch.bmm(rows, ws) if bias is None else torch.baddbmm(bias.unsqueeze(1), rows, ws)
+            out = _empty((self.E, self.C, ws.shape[-1]), rows)
+            if bias is None:
+                torch.bmm(rows, ws, out=out)
+            else:
+                torch.baddbmm(bias.unsqueeze(1), rows, ws, out=out)
             if save_to is not None:
                 self.to_sorted(out, out=save_to)
             return out
         X = ws[0].shape[-1]
-        out = save_to if save_to is not None else rows.new_empty(self.n, X)
+        out = save_to if save_to is not None else _empty((self.n, X), rows)
         rows_e, out_e = rows.split(self.counts), out.split(self.counts)
         for e in self.active:
             if bias is None:
@@ -160,10 +201,10 @@ class _Grouping:
 
     def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, like):
         """Per expert a_e^T @ b_e, shaped like the weight ``like`` (stacked [E, A, B] or a list)."""
-        if self.padded:
-            return torch.bmm(a_rows.transpose(1, 2), b_rows)
         # Contiguous like the op's fake kernel, also for a transposed-view weight (GPT-OSS layout).
-        out = like.new_empty(like.shape) if isinstance(like, torch.Tensor) else [w.new_empty(w.shape) for w in like]
+        if self.padded:
+            return torch.bmm(a_rows.transpose(1, 2), b_rows, out=_empty(like.shape, like))
+        out = _empty(like.shape, like) if isinstance(like, torch.Tensor) else [_empty(w.shape, w) for w in like]
         a_e, b_e = a_rows.split(self.counts), b_rows.split(self.counts)
         for e in range(self.E):
             if self.counts[e]:
@@ -217,7 +258,7 @@ class CpuLowering:
         n = G.n
         xs = G.gather(x_TD)
 
-        h_NH = x_TD.new_empty(T * K, 2 * F_ if spec.gated else F_)
+        h_NH = _empty((T * K, 2 * F_ if spec.gated else F_), x_TD)
         saved = _saved_halves(h_NH, spec)
         if spec.glu == "separate":
             parts = (G.mm(xs, _transposed(w1), b1, save_to=saved[0][:n]),
