@@ -100,6 +100,7 @@ def test_pattern_family_switch():
     ({"patterns": {"no_such_family": False}}, "unknown families/patterns"),
     ({"patterns": ["handwritten"]}, "must map family or pattern names"),
     ({"impl": "triton"}, "cannot run on device cpu"),
+    ({"inner": "npu"}, "needs torch_npu"),
 ])
 def test_bad_options_fail_loudly(options, message):
     model = LoopMoE(Variant())
