@@ -8,7 +8,7 @@ import torch
 
 from moe_models import ACTS, COMBINES, FFNS, LOOPS, ROUTERS, TOL, LoopMoE, Recorder, Variant, check_train_step
 
-NUM_CASES = 16
+NUM_CASES = 24
 
 
 def _variant(seed: int) -> Variant:
