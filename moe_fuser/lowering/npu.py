@@ -390,7 +390,8 @@ def _ranges(counts: list[int]):
 def _zeros_like(ws):
     if ws is None:
         return None
-    return torch.zeros_like(ws) if isinstance(ws, torch.Tensor) else [torch.zeros_like(w) for w in ws]
+    # contiguous, as the op's fake kernel declares, also for transposed-view weights (GPT-OSS layout)
+    return ws.new_zeros(ws.shape) if isinstance(ws, torch.Tensor) else [w.new_zeros(w.shape) for w in ws]
 
 
 def _weight_grads(xs_ND, a_NF, dy_ND, dh_NH, counts: list[int], w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
