@@ -42,7 +42,10 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec) -> 
         gate = gate.clamp(max=spec.limit)
         up = up.clamp(min=-spec.limit, max=spec.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * spec.alpha))
-    return act_fn(spec.activation, gate) * up
+    a = act_fn(spec.activation, gate)
+    if torch.is_grad_enabled() and (a.requires_grad or up.requires_grad):
+        return a * up
+    return a.mul_(up)          # no autograd here (e.g. inside the custom op): one [N, F] buffer, not two
 
 
 def expert_activation(h_NH: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
