@@ -137,6 +137,29 @@ class _Grouping:
             self.ptok.index_copy_(0, self.prow_n, self.tok_n)
         self.active = [e for e, c in enumerate(counts) if c]
 
+    def chunks(self, max_rows: int):
+        """Ragged sub-groupings of consecutive experts holding at most ``max_rows`` rows each (at least one
+        expert), for streaming a forward that keeps nothing for backward."""
+        start, first, rows = 0, 0, 0
+        for e in range(self.E + 1):
+            if e == self.E or (rows and rows + self.counts[e] > max_rows):
+                if rows:
+                    yield self._sub(first, e, start, rows)
+                start, first, rows = start + rows, e, 0
+            if e < self.E:
+                rows += self.counts[e]
+
+    def _sub(self, first: int, last: int, start: int, rows: int) -> "_Grouping":
+        sub = object.__new__(_Grouping)
+        sub.T, sub.E, sub.padded = self.T, self.E, False
+        sub.counts = [c if first <= e < last else 0 for e, c in enumerate(self.counts)]
+        sub.n = rows
+        sub.order_n = self.order_n[start:start + rows]
+        sub.tok_n = self.tok_n[start:start + rows]
+        sub.expert_n = self.expert_n[start:start + rows]
+        sub.active = [e for e in self.active if first <= e < last]
+        return sub
+
     # -- moving rows in and out --------------------------------------------------------------------------
     def gather(self, src_TX: torch.Tensor) -> torch.Tensor:
         rows = torch.index_select(src_TX, 0, self.tok_n, out=_empty((self.n, src_TX.shape[1]), src_TX))
@@ -159,10 +182,11 @@ class _Grouping:
         """A per-pair scalar broadcastable against rows (zero on padding rows)."""
         return self.from_sorted(values_n.unsqueeze(1)) if self.padded else values_n.unsqueeze(1)
 
-    def scatter_add(self, rows_D: torch.Tensor) -> torch.Tensor:
-        """sum of each token's rows -> [T, D]. Padding rows are exact zeros (their routing weight is 0), so adding
-        them to token 0 changes nothing."""
-        out = rows_D.new_zeros(self.T, rows_D.shape[-1])
+    def scatter_add(self, rows_D: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """sum of each token's rows -> [T, D] (added into ``out`` when given). Padding rows are exact zeros (their
+        routing weight is 0), so adding them to token 0 changes nothing."""
+        if out is None:
+            out = rows_D.new_zeros(self.T, rows_D.shape[-1])
         if self.padded:
             return out.index_add_(0, self.ptok, rows_D.view(self.E * self.C, -1))
         return out.index_add_(0, self.tok_n, rows_D)
@@ -244,6 +268,31 @@ def _activate(parts, spec: ExpertSpec) -> torch.Tensor:
     return expert_activation(parts[0], spec) if spec.gated else act_fn(spec.activation, parts[0])
 
 
+def _ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec, saved=None, out=None):
+    """The experts on G's rows: gather, first projection (also written to ``saved`` halves when given),
+    activation, routing weight (folded into the smaller operand), second projection, combine -> [T, D]
+    (added into ``out`` when given)."""
+    D = x_TD.shape[1]
+    F_ = w2[0].shape[-1]
+    xs = G.gather(x_TD)
+    n = G.n
+    save = (None, None) if saved is None else tuple(h[:n] for h in saved)
+    parts = (G.mm(xs, _transposed(w1), b1, save_to=save[0]),)
+    if spec.glu == "separate":
+        parts += (G.mm(xs, _transposed(w3), b3, save_to=save[1]),)
+    del xs
+    a = _activate(parts, spec)
+    del parts
+    g = G.column(topk_weights_TK.flatten()[G.order_n].to(x_TD.dtype))
+    fold_into_a = F_ <= D and b2 is None
+    if fold_into_a:
+        a.mul_(g)
+    y = G.mm(a, _transposed(w2), b2)
+    if not fold_into_a:
+        y.mul_(g)
+    return G.scatter_add(y, out)
+
+
 class CpuLowering:
     name = "cpu"
 
@@ -252,31 +301,26 @@ class CpuLowering:
 
     def forward(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
         T, K = topk_ids_TK.shape
-        D = x_TD.shape[1]
         F_ = w2[0].shape[-1]
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3))
-        n = G.n
-        xs = G.gather(x_TD)
-
         h_NH = _empty((T * K, 2 * F_ if spec.gated else F_), x_TD)
         saved = _saved_halves(h_NH, spec)
-        if spec.glu == "separate":
-            parts = (G.mm(xs, _transposed(w1), b1, save_to=saved[0][:n]),
-                     G.mm(xs, _transposed(w3), b3, save_to=saved[1][:n]))
-        else:
-            parts = (G.mm(xs, _transposed(w1), b1, save_to=saved[0][:n]),)
-        for s in saved:
-            s[n:].zero_()
-        a = _activate(parts, spec)
+        for h in saved:
+            h[G.n:].zero_()
+        out_TD = _ffn(G, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec, saved=saved)
+        return out_TD, h_NH, G.order_N
 
-        g = G.column(topk_weights_TK.flatten()[G.order_n].to(x_TD.dtype))
-        fold_into_a = F_ <= D and b2 is None
-        if fold_into_a:
-            a.mul_(g)
-        y = G.mm(a, _transposed(w2), b2)
-        if not fold_into_a:
-            y.mul_(g)
-        return G.scatter_add(y), h_NH, G.order_N
+    def forward_inference(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
+        """Forward that keeps nothing for backward. The ragged layout streams groups of experts of at most the
+        largest expert's rows, so temporaries stay near one expert's (the eager loop's peak) instead of all
+        T*K rows; the padded layout (tiny experts: one bmm for all) runs whole."""
+        G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3))
+        if G.padded or len(G.active) <= 1:
+            return _ffn(G, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec)
+        out_TD = x_TD.new_zeros(x_TD.shape)
+        for sub in G.chunks(max(G.counts)):
+            _ffn(sub, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec, out=out_TD)
+        return out_TD
 
     def backward(self, grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, order_N, w1, w2, w3, b1, b2, b3,
                  spec: ExpertSpec, needs_input_grad):

@@ -12,6 +12,8 @@ configuration travels as scalar arguments (from ``ExpertSpec``), and ``impl`` na
 (``moe_fuser.lowering``) that runs both directions.
 
 Outputs: ``out [T, D]`` plus ``h [T*K, H]`` and ``order [T*K]`` saved for backward (see ``moe_fuser.lowering``).
+With ``save=False`` (no gradient can flow: the wrapper decides) ``h`` and ``order`` are empty and the lowering's
+``forward_inference`` (if it has one) runs instead, keeping less alive.
 """
 
 from __future__ import annotations
@@ -58,22 +60,29 @@ def _grouped_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: t
                         w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
                         b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
                         num_experts: int, activation: str, glu: str, alpha: float, limit: float,
-                        impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        impl: str, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
     low = lowering.select(impl, x.device)
-    return low.forward(x, topk_weights, topk_ids, *_unpack_all(w1, w2, w3, b1, b2, b3), spec)
+    weights = _unpack_all(w1, w2, w3, b1, b2, b3)
+    if save:
+        return low.forward(x, topk_weights, topk_ids, *weights, spec)
+    infer = getattr(low, "forward_inference", None)
+    out = infer(x, topk_weights, topk_ids, *weights, spec) if infer else \
+        low.forward(x, topk_weights, topk_ids, *weights, spec)[0]
+    return out, x.new_empty((0, _hidden_width(w2, glu))), topk_ids.new_empty((0,), dtype=torch.int64)
 
 
-def _hidden_width(w1: list[torch.Tensor]) -> int:
-    return w1[0].shape[-2]
+def _hidden_width(w2: list[torch.Tensor], glu: str) -> int:
+    F_ = w2[0].shape[-1]
+    return 2 * F_ if glu else F_
 
 
 @_grouped_experts_op.register_fake
-def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl):
+def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl, save):
     T, K = topk_ids.shape
-    F_ = w2[0].shape[-1]
-    H = 2 * F_ if glu else F_
-    return (x.new_empty(x.shape), x.new_empty((T * K, H)), topk_ids.new_empty((T * K,), dtype=torch.int64))
+    N = T * K if save else 0
+    return (x.new_empty(x.shape), x.new_empty((N, _hidden_width(w2, glu))),
+            topk_ids.new_empty((N,), dtype=torch.int64))
 
 
 @torch.library.custom_op("moe_fuser::grouped_experts_backward", mutates_args=())
@@ -113,11 +122,13 @@ _WEIGHT_ARGS = ("w1", "w2", "w3", "b1", "b2", "b3")
 
 
 def _setup_context(ctx, inputs, output):
-    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl) = inputs
+    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl,
+     save) = inputs
     _, h, order = output
     ctx.save_for_backward(x, topk_weights, topk_ids, h, order, *w1, *w2, *w3, *b1, *b2, *b3)
     ctx.lengths = [len(w) for w in (w1, w2, w3, b1, b2, b3)]
     ctx.config = (num_experts, activation, glu, alpha, limit, impl)
+    ctx.saved_h = save
 
 
 def _backward(ctx, grad_out, grad_h, grad_order):
@@ -128,12 +139,14 @@ def _backward(ctx, grad_out, grad_h, grad_order):
         start += n
     need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_w = any(ctx.needs_input_grad[3:9])
+    if not ctx.saved_h:  # forward ran without saving (no grad was expected then): recompute h, as checkpointing
+        _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *[list(w) for w in lists], *ctx.config, True)
     dx, dweights, *dws = _grouped_experts_backward_op(
         grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *[list(w) for w in lists], *ctx.config,
         [need_x, need_weights, need_w])
     dws = [list(g) if g else [None] * n for g, n in zip(dws, ctx.lengths)]
     return (dx if need_x else None, dweights if need_weights else None, None, *dws,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _grouped_experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -150,8 +163,10 @@ def grouped_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
                     b3: Weights = None, *, spec: ExpertSpec, impl: Optional[str] = None) -> torch.Tensor:
     """Run the op with lowering ``impl`` (None: chosen for ``x``'s device now, so the graph records a name)."""
     name = _lowering_name(impl, x_TD.device.type)
+    packed = [pack_weights(w) for w in (w1, w2, w3, b1, b2, b3)]
+    # Keep h for backward only when a gradient can flow; inference runs the lowering's leaner forward.
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weights_TK, *sum(packed, [])))
     out, _, _ = _grouped_experts_op(
-        x_TD, topk_weights_TK, topk_ids_TK, pack_weights(w1), pack_weights(w2), pack_weights(w3),
-        pack_weights(b1), pack_weights(b2), pack_weights(b3), spec.num_experts, spec.activation, spec.glu or "",
-        float(spec.alpha), float(spec.limit), name)
+        x_TD, topk_weights_TK, topk_ids_TK, *packed, spec.num_experts, spec.activation, spec.glu or "",
+        float(spec.alpha), float(spec.limit), name, save)
     return out

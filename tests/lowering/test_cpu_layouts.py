@@ -47,3 +47,26 @@ def test_padded_layout_needs_every_expert_active():
     assert not cpu._Grouping(ids, 4, stacked=True).padded  # experts 2, 3 idle: their weights are never read
     assert cpu._Grouping(ids, 2, stacked=True).padded
     assert not cpu._Grouping(ids, 2, stacked=False).padded  # per-expert lists are never stacked
+
+
+@pytest.mark.parametrize("glu,bias", [("separate", False), ("concat", True), (None, True)])
+def test_inference_streams_expert_groups(monkeypatch, glu, bias):
+    """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows)."""
+    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
+    seen = []
+    chunks = cpu._Grouping.chunks
+
+    def spy(self, max_rows):
+        for sub in chunks(self, max_rows):
+            seen.append(sub.n)
+            yield sub
+
+    monkeypatch.setattr(cpu._Grouping, "chunks", spy)
+    x, logits, kw = Case(T=60, D=24, F=20, E=7, k=2, dtype=torch.float32, glu=glu, bias=bias).make()
+    with torch.no_grad():
+        out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
+    ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
+    assert rel_err(out, ref) < 1e-5
+    assert len(seen) > 1 and sum(seen) == 120
+    counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=7)
+    assert max(seen) <= counts.max()

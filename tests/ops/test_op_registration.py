@@ -8,7 +8,7 @@ from moe_fuser.ops.experts import _grouped_experts_op
 from _moe_cases import Case, leaves, rel_err
 
 
-def _op_args(T, glu="separate", as_list=False, bias=False):
+def _op_args(T, glu="separate", as_list=False, bias=False, save=True):
     x, logits, kw = Case(T=T, D=16, F=24, E=4, k=2, dtype=torch.float32, glu=glu, as_list=as_list,
                          bias=bias).make(requires_grad=True)
     weights, ids = logits.detach().softmax(-1).topk(2)
@@ -19,10 +19,11 @@ def _op_args(T, glu="separate", as_list=False, bias=False):
         return [] if v is None else (v if isinstance(v, list) else [v])
 
     return (x, weights, ids, lst("w1"), lst("w2"), lst("w3"), lst("b1"), lst("b2"), lst("b3"), 4, "silu",
-            glu or "", 1.702, 7.0, "cpu")
+            glu or "", 1.702, 7.0, "cpu", save)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(glu=None, bias=True), dict(as_list=True), dict(glu="concat")])
+@pytest.mark.parametrize("variant", [dict(), dict(glu=None, bias=True), dict(as_list=True), dict(glu="concat"),
+                                     dict(save=False)])
 def test_opcheck(variant):
     torch.library.opcheck(_grouped_experts_op, _op_args(T=7, **variant))
 
