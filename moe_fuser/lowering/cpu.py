@@ -19,9 +19,13 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
    ``[n, F]`` or the output ``[n, D]``, the second projection;
 4. one ``index_add_`` combines into ``out [T, D]``: no ``[T, K, D]`` tensor, no per-token weight copy.
 
+Inference (``forward_inference``: nothing saved) streams groups of consecutive experts of at most the largest
+expert's rows through steps 3-4 (ragged layout), so temporaries stay near one expert's, as in the eager loop.
+
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order.
-Backward rebuilds the same grouping, recomputes the activation from ``h`` (elementwise), and runs
+Backward rebuilds the same grouping and streams the same expert groups; per group it recomputes the activation
+from ``h`` (elementwise), and runs
 ``dA = dy @ W2``, routing-weight grads as ``rowsum(dA * a) (+ dy . b2)`` (so ``y`` is never kept),
 the activation's backward, ``dx``, ``dW1``/``dW3``, ``dW2`` and bias grads as grouped GEMMs and segment sums.
 Weight grads are allocated empty and written by the GEMMs (idle experts zeroed), never zero-filled first, and
@@ -121,6 +125,7 @@ class _Grouping:
             key = torch.where(topk_ids_TK < 0, num_experts, topk_ids_TK).flatten()
             counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
         self.counts = counts
+        self.start = 0  # first row of this grouping in the full sorted order (see chunks)
         self.n = n = sum(counts)
         self.order_N = order_N
         self.order_n = order_N[:n]
@@ -153,7 +158,7 @@ class _Grouping:
         sub = object.__new__(_Grouping)
         sub.T, sub.E, sub.padded = self.T, self.E, False
         sub.counts = [c if first <= e < last else 0 for e, c in enumerate(self.counts)]
-        sub.n = rows
+        sub.start, sub.n = self.start + start, rows
         sub.order_n = self.order_n[start:start + rows]
         sub.tok_n = self.tok_n[start:start + rows]
         sub.expert_n = self.expert_n[start:start + rows]
@@ -223,28 +228,25 @@ class _Grouping:
             acc_e[e].addmm_(rows_e[e], ws[e])
         return acc
 
-    def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, like):
-        """Per expert a_e^T @ b_e, shaped like the weight ``like`` (stacked [E, A, B] or a list)."""
-        # Contiguous like the op's fake kernel, also for a transposed-view weight (GPT-OSS layout).
+    def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, out) -> None:
+        """out[e] = a_e^T @ b_e for this grouping's experts (``out``: a stacked [E, A, B] buffer or a list)."""
         if self.padded:
-            return torch.bmm(a_rows.transpose(1, 2), b_rows, out=_empty(like.shape, like))
-        out = _empty(like.shape, like) if isinstance(like, torch.Tensor) else [_empty(w.shape, w) for w in like]
+            torch.bmm(a_rows.transpose(1, 2), b_rows, out=out)
+            return
         a_e, b_e = a_rows.split(self.counts), b_rows.split(self.counts)
-        for e in range(self.E):
-            if self.counts[e]:
-                torch.mm(a_e[e].t(), b_e[e], out=out[e])
-            else:
-                out[e].zero_()
-        return out
+        for e in self.active:
+            torch.mm(a_e[e].t(), b_e[e], out=out[e])
 
-    def segment_sum(self, rows: torch.Tensor, like):
-        """Per expert sum of its rows (bias grads), shaped like ``like``."""
+    def segment_sum(self, rows: torch.Tensor, out) -> None:
+        """out[e] += sum of expert e's rows (bias grads; ``out`` zero-initialised, stacked or a list)."""
         if self.padded:
-            sums = rows.sum(1)
+            out.add_(rows.sum(1))
+        elif isinstance(out, torch.Tensor):
+            out.index_add_(0, self.expert_n, rows)
         else:
-            sums = rows.new_zeros(self.E, rows.shape[-1]).index_add_(0, self.expert_n, rows)
-        # Per-expert grads must not alias each other (custom-op outputs): one clone per small vector.
-        return sums if isinstance(like, torch.Tensor) else [s.clone() for s in sums.unbind(0)]
+            for e, r in enumerate(rows.split(self.counts)):
+                if self.counts[e]:
+                    out[e].add_(r.sum(0))
 
     def per_expert(self, bs) -> torch.Tensor:
         """A per-expert vector (a bias) broadcast to every row."""
@@ -327,45 +329,74 @@ class CpuLowering:
         need_x, need_weights, need_w = needs_input_grad
         T, K = topk_ids_TK.shape
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3), order_N=order_N)
-        n = G.n
-        g_n = topk_weights_TK.flatten()[G.order_n]
-        g = G.column(g_n.to(x_TD.dtype))
-        dy = G.gather(grad_TD)  # unweighted
-        dA = G.mm(dy, w2)
-        parts = tuple(G.from_sorted(s[:n]) for s in _saved_halves(h_NH, spec))
-        a = _activate(parts, spec)
-
-        dweights_TK = None
-        if need_weights:
-            dg = (dA * a).sum(-1, dtype=torch.float32)
-            if b2 is not None:
-                dg = dg + (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32)
-            dg_n = G.to_sorted(dg)
-            dweights_TK = topk_weights_TK.new_zeros(T * K).index_copy_(0, G.order_n, dg_n.to(topk_weights_TK.dtype))
-            dweights_TK = dweights_TK.view(T, K)
-
-        dA.mul_(g)
-        if spec.glu == "separate":
-            dh_parts = gated_activation_backward(parts[0], parts[1], dA, spec)
-        else:
-            dh_parts = (expert_activation_backward(parts[0], dA, spec),)
-        dy.mul_(g)
-
-        dx_TD = None
-        if need_x:
-            dxs = G.mm(dh_parts[0], w1)
-            if spec.glu == "separate":
-                G.mm_add_(dxs, dh_parts[1], w3)
-            dx_TD = G.scatter_add(dxs)
-
+        dx_TD = x_TD.new_zeros(x_TD.shape) if need_x else None
+        dweights_N = topk_weights_TK.new_zeros(T * K) if need_weights else None
         grads_w = [None] * 6
         if need_w:
-            xs = G.gather(x_TD)
-            dw2 = G.wgrad(dy, a, w2)
-            dw1 = G.wgrad(dh_parts[0], xs, w1)
-            dw3 = G.wgrad(dh_parts[1], xs, w3) if spec.glu == "separate" else None
-            db1 = G.segment_sum(dh_parts[0], b1) if b1 is not None else None
-            db2 = G.segment_sum(dy, b2) if b2 is not None else None
-            db3 = G.segment_sum(dh_parts[1], b3) if b3 is not None else None
-            grads_w = [dw1, dw2, dw3, db1, db2, db3]
-        return (dx_TD, dweights_TK, *grads_w)
+            grads_w = [_grad_buffer(w, G.counts) for w in (w1, w2, w3)] + \
+                      [_grad_buffer(b, G.counts, zero=True) for b in (b1, b2, b3)]
+        # Like inference, the ragged layout streams expert groups, so only one group's temporaries are alive
+        # next to the gradients (the eager loop's backward frees its per-expert activations as it goes, too).
+        groups = [G] if G.padded or len(G.active) <= 1 else G.chunks(max(G.counts))
+        for sub in groups:
+            _ffn_backward(sub, grad_TD, x_TD, topk_weights_TK, _saved_halves(h_NH, spec), w1, w2, w3, b2, spec,
+                          dx_TD, dweights_N, grads_w)
+        return (dx_TD, None if dweights_N is None else dweights_N.view(T, K), *grads_w)
+
+
+def _grad_buffer(ws, counts: list[int], zero: bool = False):
+    """A contiguous gradient buffer shaped like ``ws`` (stacked or a list): zeroed, or uninitialised except the
+    slices of experts that got no rows (the GEMMs write every other slice)."""
+    if ws is None:
+        return None
+    if zero:
+        return ws.new_zeros(ws.shape) if isinstance(ws, torch.Tensor) else [w.new_zeros(w.shape) for w in ws]
+    out = _empty(ws.shape, ws) if isinstance(ws, torch.Tensor) else [_empty(w.shape, w) for w in ws]
+    for e, c in enumerate(counts):
+        if not c:
+            out[e].zero_()
+    return out
+
+
+def _ffn_backward(G: _Grouping, grad_TD, x_TD, topk_weights_TK, saved, w1, w2, w3, b2, spec: ExpertSpec,
+                  dx_TD, dweights_N, grads_w) -> None:
+    """Backward of ``_ffn`` on G's rows, accumulating into the given gradient buffers (None: not needed).
+    Temporaries are dropped as soon as their last use is done."""
+    dw1, dw2, dw3, db1, db2, db3 = grads_w
+    g = G.column(topk_weights_TK.flatten()[G.order_n].to(x_TD.dtype))
+    dy = G.gather(grad_TD)  # unweighted
+    dA = G.mm(dy, w2)
+    parts = tuple(G.from_sorted(h[G.start:G.start + G.n]) for h in saved)
+    a = _activate(parts, spec)
+    if dweights_N is not None:
+        dg = (dA * a).sum(-1, dtype=torch.float32)
+        if b2 is not None:
+            dg = dg + (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32)
+        dweights_N.index_copy_(0, G.order_n, G.to_sorted(dg).to(dweights_N.dtype))
+    dy.mul_(g)
+    if dw2 is not None:
+        G.wgrad(dy, a, dw2)
+        if db2 is not None:
+            G.segment_sum(dy, db2)
+    del a, dy
+    dA.mul_(g)
+    if spec.glu == "separate":
+        dh_parts = gated_activation_backward(parts[0], parts[1], dA, spec)
+    else:
+        dh_parts = (expert_activation_backward(parts[0], dA, spec),)
+    del dA, parts
+    if dx_TD is not None:
+        dxs = G.mm(dh_parts[0], w1)
+        if spec.glu == "separate":
+            G.mm_add_(dxs, dh_parts[1], w3)
+        G.scatter_add(dxs, dx_TD)
+        del dxs
+    if dw1 is not None:
+        xs = G.gather(x_TD)
+        G.wgrad(dh_parts[0], xs, dw1)
+        if db1 is not None:
+            G.segment_sum(dh_parts[0], db1)
+        if spec.glu == "separate":
+            G.wgrad(dh_parts[1], xs, dw3)
+            if db3 is not None:
+                G.segment_sum(dh_parts[1], db3)
