@@ -232,7 +232,7 @@ class SeedSwitch(nn.Module):
     def forward(self, h):
         B, S, D = h.shape
         x = h.reshape(-1, D)
-        gate_logits = self.gate(x.float() if x.dtype != torch.float32 else x)       # gate in fp32 (pitfall 3)
+        gate_logits = F.linear(x.float(), self.gate.weight.float())     # the gate in fp32 (pitfall 3)
         probs = gate_logits.softmax(dim=-1)
         topk_w, topk_ids = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
