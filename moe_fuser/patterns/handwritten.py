@@ -15,7 +15,7 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
               | out.index_put_((tok,), y, accumulate=True) | out[tok] += y | out = out.index_add(0, tok, y)
     WEIGHT    y = f * w[tok, slot, None] (either order; ``w[tok, slot].unsqueeze(-1)``/``[:, None]``/``view``;
               ``w[tok, None]`` for 1-D top-1 weights), with dtype casts anywhere
-    FFN       Linear -> act -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear (SwiGLU/GeGLU module),
+    FFN       Linear -> act (also in place) -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear (SwiGLU/GeGLU module),
               Linear -> chunk(2) -> act(gate) * up -> Linear (fused gate_up); eval-mode dropout is skipped.
               Weights are the ModuleList's own parameters (a list per role: never stacked) or ``W[e]`` rows of a
               stacked parameter. Activations: silu, gelu, gelu(tanh), relu.
@@ -236,8 +236,11 @@ def _skip_dropout(node: fx.Node, walk: _Walk) -> fx.Node:
 
 def _activation(node: fx.Node, walk: _Walk) -> tuple[str, fx.Node]:
     name = op(node)
-    if name not in _ACTIVATIONS or node.kwargs.get("inplace"):
+    if name not in _ACTIVATIONS:
         raise _NoMatch(f"{node.name} ({name}) is not a supported activation (silu, gelu, gelu-tanh, relu)")
+    if arg(node, 1 if name != "gelu" else 99, "inplace", False) is True and len(node.args[0].users) != 1:
+        # nn.SiLU(inplace=True) overwrites its input: fine for a temporary nothing else reads
+        raise _NoMatch(f"{node.name} overwrites {node.args[0].name}, which other nodes read")
     act = _ACTIVATIONS[name]
     if name == "gelu":
         approx = arg(node, 1, "approximate", "none")

@@ -53,6 +53,13 @@ def test_activations_fuse(act):
     _run(LoopMoE(Variant(act=act, ffn="swiglu" if act == "gelu" else "sequential")), torch.float32)
 
 
+def test_inplace_activation_module_fuses():
+    model = LoopMoE(Variant(act="relu"))
+    for expert in model.experts:
+        expert[1] = torch.nn.ReLU(inplace=True)
+    _run(model, torch.float32)
+
+
 def test_bf16_fuses_and_trains():
     _run(LoopMoE(Variant(router="mixtral_f32", ffn="swiglu", loop="one_hot_210")), torch.bfloat16)
 
