@@ -3,7 +3,8 @@
 Timing (``interleaved_medians``): every round runs each variant once, in a fresh random order, so that slow
 phases of a noisy shared machine hit all variants alike; a variant's ``setup`` (e.g. clearing ``.grad``) runs
 outside its timed region; the garbage collector is off inside a round. Warm-up rounds come first and are thrown
-away. Rounds stop at ``rounds`` or, after ``min_rounds``, once ``max_seconds`` have passed. Report the median.
+away. Rounds during which other processes were busy are dropped while enough quiet ones can be had; rounds stop
+at ``rounds`` or, after ``min_rounds``, once ``max_seconds`` have passed. Report the median.
 
 Peak memory (``peak_bytes``): CPU tensors have no ``torch.cuda.max_memory_allocated``. We run the function once
 under ``torch.profiler.profile(profile_memory=True)``: c10's CPU allocator then reports every allocation (+bytes)
@@ -15,19 +16,22 @@ and allocations made on intra-op worker threads (ATen allocates its tensors on t
 same for every variant of one op. Autograd's backward on CPU runs on the calling thread, so a training step is
 covered end to end.
 
-Noise (``busy_cores_elsewhere``, ``wait_until_quiet``): the cores other processes keep busy, sampled from
-``/proc/stat`` while we sleep. Medians absorb short bursts but not sustained load: with as many intra-op threads
-as cores, every parallel region then waits a scheduler slice for a descheduled worker (a 20 us GEMM measured at
-10-30 ms), so scripts record this figure next to their timings and can wait for a quiet machine.
+Noise (``LoadElsewhere``, ``wait_until_quiet``): the cores other processes keep busy, from ``/proc/stat`` minus
+our own CPU time, measured per timed round (``interleaved_timings`` drops busy rounds). Medians absorb short
+bursts but not sustained load: with as many intra-op threads as cores, every parallel region then waits a
+scheduler slice for a descheduled worker (a 20 us GEMM measured at 10-30 ms), so scripts record this figure
+next to their timings and can wait for a quiet machine.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import time
@@ -40,8 +44,9 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["Variant", "busy_cores_elsewhere", "environment", "interleaved_medians", "median", "peak_bytes",
-           "results_dir", "run_profiled", "wait_until_quiet", "write_csv"]
+__all__ = ["LoadElsewhere", "Timings", "Variant", "busy_cores_elsewhere", "environment", "interleaved_medians",
+           "interleaved_timings", "median", "peak_bytes", "results_dir", "run_profiled", "wait_until_quiet",
+           "write_csv"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -54,33 +59,66 @@ class Variant:
         self.setup = setup or (lambda: None)
 
 
+@dataclasses.dataclass
+class Timings:
+    times: dict[str, list[float]]  # seconds per call of each variant, kept rounds only
+    rounds: int  # rounds kept
+    dropped: int  # rounds thrown away because other processes were busy
+    busy_elsewhere: float  # mean cores other processes kept busy over the kept rounds
+
+
 def interleaved_medians(variants: dict[str, Variant], *, rounds: int, warmup: int, min_rounds: int = 3,
                         max_seconds: float = float("inf"), seed: int = 0) -> dict[str, list[float]]:
-    """Seconds per call of every variant, one list each, from interleaved rounds (see the module docstring)."""
+    """Seconds per call of every variant, one list each, from interleaved rounds (no round dropped)."""
+    return interleaved_timings(variants, rounds=rounds, warmup=warmup, min_rounds=min_rounds,
+                               max_seconds=max_seconds, seed=seed).times
+
+
+def interleaved_timings(variants: dict[str, Variant], *, rounds: int, warmup: int, min_rounds: int = 3,
+                        max_seconds: float = float("inf"), max_busy: float = float("inf"),
+                        seed: int = 0) -> Timings:
+    """Time every variant in interleaved rounds (see the module docstring).
+
+    Stops after ``rounds`` quiet rounds, or after ``max_seconds`` with ``min_rounds`` quiet ones. A round during
+    which other processes kept ``max_busy`` cores or more busy is not quiet: it is dropped, unless fewer than
+    ``min_rounds`` quiet rounds come within ``3 * max_seconds`` (or ``4 * rounds`` rounds), in which case every
+    round is kept and ``busy_elsewhere`` tells how noisy they were."""
     rng = random.Random(seed)
     names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    done: list[tuple[float, dict[str, float]]] = []
+    for r in range(warmup):
+        _round(variants, names, rng)
     start = time.perf_counter()
-    for r in range(warmup + rounds):
-        if r >= warmup + min_rounds and time.perf_counter() - start > max_seconds:
+    while True:
+        quiet = [d for d in done if d[0] < max_busy]
+        elapsed = time.perf_counter() - start
+        if (len(quiet) >= rounds or (elapsed > max_seconds and len(quiet) >= min_rounds)
+                or (len(done) >= min_rounds and (elapsed > 3 * max_seconds or len(done) >= 4 * rounds))):
             break
-        rng.shuffle(names)
-        gc.collect()
-        gc.disable()
-        try:
-            for n in names:
-                v = variants[n]
-                v.setup()
-                t0 = time.perf_counter()
-                v.run()
-                dt = time.perf_counter() - t0
-                if r >= warmup:
-                    times[n].append(dt)
-        finally:
-            gc.enable()
-        if r == warmup - 1:
-            start = time.perf_counter()
-    return times
+        with LoadElsewhere() as load:
+            dts = _round(variants, names, rng)
+        done.append((load.cores, dts))
+    kept = quiet if len(quiet) >= min_rounds else done
+    busy = [b for b, _ in kept]
+    return Timings(times={n: [dts[n] for _, dts in kept] for n in variants}, rounds=len(kept),
+                   dropped=len(done) - len(kept), busy_elsewhere=statistics.fmean(busy) if busy else float("nan"))
+
+
+def _round(variants: dict[str, Variant], names: list[str], rng: random.Random) -> dict[str, float]:
+    rng.shuffle(names)
+    dts = {}
+    gc.collect()
+    gc.disable()
+    try:
+        for n in names:
+            v = variants[n]
+            v.setup()
+            t0 = time.perf_counter()
+            v.run()
+            dts[n] = time.perf_counter() - t0
+    finally:
+        gc.enable()
+    return dts
 
 
 def median(xs: list[float]) -> float:
@@ -144,17 +182,37 @@ def _cpu_jiffies() -> Optional[tuple[int, int]]:
     return sum(v[:8]) - idle, sum(v[:8])
 
 
-def busy_cores_elsewhere(seconds: float = 0.5) -> float:
-    """Cores kept busy by other processes: /proc/stat sampled while this one sleeps (nan off Linux).
+class LoadElsewhere:
+    """Mean cores kept busy by other processes over a ``with`` block: the machine's busy time (/proc/stat) minus
+    this process's own CPU time (all its threads), over the wall time; ``cores`` is nan off Linux.
 
     On a shared 2-core machine this is the noise indicator that matters: with 2 intra-op threads, a parallel
     region waits for a descheduled worker for a whole time slice, so small GEMMs can take 1000x longer."""
-    a = _cpu_jiffies()
-    time.sleep(seconds)
-    b = _cpu_jiffies()
-    if a is None or b is None or b[1] == a[1]:
-        return float("nan")
-    return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or 1)
+
+    cores = float("nan")
+
+    def __enter__(self):
+        self._start = (_cpu_jiffies(), _own_cpu_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        (a, own_a, t_a), b, own_b, t_b = self._start, _cpu_jiffies(), _own_cpu_seconds(), time.perf_counter()
+        if a is not None and b is not None and t_b > t_a:
+            busy_s = (b[0] - a[0]) / os.sysconf("SC_CLK_TCK")
+            self.cores = max(0.0, busy_s - (own_b - own_a)) / (t_b - t_a)
+        return False
+
+
+def _own_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def busy_cores_elsewhere(seconds: float = 0.5) -> float:
+    """Cores kept busy by other processes while this one sleeps ``seconds`` (see ``LoadElsewhere``)."""
+    with LoadElsewhere() as load:
+        time.sleep(seconds)
+    return load.cores
 
 
 def wait_until_quiet(max_busy: float, timeout: float) -> float:

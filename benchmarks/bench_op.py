@@ -31,7 +31,7 @@ None before each step, untimed).
 Timing and peak memory come from ``_common`` (interleaved rounds in random order, medians; peak = maximum of
 live CPU bytes allocated during one call, read from the profiler's allocation events: see its docstring).
 Memory is not measured for the floor (its buffers are pre-allocated by design). This machine is shared: the
-cores other processes keep busy are sampled before and after each cell (``busy_elsewhere`` in the CSV) and the
+cores other processes keep busy while a cell is timed are measured (``busy_elsewhere`` in the CSV) and the
 table flags noisy cells; ``--wait-quiet`` waits for a quiet machine, ``--threads 1`` is robust to load.
 
 Output: a table on stdout, ``<out>/<name>.csv`` (one row per config x dtype x mode, with versions, CPU model
@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import (Variant, busy_cores_elsewhere, environment, interleaved_medians, median, peak_bytes,
+from _common import (Variant, environment, interleaved_medians, interleaved_timings, median, peak_bytes,
                      results_dir, run_profiled, wait_until_quiet, write_csv)
 
 import moe_fuser
@@ -299,12 +299,13 @@ class Case:
 
 def measure(case: Case, mode: str, args) -> dict:
     variants = {v: Variant(*case.step(v, mode)) for v in VARIANTS + FLOORS}
-    times = interleaved_medians(variants, rounds=args.iters, warmup=args.warmup, min_rounds=args.min_iters,
-                                max_seconds=args.max_seconds, seed=args.seed)
-    row = {f"{v}_ms": median(times[v]) * 1e3 for v in VARIANTS + FLOORS}
+    timed = interleaved_timings(variants, rounds=args.iters, warmup=args.warmup, min_rounds=args.min_iters,
+                                max_seconds=args.max_seconds, max_busy=QUIET_CORES, seed=args.seed)
+    row = {f"{v}_ms": median(timed.times[v]) * 1e3 for v in VARIANTS + FLOORS}
+    row["busy_elsewhere"], row["dropped_rounds"] = timed.busy_elsewhere, timed.dropped
     best = min(FLOORS, key=lambda v: row[f"{v}_ms"])
     row["floor_ms"], row["floor_by"] = row[f"{best}_ms"], best[len("floor_"):]
-    row["rounds"] = len(times["fused"])
+    row["rounds"] = timed.rounds
     for v in VARIANTS:
         if args.no_memory:
             row[f"{v}_mib"] = float("nan")
@@ -336,7 +337,7 @@ def profile_cell(case: Case, mode: str, rows: int = 15) -> None:
     """Top ops (self CPU time) of fused vs floor over a few calls: where fused spends beyond the GEMMs."""
     reps = 3
     floor = min(FLOORS, key=lambda v: median(interleaved_medians(
-        {v: Variant(*case.step(v, mode))}, rounds=3, warmup=1)[v]))
+        {v: Variant(*case.step(v, mode))}, rounds=3, warmup=1).times[v]))
     for v in ("fused", floor):
         run, setup = case.step(v, mode)
         prof = run_profiled(run, setup, reps=reps)
@@ -365,7 +366,7 @@ def print_table(rows: list[dict], env: dict) -> None:
                          f"{r['mem fused/eager']:.2f}", r["ok"]))
     noisy = [f"{r['config']}/{r['dtype']}/{r['mode']}" for r in rows if not r["busy_elsewhere"] < QUIET_CORES]
     if noisy:
-        print(f"NOISY: other processes kept >= {QUIET_CORES} cores busy around {', '.join(noisy)}; rerun those on a "
+        print(f"NOISY: other processes kept >= {QUIET_CORES} cores busy while timing {', '.join(noisy)}; rerun on a "
               "quiet machine (--wait-quiet 600) or with --threads 1")
     n_ok = sum(r["ok"] == "yes" for r in rows)
     print(f"acceptance (fused <= eager, <= {SPEED_TOL:.2f}x floor, peak <= eager): {n_ok}/{len(rows)} cells pass")
@@ -456,19 +457,19 @@ def main(argv=None) -> None:
                     print(f"WARNING: {v} differs from eager by {e:.2e} (relative) on {cfg.name} {dt_name}",
                           file=sys.stderr)
             for mode in modes:
-                busy = (wait_until_quiet(QUIET_CORES, args.wait_quiet) if args.wait_quiet
-                        else busy_cores_elsewhere())
+                if args.wait_quiet:
+                    wait_until_quiet(QUIET_CORES, args.wait_quiet)
                 t0 = time.perf_counter()
                 row = {"config": cfg.name, "E": cfg.E, "K": cfg.K, "D": cfg.D, "F": cfg.F, "T": cfg.T,
                        "dtype": dt_name, "mode": mode, "experts_hit": case.experts_hit}
                 row.update(measure(case, mode, args))
-                row["busy_elsewhere"] = max(busy, busy_cores_elsewhere())
                 row.update({"hf_err": err["hf"], "fused_err": err["fused"], "hf_path": case.hf_path})
                 rows.append(row)
                 print(f"[{time.perf_counter() - t_start:6.0f}s] {cfg.label()} {dt_name} {mode}: "
                       f"eager {row['eager_ms']:.2f} hf {row['hf_ms']:.2f} fused {row['fused_ms']:.2f} "
-                      f"floor {row['floor_ms']:.2f} ({row['floor_by']}) ms ({row['rounds']} rounds, "
-                      f"{time.perf_counter() - t0:.0f}s, {row['busy_elsewhere']:.1f} cores busy elsewhere)", flush=True)
+                      f"floor {row['floor_ms']:.2f} ({row['floor_by']}) ms ({row['rounds']} rounds kept, "
+                      f"{row['dropped_rounds']} dropped, {time.perf_counter() - t0:.0f}s, "
+                      f"{row['busy_elsewhere']:.2f} cores busy elsewhere)", flush=True)
                 if args.profile:
                     profile_cell(case, mode)
             del case
