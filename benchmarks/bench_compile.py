@@ -11,7 +11,7 @@ Models (unchanged user code, random weights, no download):
 
 Per model and mode (``fwd``: inference under ``no_grad``; ``train``: forward + backward of a scalar loss, grads
 reset untimed), columns ``eager``, ``inductor``, ``moe_fuser``: median time per call (``benchmarks/_common``:
-interleaved rounds in random order) and peak CPU memory of one call (profiler allocation events). Compile time:
+interleaved rounds in random order, rounds during which other processes were busy dropped) and peak CPU memory of one call (profiler allocation events). Compile time:
 the first call after ``torch._dynamo.reset()`` with inductor's caches off (after one throwaway compile, so
 both columns compile warm; the dense model's compiles are repeated, alternating, and the median kept), and,
 for ``moe_fuser``, the time spent
@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 
 import moe_fuser.backend as mf_backend
-from _common import (Variant, busy_cores_elsewhere, environment, interleaved_medians, median, peak_bytes,
-                     results_dir, wait_until_quiet, write_csv)
+from _common import (Variant, environment, interleaved_timings, median, peak_bytes, results_dir, wait_until_quiet,
+                     write_csv)
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("eager", "inductor", "moe_fuser")
+QUIET_CORES = 0.3        # a timed round during which other processes kept this many cores busy is dropped
 
 
 def _switch_layer(args):
@@ -148,27 +149,29 @@ def bench_model(name, args, rows):
         if name == "dense" and not args.dense_timing:
             times = {c: [float("nan")] for c in variants}
             peaks = {c: float("nan") for c in variants}
-            busy = float("nan")
+            busy, kept = float("nan"), ""
         else:
-            busy = wait_until_quiet(0.3, args.wait_quiet) if args.wait_quiet else busy_cores_elsewhere()
-            times = interleaved_medians(variants, rounds=args.iters, warmup=2, max_seconds=args.max_seconds,
-                                        seed=args.seed)
+            if args.wait_quiet:
+                wait_until_quiet(QUIET_CORES, args.wait_quiet)
+            timing = interleaved_timings(variants, rounds=args.iters, warmup=2, max_seconds=args.max_seconds,
+                                         max_busy=QUIET_CORES, seed=args.seed)
+            times, busy, kept = timing.times, timing.busy_elsewhere, f"{timing.rounds}/{timing.rounds + timing.dropped}"
             peaks = {c: peak_bytes(v.run, v.setup) for c, v in variants.items()}
-            busy = max(busy, busy_cores_elsewhere())
         for column in variants:
             rows.append({"model": name, "mode": mode, "column": column,
                          "ms": round(median(times[column]) * 1e3, 3),
                          "peak_mib": round(peaks[column] / 2**20, 2),
                          "compile_s": round(compile_s[column], 3) if column != "eager" else "",
                          "pass_s": round(pass_s[column], 4) if column == "moe_fuser" else "",
-                         "busy_elsewhere": round(busy, 2)})
+                         "busy_elsewhere": round(busy, 2), "rounds_kept": kept})
 
 
 def report(rows, args):
-    print(f"\n{'model':<8} {'mode':<5} {'column':<10} {'ms':>10} {'peak MiB':>9} {'compile s':>10} {'pass s':>8}")
+    print(f"\n{'model':<8} {'mode':<5} {'column':<10} {'ms':>10} {'peak MiB':>9} {'compile s':>10} {'pass s':>8} "
+          f"{'busy':>5} {'rounds':>7}")
     for r in rows:
         print(f"{r['model']:<8} {r['mode']:<5} {r['column']:<10} {r['ms']:>10.2f} {r['peak_mib']:>9.2f} "
-              f"{str(r['compile_s']):>10} {str(r['pass_s']):>8}")
+              f"{str(r['compile_s']):>10} {str(r['pass_s']):>8} {r['busy_elsewhere']:>5} {r['rounds_kept']:>7}")
     print()
     by = {(r["model"], r["mode"], r["column"]): r for r in rows}
     verdicts = []
@@ -193,7 +196,7 @@ def report(rows, args):
               f"{ind['peak_mib']:.1f} MiB peak -> {'OK' if ok else 'FAIL'}")
     busy = [r["busy_elsewhere"] for r in rows if r["busy_elsewhere"] == r["busy_elsewhere"]]
     print(f"acceptance: {sum(verdicts)}/{len(verdicts)} pass"
-          + (f" (busy cores elsewhere up to {max(busy):.2f} while timing)" if busy else ""))
+          + (f" (mean busy cores elsewhere in kept rounds up to {max(busy):.2f})" if busy else ""))
 
 
 def main(argv=None):
