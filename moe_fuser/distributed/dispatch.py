@@ -41,12 +41,14 @@ pairs received at a level; rows are token rows, pairs are (token, expert) assign
 from __future__ import annotations
 
 import datetime
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .placement import ExpertPlacement, Topology
 
@@ -59,8 +61,9 @@ HEADER_FIELDS = ("magic", "num_experts", "top_k", "hidden", "dtype", "expert_row
 _MAGIC = 0x4D4F4545      # "MOEE": a peer running something else entirely shows up as a magic mismatch
 _KINDS = 4               # per chunk: rows to node b, pairs to node b, rows to rank d, pairs to rank d
 
-# Traffic this process sent in EP calls (bytes), for benchmarks: inter-node / intra-node, forward + backward.
-traffic = {"inter_node_bytes": 0, "intra_node_bytes": 0, "calls": 0}
+# What this process did in EP calls, for benchmarks: bytes it sent to other nodes / to its own node (forward +
+# backward), calls of the exchange, seconds spent in the compute callbacks (the expert GEMMs).
+traffic = {"inter_node_bytes": 0, "intra_node_bytes": 0, "calls": 0, "compute_seconds": 0.0}
 
 
 class ExpertParallelError(RuntimeError):
@@ -149,7 +152,7 @@ class TokenDispatcher:
     ``restore(...)`` rebuilds a full plan from the tensors ``pack(...)`` saved (the op's backward)."""
 
     def __init__(self, group: dist.ProcessGroup, placement: ExpertPlacement, topo: Topology, timeout_s: float):
-        self.group = group
+        self.group_name = group.group_name   # no reference kept: destroy_process_group() stays effective
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.placement = placement
@@ -164,6 +167,9 @@ class TokenDispatcher:
         self.level_a = topo.num_nodes > 1
         self.level_b = topo.ranks_per_node > 1
 
+    def group(self) -> dist.ProcessGroup:
+        return _resolve_process_group(self.group_name)
+
     # ---- collectives with bounded waits -------------------------------------------------------------------
     def _wait(self, work, what: str) -> None:
         try:
@@ -176,7 +182,7 @@ class TokenDispatcher:
 
     def _a2a(self, inp: torch.Tensor, send: Sequence[int], recv: Sequence[int]):
         out = inp.new_empty((sum(recv),) + tuple(inp.shape[1:]))
-        work = dist.all_to_all_single(out, inp.contiguous(), list(recv), list(send), group=self.group,
+        work = dist.all_to_all_single(out, inp.contiguous(), list(recv), list(send), group=self.group(),
                                       async_op=True)
         return out, work
 
@@ -212,7 +218,7 @@ class TokenDispatcher:
         header = list(header[:-1]) + [chunks]
         row = torch.cat([torch.tensor(header, dtype=torch.int64), counts.flatten()])
         gathered = [torch.empty_like(row) for _ in range(W)]
-        self._wait(dist.all_gather(gathered, row, group=self.group, async_op=True), "the counts exchange")
+        self._wait(dist.all_gather(gathered, row, group=self.group(), async_op=True), "the counts exchange")
         table = torch.stack(gathered)
         self._check_header(table)
 
@@ -389,7 +395,9 @@ class TokenDispatcher:
                     self._wait(w, f"the intra-node dispatch of chunk {c}")
             if building and self.level_b:
                 comp[c] = self._compute_plan(s.b_recv_rows, s.b_recv_pairs, meta, local=True)
+            t0 = time.perf_counter()
             out_rows, out_pairs = compute(c, comp[c], rows)
+            traffic["compute_seconds"] += time.perf_counter() - t0
             if out_pairs is not None:
                 pair_bytes = out_pairs.element_size()
             if not self.level_b:

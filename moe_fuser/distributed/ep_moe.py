@@ -42,7 +42,7 @@ from ..ops.fused import _shared_expert, validate
 from ..ops.routing import route, router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
 from .dispatch import HEADER_FIELDS, MAX_CHUNKS, TokenDispatcher, _dtype_code, _MAGIC, _KINDS
-from .placement import ExpertPlacement, Placement, Topology, resolve_placement, resolve_ranks_per_node
+from .placement import ExpertPlacement, Placement, Topology, detect_ranks_per_node, resolve_placement
 
 __all__ = ["DEFAULT_TIMEOUT_S", "auto_chunks", "ep_experts", "ep_moe_forward"]
 
@@ -60,13 +60,28 @@ _DISPATCHERS: dict[tuple, TokenDispatcher] = {}
 
 
 def _dispatcher(group_name: str, owner: Sequence[int], ranks_per_node: int, timeout_s: float) -> TokenDispatcher:
-    key = (group_name, tuple(owner), ranks_per_node, timeout_s)
-    if key not in _DISPATCHERS:
-        group = _resolve_process_group(group_name)
-        world = dist.get_world_size(group)
+    group = _resolve_process_group(group_name)
+    world = dist.get_world_size(group)
+    key = (group_name, world, dist.get_rank(group), tuple(owner), ranks_per_node, timeout_s)
+    if key not in _DISPATCHERS:   # (a group name can come back after destroy_process_group: rank/size in key)
         _DISPATCHERS[key] = TokenDispatcher(group, ExpertPlacement(tuple(owner), world),
                                             Topology(world, ranks_per_node), timeout_s)
     return _DISPATCHERS[key]
+
+
+def _setup(group_name: str, owner: torch.Tensor, ranks_per_node: int, timeout_s: float,
+           w1: list[torch.Tensor]) -> tuple[TokenDispatcher, list[int], int]:
+    """The dispatcher for this call (the owner table is read now: a buffer the model may update), after checking
+    that this rank holds as many experts as the placement gives it (before any collective)."""
+    owners = [int(r) for r in owner.tolist()]
+    rpn = ranks_per_node or detect_ranks_per_node(_resolve_process_group(group_name))
+    disp = _dispatcher(group_name, owners, rpn, timeout_s)
+    want, held = disp.placement.num_local(disp.rank), _num_local(w1)
+    if held != want:
+        raise ValueError(f"rank {disp.rank} holds {held} experts but the placement gives it {want} "
+                         f"(global ids {list(disp.placement.local_experts(disp.rank))}); pass only this rank's "
+                         "experts' weights, in global-id order")
+    return disp, owners, rpn
 
 
 def _config_crc(activation: str, glu: str, alpha: float, limit: float, biases: Sequence[bool]) -> int:
@@ -88,11 +103,11 @@ def _num_local(w1: list[torch.Tensor]) -> int:
 def _ep_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                    w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
                    b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
-                   owner: list[int], ranks_per_node: int, chunks: int, timeout_s: float, group_name: str,
+                   owner: torch.Tensor, ranks_per_node: int, chunks: int, timeout_s: float, group_name: str,
                    activation: str, glu: str, alpha: float, limit: float, impl: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor]:
-    disp = _dispatcher(group_name, owner, ranks_per_node, timeout_s)
+    disp, owner, ranks_per_node = _setup(group_name, owner, ranks_per_node, timeout_s, w1)
     T, K = topk_ids.shape
     D = x.shape[1]
     ws = _unpack_all(w1, w2, w3, b1, b2, b3)
@@ -150,11 +165,11 @@ def _ep_experts_backward_op(
         table: torch.Tensor, idx: torch.Tensor, wpair: torch.Tensor, xrows: torch.Tensor, h: torch.Tensor,
         order: torch.Tensor, w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
         b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
-        owner: list[int], ranks_per_node: int, chunks: int, timeout_s: float, group_name: str,
+        owner: torch.Tensor, ranks_per_node: int, chunks: int, timeout_s: float, group_name: str,
         activation: str, glu: str, alpha: float, limit: float, impl: str, need_w: bool
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
            list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    disp = _dispatcher(group_name, owner, ranks_per_node, timeout_s)
+    disp, _, _ = _setup(group_name, owner, ranks_per_node, timeout_s, w1)
     T, K = topk_ids.shape
     D = x.shape[1]
     ws = _unpack_all(w1, w2, w3, b1, b2, b3)
@@ -205,26 +220,26 @@ def _(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w
 
 
 def _setup_context(ctx, inputs, output):
-    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, *config) = inputs
+    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config) = inputs
     _, table, idx, wpair, xrows, h, order = output
-    ctx.save_for_backward(x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order,
+    ctx.save_for_backward(x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner,
                           *w1, *w2, *w3, *b1, *b2, *b3)
     ctx.lengths = [len(w) for w in (w1, w2, w3, b1, b2, b3)]
     ctx.config = tuple(config)
 
 
 def _backward(ctx, grad_out, *_unused):
-    x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, *flat = ctx.saved_tensors
+    x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner, *flat = ctx.saved_tensors
     lists, start = [], 0
     for n in ctx.lengths:
         lists.append(list(flat[start:start + n]))
         start += n
     need_w = any(ctx.needs_input_grad[3:9])
     dx, dweights, *dws = _ep_experts_backward_op(grad_out, x, topk_weights, topk_ids, table, idx, wpair, xrows,
-                                                 h, order, *lists, *ctx.config, need_w)
+                                                 h, order, *lists, owner, *ctx.config, need_w)
     dws = [list(g) if g else [None] * n for g, n in zip(dws, ctx.lengths)]
     return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None, *dws,
-            *([None] * len(ctx.config)))
+            None, *([None] * len(ctx.config)))
 
 
 _ep_experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -243,29 +258,38 @@ def _lowering_name(impl: Optional[str], device_type: str) -> str:
 
 def ep_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, w1: Weights,
                w2: Weights, w3: Weights = None, b1: Weights = None, b2: Weights = None, b3: Weights = None, *,
-               spec: ExpertSpec, group: dist.ProcessGroup, placement: ExpertPlacement, ranks_per_node: int,
+               spec: ExpertSpec, group: dist.ProcessGroup, placement: Union[ExpertPlacement, torch.Tensor],
+               ranks_per_node: int = 0,
                chunks: Optional[int] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                impl: Optional[str] = None) -> torch.Tensor:
     """The expert part under expert parallelism: ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` for this
-    rank's tokens, the experts living on their owner ranks. ``topk_ids`` are global expert ids (-1: dropped)."""
+    rank's tokens, the experts living on their owner ranks. ``topk_ids`` are global expert ids (-1: dropped);
+    ``placement``: an ExpertPlacement or an int tensor of owner ranks (read at each call);
+    ``ranks_per_node=0``: detected at the first call (one collective, cached per group)."""
     if chunks is not None and not (isinstance(chunks, int) and 1 <= chunks <= MAX_CHUNKS):
         raise ValueError(f"overlap_chunks={chunks!r} must be an int in [1, {MAX_CHUNKS}] or None (automatic)")
     out = _ep_experts_op(
         x_TD, topk_weights_TK, topk_ids_TK, pack_weights(w1), pack_weights(w2), pack_weights(w3),
-        pack_weights(b1), pack_weights(b2), pack_weights(b3), list(placement.owner), int(ranks_per_node),
+        pack_weights(b1), pack_weights(b2), pack_weights(b3), _owner_tensor(placement), int(ranks_per_node),
         int(chunks or 0), float(timeout_s), group.group_name, spec.activation, spec.glu or "", float(spec.alpha),
         float(spec.limit), _lowering_name(impl, x_TD.device.type))
     return out[0]
+
+
+def _owner_tensor(placement: Union[ExpertPlacement, torch.Tensor]) -> torch.Tensor:
+    if isinstance(placement, torch.Tensor):
+        return placement
+    return torch.tensor(placement.owner, dtype=torch.int64)
 
 
 def _fail(msg: str):
     raise ValueError(msg)
 
 
-def _validate_ep(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, placement: ExpertPlacement, rank: int,
-                 weights_TK, ids_TK) -> None:
-    """The single-device checks on this rank's share (local experts), plus the EP-specific ones."""
-    E = placement.num_experts
+def _validate_ep(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, E: int, rank: int,
+                 local: Optional[tuple], weights_TK, ids_TK) -> None:
+    """The single-device checks on this rank's share (its experts), plus the EP-specific ones. ``local``: the
+    experts the placement gives this rank (None for an owner tensor, which the op checks when it reads it)."""
     if spec.capacity is not None:
         _fail("capacity (token dropping) is not supported with expert parallelism; drop capacity= or ep_group=")
     if router_logits_TE is not None:
@@ -276,41 +300,51 @@ def _validate_ep(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, placement
             _fail("router_logits contain NaN or inf; check the router's input and weights")
     if w.selection_bias is not None and tuple(w.selection_bias.shape) != (E,):
         _fail(f"selection_bias must be [E={E}]; got {tuple(w.selection_bias.shape)}")
-    local = placement.local_experts(rank)
     w1 = pack_weights(w.w1)
     held = _num_local(w1) if w1 else 0
-    if held != len(local):
+    if local is not None and held != len(local):
         _fail(f"rank {rank} holds {held} experts but the placement gives it {len(local)} (global ids "
               f"{list(local)}); pass only this rank's experts' weights, stacked in global-id order"
               + ("; a rank without experts passes empty stacked tensors [0, F, D]" if not local else ""))
-    if not local:
+    if not held:
         for name in ("w1", "w2", "w3"):
             ws = getattr(w, name)
             if ws is not None and not (isinstance(ws, torch.Tensor) and ws.dim() == 3 and ws.shape[0] == 0):
                 _fail(f"rank {rank} holds no experts: pass {name} as an empty stacked tensor [0, out, in]")
         return
     local_spec = spec.replace(router=RouterSpec(top_k=spec.top_k, external=True),
-                              experts=dataclasses.replace(spec.experts, num_experts=len(local)), capacity=None)
+                              experts=dataclasses.replace(spec.experts, num_experts=held), capacity=None)
     validate(local_spec, x_TD, None, w._replace(selection_bias=None), weights_TK, ids_TK)
 
 
 def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights,
-                   group: dist.ProcessGroup, *, expert_placement: Placement = None,
+                   group: Union[dist.ProcessGroup, str], *,
+                   expert_placement: Union[Placement, torch.Tensor] = None,
                    overlap_chunks: Optional[int] = None, ranks_per_node: Optional[int] = None,
                    ep_timeout: Optional[float] = None, impl: Optional[str] = None,
                    topk_weights_TK: Optional[torch.Tensor] = None, topk_ids_TK: Optional[torch.Tensor] = None,
                    return_router_stats: bool = False, check: bool = True):
-    """``moe_forward`` under expert parallelism (what ``fused_moe(..., ep_group=...)`` runs)."""
+    """``moe_forward`` under expert parallelism (what ``fused_moe(..., ep_group=...)`` runs). ``group``: a
+    ProcessGroup or its name; ``expert_placement``: None (balanced), owner ranks, an ExpertPlacement, or an int
+    tensor of owner ranks read at each call."""
+    if isinstance(group, str):   # a group name (what the compiler's rewrite passes)
+        group = _resolve_process_group(group)
     world, rank = group.size(), group.rank()
     E = None if spec.router.external else router_logits_TE.shape[-1]
     if spec.router.external and expert_placement is None:
         _fail("with topk_weights/topk_ids under expert parallelism the number of experts is unknown: pass "
               "expert_placement (one owner rank per global expert)")
-    placement = resolve_placement(expert_placement, E, world)
-    E = placement.num_experts
+    if isinstance(expert_placement, torch.Tensor):   # an owner table the model keeps (and may update)
+        if expert_placement.dim() != 1 or expert_placement.is_floating_point() or \
+                (E is not None and expert_placement.shape[0] != E):
+            _fail(f"expert_placement as a tensor must be a 1-D integer tensor of E={E} owner ranks")
+        placement, E, local = expert_placement, int(expert_placement.shape[0]), None
+    else:
+        placement = resolve_placement(expert_placement, E, world)
+        E, local = placement.num_experts, placement.local_experts(rank)
     if spec.num_experts != E:
         spec = spec.replace(experts=dataclasses.replace(spec.experts, num_experts=E))
-    rpn = Topology(world, resolve_ranks_per_node(group, ranks_per_node)).ranks_per_node   # checks it divides
+    rpn = 0 if ranks_per_node is None else Topology(world, int(ranks_per_node)).ranks_per_node  # 0: op detects
     if spec.router.external:
         weights_TK, ids_TK = topk_weights_TK, topk_ids_TK.long()
     else:
@@ -321,7 +355,7 @@ def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional
         weights_TK, ids_TK = routed if routed is not None else route(router_logits_TE, spec.router,
                                                                      w.selection_bias)
     if check:
-        _validate_ep(spec, x_TD, router_logits_TE, w, placement, rank, weights_TK, ids_TK)
+        _validate_ep(spec, x_TD, router_logits_TE, w, E, rank, local, weights_TK, ids_TK)
     out_TD = ep_experts(x_TD, weights_TK, ids_TK, w.w1, w.w2, w.w3, w.b1, w.b2, w.b3, spec=spec.experts,
                         group=group, placement=placement, ranks_per_node=rpn, chunks=overlap_chunks,
                         timeout_s=DEFAULT_TIMEOUT_S if ep_timeout is None else float(ep_timeout), impl=impl)

@@ -11,8 +11,8 @@ to send a token across the slow inter-node link at most once per node (see ``moe
 name, boot id and network namespace, so that network namespaces on one host count as nodes, as in the testbed);
 a grouping that is not equal consecutive blocks falls back to one rank per node (a flat exchange) and says so.
 
-Entry points: ``resolve_placement(spec_or_owners, num_experts, world_size)``, ``resolve_ranks_per_node(group,
-ranks_per_node)``, ``detect_ranks_per_node(group)``.
+Entry points: ``resolve_placement(owners, num_experts, world_size)``, ``detect_ranks_per_node(group)`` (the op
+calls it at its first run when ``ranks_per_node`` is not given: a collective at run time, never while compiling).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-__all__ = ["ExpertPlacement", "Topology", "detect_ranks_per_node", "resolve_placement", "resolve_ranks_per_node"]
+__all__ = ["ExpertPlacement", "Topology", "detect_ranks_per_node", "resolve_placement"]
 
 log = logging.getLogger("moe_fuser")
 
@@ -144,13 +144,13 @@ def _node_identity() -> str:
     return f"{socket.gethostname()}|{boot}|{netns}"
 
 
-_DETECTED: dict[str, int] = {}
+_DETECTED: dict[tuple, int] = {}
 
 
 def detect_ranks_per_node(group: dist.ProcessGroup) -> int:
-    """Gather every rank's node identity once per group (a collective: call it on all ranks, outside
-    torch.compile); cached by group name."""
-    name = group.group_name
+    """Gather every rank's node identity once per group (a collective: every rank calls it); cached by group
+    name, world size and rank."""
+    name = (group.group_name, dist.get_world_size(group), dist.get_rank(group))
     if name not in _DETECTED:
         ids: list[Optional[str]] = [None] * dist.get_world_size(group)
         dist.all_gather_object(ids, _node_identity(), group=group)
@@ -167,16 +167,3 @@ def detect_ranks_per_node(group: dist.ProcessGroup) -> int:
                      "exchange (give ranks_per_node to override)", ids)
         _DETECTED[name] = rpn
     return _DETECTED[name]
-
-
-def resolve_ranks_per_node(group: dist.ProcessGroup, ranks_per_node: Optional[int]) -> int:
-    if ranks_per_node is not None:
-        return int(ranks_per_node)
-    name = group.group_name
-    if name in _DETECTED:
-        return _DETECTED[name]
-    if torch.compiler.is_compiling():
-        raise ValueError("ranks_per_node=None needs a detection collective, which cannot run while torch.compile "
-                         "traces: pass ranks_per_node, or call moe_fuser.distributed.detect_ranks_per_node(group) "
-                         "on every rank before compiling")
-    return detect_ranks_per_node(group)

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 import moe_fuser
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 from moe_fuser.distributed import ExpertParallelError, ExpertPlacement, traffic
 
 
@@ -191,6 +193,69 @@ def bad_inputs(group, rank, world):
     return out
 
 
+def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer"):
+    """The seed's hand-written EP layer under torch.compile(backend="moe_fuser"): how many regions were fused,
+    what explain says, and the largest difference to the same layer in eager (output, and gradients of the
+    input and of the local experts' weights for the autograd-capable functional collectives)."""
+    import torch._dynamo
+    from ep_seed import SeedEPMoE
+    from moe_fuser.rewrite import counters
+
+    torch.manual_seed(0)
+    layer = SeedEPMoE(16, 24, 5, 2, group, collectives=collectives)
+    if placement == "floordiv":     # owner = ids // n instead of a buffer lookup (5 experts won't divide: use 6)
+        torch.manual_seed(0)
+        layer = SeedEPMoE(16, 24, 6, 2, group, collectives=collectives)
+        layer.forward = _floordiv_forward.__get__(layer)
+    x = torch.randn(19 + 4 * rank, 16, requires_grad=True)
+    report = moe_fuser.explain(layer, x.detach())
+    torch._dynamo.reset()
+    before = counters["fused"]
+    compiled = torch.compile(layer, backend="moe_fuser", options={"inner": "aot_eager"})
+    out = compiled(x)
+    fused = counters["fused"] - before
+    ref = layer(x)
+    res = {"fused": fused, "explain_fused": report.num_fused, "explain": str(report), "out": max_err(out, ref)}
+    if collectives == "functional":
+        g = torch.randn_like(out)
+        out.backward(g)
+        got = [x.grad.clone()] + [p.grad.clone() for p in layer.experts.parameters()]
+        x.grad = None
+        layer.zero_grad()
+        ref.backward(g)
+        want = [x.grad] + [p.grad for p in layer.experts.parameters()]
+        res["grads"] = max(max_err(a, b) for a, b in zip(got, want))
+    return res
+
+
+def _floordiv_forward(self, x):
+    """The seed layer with ``dest = flat_ids // n`` (balanced placement, no owner buffer)."""
+    T, D = x.shape
+    k = self.top_k
+    n = self.owner.shape[0] // self.world
+    probs = self.gate(x).float().softmax(dim=-1)
+    weights, ids = probs.topk(k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    flat_ids = ids.flatten()
+    dest = flat_ids // n
+    order = torch.argsort(dest, stable=True)
+    send_counts = torch.histc(dest.float(), bins=self.world, min=0, max=self.world - 1).long()
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+    recv_x = self._a2a(x[order // k], recv_splits, send_splits)
+    recv_ids = torch.empty(sum(recv_splits), dtype=flat_ids.dtype)
+    dist.all_to_all_single(recv_ids, flat_ids[order], recv_splits, send_splits, group=self.group)
+    out = torch.zeros_like(recv_x)
+    for i, e in enumerate(self.local_ids):
+        rows = torch.where(recv_ids == e)[0]
+        out[rows] = self.experts[i](recv_x[rows])
+    back = self._a2a(out, send_splits, recv_splits)
+    y = torch.empty_like(back)
+    y[order] = back
+    return (y.view(T, k, D) * weights[..., None]).sum(dim=1)
+
+
 # ---- scenarios: one process group each ---------------------------------------------------------------------
 
 def scenario_two(group, rank, world):
@@ -209,6 +274,9 @@ def scenario_two(group, rank, world):
         "hidden": mismatch(group, rank, world, D=16 + 8 * rank),
     }
     res["bad_inputs"] = bad_inputs(group, rank, world)
+    res["compiled_seed"] = {"inplace": compiled_seed(group, rank, world, "inplace"),
+                            "functional": compiled_seed(group, rank, world, "functional"),
+                            "floordiv_setitem": compiled_seed(group, rank, world, "inplace", "floordiv")}
     res["stall"] = stall_or_die(group, rank, world, victim=1, die=False, timeout_s=2.0)
     return res
 

@@ -85,3 +85,15 @@ def test_bad_inputs_raise_value_errors_naming_the_fix(two):
     assert "ranks_per_node=3 must divide" in msgs["ranks_per_node"]
     assert "covers 3 experts but the router has 5" in msgs["placement_size"]
     assert "outside the group" in msgs["placement_rank"]
+
+
+def test_compiled_seed_style_ep_is_fused_and_equal_to_eager(two):
+    """benchmarks/ep_seed.py's hand-written EP layer under torch.compile(backend="moe_fuser"): the in-place
+    legacy all_to_all_single (forward), the functional collectives (forward and backward), and a variant with
+    ``ids // n`` placement and ``out[rows] = ...`` writes: one region fused per rank, equal to eager."""
+    for rank, res in enumerate(two):
+        for name, r in res["compiled_seed"].items():
+            assert r["fused"] == 1 and r["explain_fused"] == 1, (rank, name, r["explain"])
+            assert "expert parallel over process group" in r["explain"], r["explain"]
+            assert r["out"] < 1e-5, (rank, name, r)
+            assert r.get("grads", 0.0) < 1e-5, (rank, name, r)
