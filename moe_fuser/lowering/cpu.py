@@ -20,7 +20,8 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 4. one ``index_add_`` combines into ``out [T, D]``: no ``[T, K, D]`` tensor, no per-token weight copy.
 
 Inference (``forward_inference``: nothing saved) streams groups of consecutive experts of at most the largest
-expert's rows through steps 3-4 (ragged layout), so temporaries stay near one expert's, as in the eager loop.
+expert's rows (and at least ``STREAM_MIN_ROWS``) through steps 3-4 (ragged layout), so temporaries stay near
+one expert's, as in the eager loop.
 
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order.
@@ -61,9 +62,12 @@ except (OSError, AttributeError):
 
 # Padded (bmm) layout: only when the mean rows per expert is at most this (larger groups run as well as
 # separate mm calls, which skip the padding) ...
-PADDED_MAX_MEAN_ROWS = 48
+PADDED_MAX_MEAN_ROWS = 96
 # ... and the padding at most multiplies the rows by this.
 PADDED_MAX_WASTE = 2.0
+# Streaming (inference and backward, ragged layout) visits groups of consecutive experts of at most
+# max(largest expert's rows, this) rows: bounded temporaries without a Python round per tiny expert (decode).
+STREAM_MIN_ROWS = 128
 
 
 def sort_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
@@ -137,10 +141,15 @@ class _Grouping:
         if self.padded:
             starts = torch.tensor([0] + counts[:-1], device=topk_ids_TK.device).cumsum(0)
             self.prow_n = self.expert_n * C + (torch.arange(n, device=topk_ids_TK.device) - starts[self.expert_n])
-            # Padding rows point at token 0: they only ever carry exact zeros (see scatter_add).
+            # Padding rows point at token 0 for the combine (they only carry exact zeros, see scatter_add) and at
+            # an appended zero row T for the gather.
             self.ptok = torch.zeros(num_experts * C, dtype=torch.int64, device=topk_ids_TK.device)
             self.ptok.index_copy_(0, self.prow_n, self.tok_n)
+            self.ptok_gather = torch.full_like(self.ptok, self.T).index_copy_(0, self.prow_n, self.tok_n)
         self.active = [e for e, c in enumerate(counts) if c]
+
+    def stream_rows(self) -> int:
+        return max(self.C, STREAM_MIN_ROWS)
 
     def chunks(self, max_rows: int):
         """Ragged sub-groupings of consecutive experts holding at most ``max_rows`` rows each (at least one
@@ -167,8 +176,12 @@ class _Grouping:
 
     # -- moving rows in and out --------------------------------------------------------------------------
     def gather(self, src_TX: torch.Tensor) -> torch.Tensor:
-        rows = torch.index_select(src_TX, 0, self.tok_n, out=_empty((self.n, src_TX.shape[1]), src_TX))
-        return self.from_sorted(rows)
+        X = src_TX.shape[1]
+        if self.padded:  # one gather straight into the padded layout, padding rows from an appended zero row
+            src = torch.cat([src_TX, src_TX.new_zeros(1, X)])
+            rows = torch.index_select(src, 0, self.ptok_gather, out=_empty((self.E * self.C, X), src_TX))
+            return rows.view(self.E, self.C, X)
+        return torch.index_select(src_TX, 0, self.tok_n, out=_empty((self.n, X), src_TX))
 
     def from_sorted(self, rows_nX: torch.Tensor) -> torch.Tensor:
         if not self.padded:
@@ -313,14 +326,14 @@ class CpuLowering:
         return out_TD, h_NH, G.order_N
 
     def forward_inference(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
-        """Forward that keeps nothing for backward. The ragged layout streams groups of experts of at most the
-        largest expert's rows, so temporaries stay near one expert's (the eager loop's peak) instead of all
+        """Forward that keeps nothing for backward. The ragged layout streams groups of experts of at most
+        ``stream_rows()`` rows, so temporaries stay near one expert's (the eager loop's peak) instead of all
         T*K rows; the padded layout (tiny experts: one bmm for all) runs whole."""
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3))
-        if G.padded or len(G.active) <= 1:
+        if G.padded or G.n <= G.stream_rows():
             return _ffn(G, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec)
         out_TD = x_TD.new_zeros(x_TD.shape)
-        for sub in G.chunks(max(G.counts)):
+        for sub in G.chunks(G.stream_rows()):
             _ffn(sub, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec, out=out_TD)
         return out_TD
 
@@ -337,7 +350,7 @@ class CpuLowering:
                       [_grad_buffer(b, G.counts, zero=True) for b in (b1, b2, b3)]
         # Like inference, the ragged layout streams expert groups, so only one group's temporaries are alive
         # next to the gradients (the eager loop's backward frees its per-expert activations as it goes, too).
-        groups = [G] if G.padded or len(G.active) <= 1 else G.chunks(max(G.counts))
+        groups = [G] if G.padded or G.n <= G.stream_rows() else G.chunks(G.stream_rows())
         for sub in groups:
             _ffn_backward(sub, grad_TD, x_TD, topk_weights_TK, _saved_halves(h_NH, spec), w1, w2, w3, b2, spec,
                           dx_TD, dweights_N, grads_w)

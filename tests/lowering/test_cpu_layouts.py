@@ -21,6 +21,7 @@ from _moe_cases import Case, leaves, rel_err  # noqa: E402
 def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
+    monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)  # the ragged backward then streams several expert groups
     used = []
     init = cpu._Grouping.__init__
 
@@ -51,8 +52,10 @@ def test_padded_layout_needs_every_expert_active():
 
 @pytest.mark.parametrize("glu,bias", [("separate", False), ("concat", True), (None, True)])
 def test_inference_streams_expert_groups(monkeypatch, glu, bias):
-    """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows)."""
+    """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows,
+    with the minimum group size lowered to 1 here)."""
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
+    monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)
     seen = []
     chunks = cpu._Grouping.chunks
 
