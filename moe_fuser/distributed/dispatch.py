@@ -66,6 +66,9 @@ _KINDS = 4               # per chunk: rows to node b, pairs to node b, rows to r
 traffic = {"inter_node_bytes": 0, "intra_node_bytes": 0, "calls": 0, "compute_seconds": 0.0}
 
 
+_LEVEL_GROUPS: dict[tuple, dict] = {}
+
+
 class ExpertParallelError(RuntimeError):
     """A collective of the EP exchange failed or did not finish in time (a peer died, stalls or diverged)."""
 
@@ -166,6 +169,7 @@ class TokenDispatcher:
         self.node_ranks = topo.node_ranks(self.rank)
         self.level_a = topo.num_nodes > 1
         self.level_b = topo.ranks_per_node > 1
+        self._groups: Optional[dict] = None
 
     def group(self) -> dist.ProcessGroup:
         return _resolve_process_group(self.group_name)
@@ -180,10 +184,47 @@ class TokenDispatcher:
                 f"rank {self.rank} of {self.world}: a peer rank died, stalls, or stopped calling the MoE layer "
                 f"(every rank must call it the same number of times). Cause: {exc}") from exc
 
-    def _a2a(self, inp: torch.Tensor, send: Sequence[int], recv: Sequence[int]):
+    def _level_groups(self) -> None:
+        """One process group per node (level B) and per local index (level A), made on first use: every rank
+        creates all of them, in the same order (``new_group`` is collective). Their own queues keep a fast
+        intra-node exchange from waiting behind inter-node ones (gloo runs a group's operations in order), and
+        their all-to-alls involve only the ranks that exchange anything. ``new_group`` needs every process of
+        the job: for an EP group smaller than the world both levels use the EP group itself (zero splits to
+        the ranks outside the level)."""
+        if self._groups is not None:
+            return
+        key = (self.group_name, self.world, self.rank, self.topo.ranks_per_node)
+        if key in _LEVEL_GROUPS:     # shared by dispatchers of other placements: made once per group
+            self._groups = _LEVEL_GROUPS[key]
+            return
+        parent = self.group()
+        ranks = dist.get_process_group_ranks(parent)
+        rpn, N = self.topo.ranks_per_node, self.topo.num_nodes
+        if len(ranks) != dist.get_world_size():
+            self._groups = _LEVEL_GROUPS[key] = {"A": parent, "B": parent}
+            return
+        groups = {}
+        if self.level_b:
+            for b in range(N):
+                g = dist.new_group([ranks[b * rpn + i] for i in range(rpn)], timeout=self.timeout)
+                if b == self.topo.node(self.rank):
+                    groups["B"] = g
+        if self.level_a:
+            for i in range(rpn):
+                g = dist.new_group([ranks[b * rpn + i] for b in range(N)], timeout=self.timeout)
+                if i == self.rank % rpn:
+                    groups["A"] = g
+        self._groups = _LEVEL_GROUPS[key] = groups
+
+    def _a2a(self, level: str, inp: torch.Tensor, send: Sequence[int], recv: Sequence[int]):
+        """All-to-all within this rank's level-A (peers) or level-B (node) group; split sizes per group rank."""
+        self._level_groups()
+        group = self._groups[level]
+        if group is not self.group():
+            members = self.peers if level == "A" else self.node_ranks
+            send, recv = [send[r] for r in members], [recv[r] for r in members]
         out = inp.new_empty((sum(recv),) + tuple(inp.shape[1:]))
-        work = dist.all_to_all_single(out, inp.contiguous(), list(recv), list(send), group=self.group(),
-                                      async_op=True)
+        work = dist.all_to_all_single(out, inp.contiguous(), list(recv), list(send), group=group, async_op=True)
         return out, work
 
     # ---- counts exchange ------------------------------------------------------------------------------------
@@ -364,8 +405,8 @@ class TokenDispatcher:
             if not self.level_a:
                 a_in[c] = (rows, None, meta, None)
                 return
-            rows_in, w1 = self._a2a(rows, s.a_send_rows, s.a_recv_rows)
-            meta_in, w2 = self._a2a(meta, s.a_send_pairs, s.a_recv_pairs) if meta is not None else (None, None)
+            rows_in, w1 = self._a2a("A", rows, s.a_send_rows, s.a_recv_rows)
+            meta_in, w2 = self._a2a("A", meta, s.a_send_pairs, s.a_recv_pairs) if meta is not None else (None, None)
             a_in[c] = (rows_in, w1, meta_in, w2)
 
         def b_issue(c):
@@ -382,8 +423,8 @@ class TokenDispatcher:
             if building:
                 gateway[c] = self._gateway_plan(s, meta_A, rows_A.shape[0])
             g = gateway[c]
-            rows_B, w1 = self._a2a(rows_A.index_select(0, g.row_src), s.b_send_rows, s.b_recv_rows)
-            meta_B, w2 = self._a2a(g.meta, s.b_send_pairs, s.b_recv_pairs) if building else (None, None)
+            rows_B, w1 = self._a2a("B", rows_A.index_select(0, g.row_src), s.b_send_rows, s.b_recv_rows)
+            meta_B, w2 = self._a2a("B", g.meta, s.b_send_pairs, s.b_recv_pairs) if building else (None, None)
             b_in[c] = (rows_B, w1, meta_B, w2)
 
         def compute_issue(c):
@@ -403,8 +444,9 @@ class TokenDispatcher:
             if not self.level_b:
                 b_back[c] = (out_rows, None, out_pairs, None)
                 return
-            r, w1 = self._a2a(out_rows, s.b_recv_rows, s.b_send_rows)
-            p, w2 = self._a2a(out_pairs, s.b_recv_pairs, s.b_send_pairs) if out_pairs is not None else (None, None)
+            r, w1 = self._a2a("B", out_rows, s.b_recv_rows, s.b_send_rows)
+            p, w2 = (self._a2a("B", out_pairs, s.b_recv_pairs, s.b_send_pairs) if out_pairs is not None
+                     else (None, None))
             b_back[c] = (r, w1, p, w2)
 
         def a_back_issue(c):
@@ -421,8 +463,8 @@ class TokenDispatcher:
             if not self.level_a:
                 a_back[c] = (rows, None, pairs, None)
                 return
-            r, w1 = self._a2a(rows, s.a_recv_rows, s.a_send_rows)
-            p, w2 = self._a2a(pairs, s.a_recv_pairs, s.a_send_pairs) if pairs is not None else (None, None)
+            r, w1 = self._a2a("A", rows, s.a_recv_rows, s.a_send_rows)
+            p, w2 = self._a2a("A", pairs, s.a_recv_pairs, s.a_send_pairs) if pairs is not None else (None, None)
             a_back[c] = (r, w1, p, w2)
 
         def finish(c):
@@ -434,15 +476,17 @@ class TokenDispatcher:
 
         if C:
             a_issue(0)
-            b_issue(0)
             if C > 1:
                 a_issue(1)
+            b_issue(0)
             for c in range(C):
-                if c + 1 < C:
-                    b_issue(c + 1)
                 if c + 2 < C:
-                    a_issue(c + 2)
+                    a_issue(c + 2)              # in flight during compute(c) and compute(c + 1)
+                if 1 <= c < C - 1:
+                    b_issue(c + 1)              # its A went out before compute(c - 1)
                 compute_issue(c)
+                if c == 0 and C > 1:
+                    b_issue(1)                  # A(1) went out with A(0): let compute(0) cover it
                 if c > 0:
                     a_back_issue(c - 1)
             a_back_issue(C - 1)

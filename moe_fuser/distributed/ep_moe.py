@@ -104,7 +104,7 @@ def _ep_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
                    w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
                    b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
                    owner: torch.Tensor, ranks_per_node: int, chunks: int, timeout_s: float, group_name: str,
-                   activation: str, glu: str, alpha: float, limit: float, impl: str
+                   activation: str, glu: str, alpha: float, limit: float, impl: str, save: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor]:
     disp, owner, ranks_per_node = _setup(group_name, owner, ranks_per_node, timeout_s, w1)
@@ -122,24 +122,46 @@ def _ep_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     saved_rows, saved_h, saved_order = [], [], []
 
     def compute(c, cp, rows_RD):
-        saved_rows.append(rows_RD)
+        if save:
+            saved_rows.append(rows_RD)
         if cp.row_of_pair.numel() == 0:
             return rows_RD.new_zeros(cp.num_rows, D), None
-        xs_nD = rows_RD.index_select(0, cp.row_of_pair)
-        y_nD, h_nH, order_n = low.forward(xs_nD, cp.weight[:, None], cp.local_expert[:, None], *ws, spec)
-        saved_h.append(h_nH.reshape(-1))   # flat: a lowering may give its saved tensor a storage layout
-        saved_order.append(order_n)
-        return rows_RD.new_zeros(cp.num_rows, D).index_add_(0, cp.row_of_pair, y_nD), None
+        weights_RS, ids_RS, _ = _row_slots(cp)
+        # the full forward also when nothing is kept: chunks already bound its temporaries, and it is faster here
+        # than a lowering's streaming forward_inference
+        partial_RD, h_NH, order_N = low.forward(rows_RD, weights_RS, ids_RS, *ws, spec)
+        if save:
+            saved_h.append(h_NH.reshape(-1))   # flat: a lowering may give its saved tensor a storage layout
+            saved_order.append(order_N)
+        return partial_RD, None
 
     plan, back = disp.run(plan, lambda c: x.index_select(0, plan.origin[c].tok_rows), compute)
     out_TD = torch.zeros_like(x)
     for c, (rows, _) in enumerate(back):
         out_TD.index_add_(0, plan.origin[c].tok_rows, rows)
+    if not save:   # no gradient can flow: nothing kept for a backward
+        return (out_TD, plan.table, topk_ids.new_zeros(0), topk_weights.new_zeros(0, dtype=torch.float32),
+                x.new_zeros(0, D), x.new_zeros(0), topk_ids.new_zeros(0))
     idx, wpair = disp.pack(plan)
     xrows = torch.cat(saved_rows) if saved_rows else x.new_zeros(0, D)
     h = torch.cat(saved_h) if saved_h else x.new_zeros(0)
     order = torch.cat(saved_order) if saved_order else topk_ids.new_zeros(0)
     return out_TD, plan.table, idx, wpair, xrows, h, order
+
+
+def _row_slots(cp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk's pairs as a top-k table over its received rows: ``weights_RS``/``ids_RS`` [R, S] with S the most
+    pairs any row has (-1: empty slot, which the lowerings skip like a dropped pair), and each pair's flat
+    position in it. The lowering then gathers each row once and sums a row's pairs itself: no per-pair copy of
+    the rows. (Pairs arrive sorted by row.)"""
+    R, n = cp.num_rows, cp.row_of_pair.numel()
+    per_row = torch.bincount(cp.row_of_pair, minlength=R)
+    S = int(per_row.max())
+    first = torch.cumsum(per_row, 0) - per_row
+    slot_n = cp.row_of_pair * S + (torch.arange(n) - first[cp.row_of_pair])
+    ids_RS = torch.full((R * S,), -1, dtype=torch.int64).index_copy_(0, slot_n, cp.local_expert).view(R, S)
+    weights_RS = torch.zeros(R * S, dtype=torch.float32).index_copy_(0, slot_n, cp.weight).view(R, S)
+    return weights_RS, ids_RS, slot_n
 
 
 def _table_width(group_name: str) -> tuple[int, int]:
@@ -149,7 +171,7 @@ def _table_width(group_name: str) -> tuple[int, int]:
 
 @_ep_experts_op.register_fake
 def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, ranks_per_node, chunks, timeout_s, group_name,
-      activation, glu, alpha, limit, impl):
+      activation, glu, alpha, limit, impl, save):
     ctx = torch.library.get_ctx()
     n_idx, n_pairs, n_rows, n_h = (ctx.new_dynamic_size() for _ in range(4))
     world, width = _table_width(group_name)
@@ -179,26 +201,25 @@ def _ep_experts_backward_op(
     grad = grad.contiguous()
     grads_w = [[torch.zeros_like(w) for w in wl] if need_w else [] for wl in (w1, w2, w3, b1, b2, b3)]
     H = 2 * w2[0].shape[-1] if glu else w2[0].shape[-1]
-    offsets = {"rows": 0, "pairs": 0}
+    offsets = {"rows": 0, "slots": 0}
 
     def compute(c, cp, g_RD):
-        r0, p0, n = offsets["rows"], offsets["pairs"], cp.row_of_pair.numel()
-        offsets["rows"] += cp.num_rows
-        offsets["pairs"] += n
-        dx_RD = g_RD.new_zeros(cp.num_rows, D)
-        if n == 0:
-            return dx_RD, cp.weight.new_zeros(0)
-        rows = xrows[r0:r0 + cp.num_rows]
-        xs_nD = rows.index_select(0, cp.row_of_pair)
-        g_nD = g_RD.index_select(0, cp.row_of_pair)
-        dxs_nD, dw_n1, *dws = low.backward(g_nD, xs_nD, cp.weight[:, None], cp.local_expert[:, None],
-                                           h[p0 * H:(p0 + n) * H].view(n, H), order[p0:p0 + n], *ws, spec,
-                                           (True, True, need_w))
+        R = cp.num_rows
+        r0 = offsets["rows"]
+        offsets["rows"] += R
+        if cp.row_of_pair.numel() == 0:
+            return g_RD.new_zeros(R, D), cp.weight.new_zeros(0)
+        weights_RS, ids_RS, slot_n = _row_slots(cp)
+        N, s0 = ids_RS.numel(), offsets["slots"]
+        offsets["slots"] += N
+        dx_RD, dweights_RS, *dws = low.backward(g_RD, xrows[r0:r0 + R], weights_RS, ids_RS,
+                                                h[s0 * H:(s0 + N) * H].view(N, H), order[s0:s0 + N], *ws, spec,
+                                                (True, True, need_w))
         if need_w:
             for acc, g in zip(grads_w, dws):
                 for a, gi in zip(acc, pack_weights(g)):
                     a.add_(gi)
-        return dx_RD.index_add_(0, cp.row_of_pair, dxs_nD), dw_n1.reshape(-1).to(torch.float32)
+        return dx_RD, dweights_RS.reshape(-1)[slot_n].to(torch.float32)
 
     plan, back = disp.run(plan, lambda c: grad.index_select(0, plan.origin[c].tok_rows), compute)
     dx_TD = torch.zeros_like(x)
@@ -225,7 +246,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner,
                           *w1, *w2, *w3, *b1, *b2, *b3)
     ctx.lengths = [len(w) for w in (w1, w2, w3, b1, b2, b3)]
-    ctx.config = tuple(config)
+    ctx.config = tuple(config[:-1])   # without ``save``
 
 
 def _backward(ctx, grad_out, *_unused):
@@ -239,7 +260,7 @@ def _backward(ctx, grad_out, *_unused):
                                                  h, order, *lists, owner, *ctx.config, need_w)
     dws = [list(g) if g else [None] * n for g, n in zip(dws, ctx.lengths)]
     return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None, *dws,
-            None, *([None] * len(ctx.config)))
+            None, *([None] * (len(ctx.config) + 1)))
 
 
 _ep_experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -268,11 +289,14 @@ def ep_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: t
     ``ranks_per_node=0``: detected at the first call (one collective, cached per group)."""
     if chunks is not None and not (isinstance(chunks, int) and 1 <= chunks <= MAX_CHUNKS):
         raise ValueError(f"overlap_chunks={chunks!r} must be an int in [1, {MAX_CHUNKS}] or None (automatic)")
+    packed = [pack_weights(w) for w in (w1, w2, w3, b1, b2, b3)]
+    # Keep the plan and activations for backward only when a gradient can flow (every rank must agree: a rank
+    # running a backward the others skip waits for them until the timeout).
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weights_TK, *sum(packed, [])))
     out = _ep_experts_op(
-        x_TD, topk_weights_TK, topk_ids_TK, pack_weights(w1), pack_weights(w2), pack_weights(w3),
-        pack_weights(b1), pack_weights(b2), pack_weights(b3), _owner_tensor(placement), int(ranks_per_node),
+        x_TD, topk_weights_TK, topk_ids_TK, *packed, _owner_tensor(placement), int(ranks_per_node),
         int(chunks or 0), float(timeout_s), group.group_name, spec.activation, spec.glu or "", float(spec.alpha),
-        float(spec.limit), _lowering_name(impl, x_TD.device.type))
+        float(spec.limit), _lowering_name(impl, x_TD.device.type), save)
     return out[0]
 
 
