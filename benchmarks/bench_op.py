@@ -35,7 +35,7 @@ cores other processes keep busy while a cell is timed are measured (``busy_elsew
 table flags noisy cells; ``--wait-quiet`` waits for a quiet machine, ``--threads 1`` is robust to load.
 
 Output: a table on stdout, ``<out>/<name>.csv`` (one row per config x dtype x mode, with versions, CPU model
-and thread count) and ``<out>/<name>.png``; ``--profile`` also prints the top ops of fused vs floor per cell.
+and thread count) and ``<out>/<name>.png``; ``--profile`` also prints the top ops of fused, floor and eager.
 
     python benchmarks/bench_op.py                                        # all (about 6 min on 2 cores)
     python benchmarks/bench_op.py --configs fine --dtype bf16 --mode train --iters 5
@@ -334,11 +334,12 @@ def _verdict(row) -> str:
 
 
 def profile_cell(case: Case, mode: str, rows: int = 15) -> None:
-    """Top ops (self CPU time) of fused vs floor over a few calls: where fused spends beyond the GEMMs."""
+    """Top ops (self CPU time) of fused, the fastest floor and eager over a few calls: where fused spends beyond
+    the GEMMs, and what the eager loop does differently."""
     reps = 3
     floor = min(FLOORS, key=lambda v: median(interleaved_medians(
         {v: Variant(*case.step(v, mode))}, rounds=3, warmup=1).times[v]))
-    for v in ("fused", floor):
+    for v in ("fused", floor, "eager"):
         run, setup = case.step(v, mode)
         prof = run_profiled(run, setup, reps=reps)
         case.clear_grads()
@@ -429,7 +430,7 @@ def main(argv=None) -> None:
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each cell, wait up to SECONDS for other processes to use < 0.3 cores (default 0)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    p.add_argument("--profile", action="store_true", help="print the top ops of fused vs floor per cell")
+    p.add_argument("--profile", action="store_true", help="print the top ops of fused, floor and eager per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/)")
     p.add_argument("--name", default="bench_op", help="file stem of the CSV and PNG (default bench_op)")
