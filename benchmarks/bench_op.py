@@ -57,8 +57,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import (Variant, environment, interleaved_medians, interleaved_timings, median, peak_bytes,
-                     results_dir, run_profiled, wait_until_quiet, write_csv)
+from _common import (Variant, environment, interleaved_timings, median, peak_bytes, results_dir, run_profiled,
+                     wait_until_quiet, write_csv)
 
 import moe_fuser
 
@@ -333,12 +333,10 @@ def _verdict(row) -> str:
     return "yes" if not fails else "NO: " + ", ".join(fails)
 
 
-def profile_cell(case: Case, mode: str, rows: int = 15) -> None:
+def profile_cell(case: Case, mode: str, floor: str, rows: int = 15) -> None:
     """Top ops (self CPU time) of fused, the fastest floor and eager over a few calls: where fused spends beyond
     the GEMMs, and what the eager loop does differently."""
     reps = 3
-    floor = min(FLOORS, key=lambda v: median(interleaved_medians(
-        {v: Variant(*case.step(v, mode))}, rounds=3, warmup=1).times[v]))
     for v in ("fused", floor, "eager"):
         run, setup = case.step(v, mode)
         prof = run_profiled(run, setup, reps=reps)
@@ -472,7 +470,7 @@ def main(argv=None) -> None:
                       f"{row['dropped_rounds']} dropped, {time.perf_counter() - t0:.0f}s, "
                       f"{row['busy_elsewhere']:.2f} cores busy elsewhere)", flush=True)
                 if args.profile:
-                    profile_cell(case, mode)
+                    profile_cell(case, mode, f"floor_{row['floor_by']}")
             del case
     print_table(rows, env)
     csv_path, png_path = out_dir / f"{args.name}.csv", out_dir / f"{args.name}.png"
