@@ -233,6 +233,8 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
             item.lowering = lowering_name
             item.dtype = val(item.x).dtype
             item.module_path = item.module_path or module_path(item.output)
+            if lowering_name == "npu":  # which stages leave torch_npu's fused ops, and why (explain shows it)
+                item.notes += tuple(_npu_fallbacks(item))
             _rewrite(ctx, item, keep, last, impl, len(result.matches), result)
             ctx.claimed |= set(item.region)
             ctx.invalidate()
@@ -244,6 +246,17 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
         gm.graph.lint()
         gm.recompile()
     return result
+
+
+def _npu_fallbacks(m: Match) -> list[str]:
+    from .lowering import npu
+
+    w1 = m.weights.w1
+    w2 = m.weights.w2[0] if isinstance(m.weights.w2, (list, tuple)) else m.weights.w2
+    ffn = val(w2).shape[-2 if "w2" in m.transposed else -1]
+    return npu.explain_constraints(m.spec, dtype=m.dtype, hidden_size=val(m.x).shape[-1], ffn_size=ffn,
+                                   weights_as_list=isinstance(w1, (list, tuple)),
+                                   training=torch.is_grad_enabled() and val(m.x).requires_grad)
 
 
 def _accept(ctx: MatchContext, m: Match, impl: Optional[str]):

@@ -238,3 +238,13 @@ def test_moe_fuser_backend_with_inner_npu_runs_the_npu_ops_under_torchair(npu_em
     want_grads = torch.autograd.grad(want, [x, model.gate.weight], g)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_explain_shows_npu_fallbacks(npu_emulator):
+    """A plain (non-GLU) SiLU expert has no npu_swiglu: explain's row names the lowering and the ATen stage."""
+    report = moe_fuser.explain(HandWrittenMoE(), torch.randn(10, 16))
+    assert report.num_fused == 1
+    row = report.fused[0]
+    assert row.lowering == "npu"
+    assert any(n.startswith("experts -> ATen activation") for n in row.notes), row.notes
+    assert "experts -> ATen activation" in str(report)
