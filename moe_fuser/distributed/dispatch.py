@@ -23,16 +23,19 @@ compared field by field so that ranks configured differently fail with a ``Value
 per chunk, the rows and pairs this rank sends to each node and to each rank. From this table every rank derives
 every split size of both levels for every chunk, so nothing else needs a host sync.
 
-Overlap: the tokens are cut into C chunks (the max of the ranks' choices); chunk c+1 is dispatched while chunk c
-is computed, and chunk c's results travel back while chunk c+1 is computed:
+Overlap: the tokens are cut into C chunks (the max of the ranks' choices); later chunks are dispatched while
+chunk c is computed, and chunk c's results travel back while chunk c+1 is computed (X' is X's way back):
 
-    prologue: A(0), B(0), A(1)
-    for c:    B(c+1) [needs A(c+1)], A(c+2), compute(c) [needs B(c)], B'(c), A'(c-1) [needs B'(c-1)]
-    epilogue: A'(C-1)
+    prologue: A(0), A(1), B(0)
+    for c:    A(c+2); B(c+1) [needs A(c+1), for c >= 1]; compute(c) [needs B(c)], B'(c);
+              B(1) [for c = 0: A(1) travelled during compute(0)]; A'(c-1) [needs B'(c-1)]
+    epilogue: A'(C-1), then the origin sums what came back
 
-Every rank issues the same collectives in the same order (the schedule depends only on the shared table). Every
-wait has a timeout: a rank that died or stalls makes the others raise ``ExpertParallelError`` naming the step,
-instead of hanging.
+Each level runs on its own process group (one per node for B, one per local index for A; made once per group
+when the EP group is the whole job), so a quick intra-node exchange never queues behind an inter-node one
+(gloo runs a group's operations in order). Every rank issues the same collectives in the same order (the
+schedule depends only on the shared table). Every wait has a timeout: a rank that died or stalls makes the
+others raise ``ExpertParallelError`` naming the step, instead of hanging.
 
 Legend: T tokens (this rank), K top-k, D model dim, W ranks in the group, N nodes, C chunks; R_* rows and n_*
 pairs received at a level; rows are token rows, pairs are (token, expert) assignments.

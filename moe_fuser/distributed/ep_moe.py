@@ -8,10 +8,13 @@ one custom op that, on each rank,
     rank-level) -> local grouped experts with the device's lowering -> combine back (rank-level, node-level)
 
 with chunk c+1 in flight while chunk c computes (``moe_fuser.distributed.dispatch`` has the exchange and the
-schedule). Each rank holds only its local experts' weights (``ExpertPlacement.local_experts(rank)``, stacked or
+schedule). A rank receives each token once however many of its experts it holds; the token's pairs there become
+a top-k table over the received rows (``_row_slots``: [R, S] ids and weights, -1 in unused slots), so the
+lowering gathers each row once and returns the row's partial sum directly. Each rank holds only its local experts' weights (``ExpertPlacement.local_experts(rank)``, stacked or
 as a list in global-id order); E is ``router_logits.shape[1]`` (or the placement's size with an external router).
 
-Backward (training): a second custom op replays the plan saved by the forward: the output gradient travels the
+Backward (training): a second custom op replays the plan saved by the forward (kept only when a gradient can
+flow, as for the single-device op): the output gradient travels the
 way the tokens went, the lowering's backward runs on each rank's received pairs (weight gradients stay local: the
 expert weights are not replicated), and input and routing-weight gradients travel back. Both directions issue
 the same collectives on every rank whatever ``requires_grad`` says locally, so no rank can wait for a message
@@ -114,7 +117,7 @@ def _ep_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     spec = _local_spec(_num_local(w1), activation, glu, alpha, limit, bool(b1 or b2 or b3))
     low = lowering.select(impl, x.device)
     header = [_MAGIC, len(owner), K, D, _dtype_code(x.dtype), w1[0].shape[-2], w2[0].shape[-1], ranks_per_node,
-              zlib.crc32(repr(tuple(owner)).encode()),
+              disp.placement.fingerprint(),
               _config_crc(activation, glu, alpha, limit, (bool(b1), bool(b2), bool(b3))),
               chunks or auto_chunks(T)]
     plan = disp.plan(topk_ids, topk_weights, header[-1], header)
@@ -173,12 +176,12 @@ def _table_width(group_name: str) -> tuple[int, int]:
 def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, ranks_per_node, chunks, timeout_s, group_name,
       activation, glu, alpha, limit, impl, save):
     ctx = torch.library.get_ctx()
-    n_idx, n_pairs, n_rows, n_h = (ctx.new_dynamic_size() for _ in range(4))
+    n_idx, n_pairs, n_rows, n_h, n_slots = (ctx.new_dynamic_size() for _ in range(5))
     world, width = _table_width(group_name)
     return (x.new_empty(x.shape), topk_ids.new_empty((world, width), dtype=torch.int64),
             topk_ids.new_empty((n_idx,), dtype=torch.int64), topk_weights.new_empty((n_pairs,), dtype=torch.float32),
             x.new_empty((n_rows, x.shape[1])), x.new_empty((n_h,)),
-            topk_ids.new_empty((n_pairs,), dtype=torch.int64))
+            topk_ids.new_empty((n_slots,), dtype=torch.int64))
 
 
 @torch.library.custom_op("moe_fuser::ep_experts_backward", mutates_args=())

@@ -24,7 +24,6 @@ import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-import torch
 import torch.distributed as dist
 
 __all__ = ["ExpertPlacement", "Topology", "detect_ranks_per_node", "resolve_placement"]

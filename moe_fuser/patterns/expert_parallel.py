@@ -274,106 +274,132 @@ class HandwrittenExpertParallel:
         walk = _Walk()
         y, W, view_TKD = _unweight(out, walk)
         B, order = _unpermute(y, walk)
-        combine = _received(B, walk)
-        C, c_out, c_in, group = _a2a_args(combine)
+        C, c_out, c_in, group = _a2a_args(_received(B, walk))
         writes, zeros = _expert_chain(C, walk)
         R = zeros.args[0] if is_op(zeros, "zeros_like", "new_zeros") else None
         if R is None:
             raise _NoMatch(f"{zeros.name} is not zeros_like(received rows)")
-        dispatch = _received(R, walk)
-        x_sent, d_out, d_in, group_d = _a2a_args(dispatch)
+        x_sent, d_out, d_in, group_d = _a2a_args(_received(R, walk))
         if group_d != group or c_out != d_in or c_in != d_out:
             raise _NoMatch("the combine all-to-all does not return along the dispatch's splits and group")
-
-        # the local experts: rows = where(recv_ids == e)[0]; value = ffn_e(R[rows])
-        experts, ids_recv = {}, None
-        for rows, value in writes:
-            sub = _Walk()
-            recv_ids, e = _dispatch(rows, None, sub)
-            if ids_recv is not None and recv_ids is not ids_recv:
-                raise _NoMatch("the local experts select rows from different id tensors")
-            ids_recv = recv_ids
-            x_e, params, act, glu = _ffn(value, e, sub)
-            if _gather(_skip_dropout(x_e, sub), rows, sub) is not R:
-                raise _NoMatch(f"expert {e} does not read the received rows")
-            if any(kind != "param" for kind, _ in filter(None, params.values())):
-                raise _NoMatch(f"expert {e} reads rows of a stacked weight; EP needs each expert's own tensors")
-            if e in experts:
-                raise _NoMatch(f"expert {e} is computed twice")
-            experts[e] = (params, act, glu)
-            walk.nodes |= sub.nodes
-        ids_a2a = _received(ids_recv, walk)
-        ids_sent, i_out, i_in, group_i = _a2a_args(ids_a2a)
+        experts, ids_recv = _local_experts(writes, R, walk)
+        ids_sent, i_out, i_in, group_i = _a2a_args(_received(ids_recv, walk))
         if group_i != group or i_out != d_out or i_in != d_in:
             raise _NoMatch("the expert ids travel with other splits or another group than the rows")
-
-        # ORDER: x[order // K] and flat_ids[order]
-        if not (is_op(x_sent, "getitem") and is_op(x_sent.args[1], "floordiv") and x_sent.args[1].args[0] is order):
-            raise _NoMatch(f"the dispatched rows {x_sent.name} are not x[order // K]")
-        k_div = x_sent.args[1].args[1]
-        x = x_sent.args[0]
-        walk.take(x_sent)
-        walk.take(x_sent.args[1])
-        if not (is_op(ids_sent, "getitem") and ids_sent.args[1] is order):
-            raise _NoMatch(f"the dispatched ids {ids_sent.name} are not flat_ids[order]")
-        walk.take(ids_sent)
-        flat = ids_sent.args[0]
-        if not is_op(order, "argsort"):
-            raise _NoMatch(f"{order.name} is not an argsort of the destination ranks")
-        walk.take(order)
-        dest = order.args[0]
+        x, k_div, flat, dest = _ordered(x_sent, ids_sent, order, walk)
         ids = _flat_ids(flat, walk)
-
         try:
             pg = dist.distributed_c10d._resolve_process_group(group)
         except Exception as exc:  # noqa: BLE001 - a group this process does not know
             raise _NoMatch(f"process group {group!r} is unknown here ({exc})") from None
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-        send_counts = _counts_items(d_in, walk)
-        if _count_source(send_counts, world, walk) is not dest:
-            raise _NoMatch("the send counts do not count the pairs' destination ranks")
-        counts_a2a = _received(_counts_items(d_out, walk), walk)
-        cnt_in, _, _, group_c = _a2a_args(counts_a2a)
-        if cnt_in is not send_counts or group_c != group:
-            raise _NoMatch("the receive counts are not the all-to-all of the send counts")
+        _check_splits(d_in, d_out, dest, group, world, walk)
 
-        E = _topk_experts(ids)
-        xv, Wv, idv = val(x), val(W), val(ids)
-        if E is None:
-            raise _NoMatch(f"cannot prove the expert ids {ids.name} lie in [0, E) (not a top-k)")
-        if not all(isinstance(v, torch.Tensor) for v in (xv, Wv, idv)) or xv.dim() != 2 or \
-                tuple(Wv.shape) != tuple(idv.shape) or idv.dim() != 2:
-            raise _NoMatch("hidden states, weights or ids do not have the [T, D], [T, K] shapes")
-        K = idv.shape[1]
-        if k_div != K or view_TKD != (xv.shape[0], K, xv.shape[1]):
-            raise _NoMatch(f"x[order // {k_div}] or the view of the results does not fit top-{K} of "
-                           f"{xv.shape[0]} tokens")
+        E, K = _check_shapes(x, W, ids, k_div, view_TKD)
         owners, placement, flat_src = _placement(ctx, dest, E, world, walk)
         if flat_src is not flat:
             raise _NoMatch("the destination ranks are not computed from the flat expert ids")
         local = [e for e in range(E) if owners[e] == rank]
+        if not local:
+            raise _NoMatch(f"rank {rank} holds no expert")
         if sorted(experts) != local:
             raise _NoMatch(f"the loop on rank {rank} computes experts {sorted(experts)} but the placement gives "
                            f"it {local}")
-        first = experts[local[0]] if local else None
-        if first is None:
-            raise _NoMatch(f"rank {rank} holds no expert")
-        if any((a, g) != first[1:] for _, a, g in experts.values()):
-            raise _NoMatch("the local experts differ in activation or GLU form")
-        roles = {k for k, v in first[0].items() if v is not None}
-        if any({k for k, v in p.items() if v is not None} != roles for p, _, _ in experts.values()):
-            raise _NoMatch("the local experts differ in which weights and biases they have")
-        weights = MoEWeights(**{k: [experts[e][0][k][1] for e in local] if k in roles else None
-                                for k in ("w1", "w2", "w3", "b1", "b2", "b3")})
-        spec = MoESpec(router=RouterSpec(top_k=K, external=True),
-                       experts=ExpertSpec(num_experts=len(local), activation=first[1], glu=first[2],
-                                          bias=bool(roles & {"b1", "b2", "b3"})))
-        note = (f"expert parallel over process group {group!r} ({world} ranks): experts {local[0]}..{local[-1]} "
-                f"of {E} on rank {rank}; the seed's all-to-alls become the deduplicated, overlapped exchange")
+        weights, expert_spec = _local_weights(experts, local)
+        spec = MoESpec(router=RouterSpec(top_k=K, external=True), experts=expert_spec)
+        note = (f"expert parallel over process group {group!r} ({world} ranks): experts {_ranges(local)} of {E} "
+                f"on rank {rank}; the seed's all-to-alls become the deduplicated, overlapped exchange")
         return Match(family=FAMILY, pattern=self.name, spec=spec, x=x, output=out, region=frozenset(walk.nodes),
                      weights=weights, topk_weights=W, topk_ids=ids,
                      op_kwargs={"ep_group": group, "expert_placement": placement},
                      module_path=module_path(out), notes=(note,))
+
+
+def _local_experts(writes: list, R: fx.Node, walk: _Walk) -> tuple[dict, fx.Node]:
+    """EXPERTS: each write is out[rows] = ffn_e(R[rows]), rows = where(recv_ids == e)[0] -> ({e: (params,
+    activation, glu)}, recv_ids)."""
+    experts, ids_recv = {}, None
+    for rows, value in writes:
+        sub = _Walk()
+        recv_ids, e = _dispatch(rows, None, sub)
+        if ids_recv is not None and recv_ids is not ids_recv:
+            raise _NoMatch("the local experts select rows from different id tensors")
+        ids_recv = recv_ids
+        x_e, params, act, glu = _ffn(value, e, sub)
+        if _gather(_skip_dropout(x_e, sub), rows, sub) is not R:
+            raise _NoMatch(f"expert {e} does not read the received rows")
+        if any(kind != "param" for kind, _ in filter(None, params.values())):
+            raise _NoMatch(f"expert {e} reads rows of a stacked weight; EP needs each expert's own tensors")
+        if e in experts:
+            raise _NoMatch(f"expert {e} is computed twice")
+        experts[e] = (params, act, glu)
+        walk.nodes |= sub.nodes
+    return experts, ids_recv
+
+
+def _ordered(x_sent: fx.Node, ids_sent: fx.Node, order: fx.Node, walk: _Walk) -> tuple:
+    """DISPATCH inputs x[order // K] and flat_ids[order], order = argsort(dest) -> (x, K, flat_ids, dest)."""
+    if not (is_op(x_sent, "getitem") and is_op(x_sent.args[1], "floordiv") and x_sent.args[1].args[0] is order):
+        raise _NoMatch(f"the dispatched rows {x_sent.name} are not x[order // K]")
+    walk.take(x_sent)
+    walk.take(x_sent.args[1])
+    if not (is_op(ids_sent, "getitem") and ids_sent.args[1] is order):
+        raise _NoMatch(f"the dispatched ids {ids_sent.name} are not flat_ids[order]")
+    walk.take(ids_sent)
+    if not is_op(order, "argsort"):
+        raise _NoMatch(f"{order.name} is not an argsort of the destination ranks")
+    walk.take(order)
+    return x_sent.args[0], x_sent.args[1].args[1], ids_sent.args[0], order.args[0]
+
+
+def _check_splits(d_in: list, d_out: list, dest: fx.Node, group: str, world: int, walk: _Walk) -> None:
+    """SPLITS: send sizes count dest per rank; receive sizes are those counts' all-to-all on the same group."""
+    send_counts = _counts_items(d_in, walk)
+    if _count_source(send_counts, world, walk) is not dest:
+        raise _NoMatch("the send counts do not count the pairs' destination ranks")
+    cnt_in, _, _, group_c = _a2a_args(_received(_counts_items(d_out, walk), walk))
+    if cnt_in is not send_counts or group_c != group:
+        raise _NoMatch("the receive counts are not the all-to-all of the send counts")
+
+
+def _check_shapes(x: fx.Node, W: fx.Node, ids: fx.Node, k_div: Any, view_TKD: tuple) -> tuple[int, int]:
+    """(E, K), after checking x [T, D], W and ids [T, K], x[order // K] and y.view(T, K, D)."""
+    E = _topk_experts(ids)
+    if E is None:
+        raise _NoMatch(f"cannot prove the expert ids {ids.name} lie in [0, E) (not a top-k)")
+    xv, Wv, idv = val(x), val(W), val(ids)
+    if not all(isinstance(v, torch.Tensor) for v in (xv, Wv, idv)) or xv.dim() != 2 or idv.dim() != 2 or \
+            tuple(Wv.shape) != tuple(idv.shape):
+        raise _NoMatch("hidden states, weights or ids do not have the [T, D], [T, K] shapes")
+    K = idv.shape[1]
+    if k_div != K or view_TKD != (xv.shape[0], K, xv.shape[1]):
+        raise _NoMatch(f"x[order // {k_div}] or the view of the results does not fit top-{K} of {xv.shape[0]} "
+                       "tokens")
+    return E, K
+
+
+def _local_weights(experts: dict, local: list) -> tuple[MoEWeights, ExpertSpec]:
+    """The local experts' own parameters as per-expert lists (global-id order) and their ExpertSpec."""
+    params, act, glu = experts[local[0]]
+    if any((a, g) != (act, glu) for _, a, g in experts.values()):
+        raise _NoMatch("the local experts differ in activation or GLU form")
+    roles = {k for k, v in params.items() if v is not None}
+    if any({k for k, v in p.items() if v is not None} != roles for p, _, _ in experts.values()):
+        raise _NoMatch("the local experts differ in which weights and biases they have")
+    weights = MoEWeights(**{k: [experts[e][0][k][1] for e in local] if k in roles else None
+                            for k in ("w1", "w2", "w3", "b1", "b2", "b3")})
+    return weights, ExpertSpec(num_experts=len(local), activation=act, glu=glu,
+                               bias=bool(roles & {"b1", "b2", "b3"}))
+
+
+def _ranges(ids: list) -> str:
+    """[0, 1, 2, 5] -> "0..2, 5"."""
+    out, start = [], ids[0]
+    for a, b in zip(ids, ids[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}..{a}" if a != start else f"{a}")
+            start = b
+    return ", ".join(out)
 
 
 register_pattern(HandwrittenExpertParallel())

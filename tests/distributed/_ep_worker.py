@@ -135,7 +135,8 @@ def mismatch(group, rank, world, **diff):
     """Ranks calling with different configurations: every rank must raise ValueError naming the difference."""
     E, K, dtype, D = diff.get("E", 6), diff.get("K", 2), diff.get("dtype", torch.float32), diff.get("D", 16)
     w, xs, logits, _ = make_problem(world, E, K, D=D, dtype=dtype)
-    placement = ExpertPlacement.balanced(E, world)
+    placement = ExpertPlacement.from_owners(diff["owners"], world) if "owners" in diff else \
+        ExpertPlacement.balanced(E, world)
     local = list(placement.local_experts(rank))
     try:
         call(xs[rank], logits[rank], {k: v[local] for k, v in w.items()}, K, "silu", ep_group=group,
@@ -193,7 +194,7 @@ def bad_inputs(group, rank, world):
     return out
 
 
-def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer"):
+def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer", inner: str = "aot_eager"):
     """The seed's hand-written EP layer under torch.compile(backend="moe_fuser"): how many regions were fused,
     what explain says, and the largest difference to the same layer in eager (output, and gradients of the
     input and of the local experts' weights for the autograd-capable functional collectives)."""
@@ -211,7 +212,7 @@ def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer
     report = moe_fuser.explain(layer, x.detach())
     torch._dynamo.reset()
     before = counters["fused"]
-    compiled = torch.compile(layer, backend="moe_fuser", options={"inner": "aot_eager"})
+    compiled = torch.compile(layer, backend="moe_fuser", options={"inner": inner})
     out = compiled(x)
     fused = counters["fused"] - before
     ref = layer(x)
@@ -272,10 +273,13 @@ def scenario_two(group, rank, world):
         "top_k": mismatch(group, rank, world, K=2 + rank),
         "dtype": mismatch(group, rank, world, dtype=(torch.float32, torch.bfloat16)[rank]),
         "hidden": mismatch(group, rank, world, D=16 + 8 * rank),
+        "experts": mismatch(group, rank, world, E=6 + 2 * rank),
+        "placement": mismatch(group, rank, world, owners=([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])[rank]),
     }
     res["bad_inputs"] = bad_inputs(group, rank, world)
     res["compiled_seed"] = {"inplace": compiled_seed(group, rank, world, "inplace"),
-                            "functional": compiled_seed(group, rank, world, "functional"),
+                            # inductor: its generated code checks the op's fake output shapes
+                            "functional": compiled_seed(group, rank, world, "functional", inner="inductor"),
                             "floordiv_setitem": compiled_seed(group, rank, world, "inplace", "floordiv")}
     res["stall"] = stall_or_die(group, rank, world, victim=1, die=False, timeout_s=2.0)
     return res

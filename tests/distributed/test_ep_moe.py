@@ -39,6 +39,8 @@ def test_config_mismatch_is_reported_on_every_rank(two):
         assert "disagree on top_k" in msgs["top_k"]
         assert "disagree on dtype" in msgs["dtype"]
         assert "disagree on hidden size D" in msgs["hidden"]
+        assert "disagree on num_experts (rank 0: 6, rank 1: 8)" in msgs["experts"]
+        assert "disagree on expert placement" in msgs["placement"]
 
 
 def test_stalled_rank_times_out(two):
