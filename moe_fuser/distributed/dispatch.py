@@ -28,8 +28,8 @@ chunk c is computed, and chunk c's results travel back while chunk c+1 is comput
 
     prologue: A(0), A(1), B(0)
     for c:    A(c+2); B(c+1) [needs A(c+1), for c >= 1]; compute(c) [needs B(c)], B'(c);
-              B(1) [for c = 0: A(1) travelled during compute(0)]; A'(c-1) [needs B'(c-1)]
-    epilogue: A'(C-1), then the origin sums what came back
+              B(1) [for c = 0: A(1) travelled during compute(0)]; A'(c) [needs B'(c): the node's partials]
+    epilogue: the origin sums what came back
 
 Each level runs on its own process group (one per node for B, one per local index for A; made once per group
 when the EP group is the whole job), so a quick intra-node exchange never queues behind an inter-node one
@@ -490,9 +490,7 @@ class TokenDispatcher:
                 compute_issue(c)
                 if c == 0 and C > 1:
                     b_issue(1)                  # A(1) went out with A(0): let compute(0) cover it
-                if c > 0:
-                    a_back_issue(c - 1)
-            a_back_issue(C - 1)
+                a_back_issue(c)                 # results onto the slow link as soon as the node has them
             for c in range(C):
                 finish(c)
         self._count_traffic(plan.splits, row_bytes, 12 if building else 0, pair_bytes)
