@@ -10,15 +10,17 @@ one custom op that, on each rank,
 with chunk c+1 in flight while chunk c computes (``moe_fuser.distributed.dispatch`` has the exchange and the
 schedule). A rank receives each token once however many of its experts it holds; the token's pairs there become
 a top-k table over the received rows (``_row_slots``: [R, S] ids and weights, -1 in unused slots), so the
-lowering gathers each row once and returns the row's partial sum directly. Each rank holds only its local experts' weights (``ExpertPlacement.local_experts(rank)``, stacked or
-as a list in global-id order); E is ``router_logits.shape[1]`` (or the placement's size with an external router).
+lowering gathers each row once and returns the row's partial sum directly. Each rank holds only its local
+experts' weights (``ExpertPlacement.local_experts(rank)``, stacked or as a list in global-id order); E is
+``router_logits.shape[1]`` (or the placement's size with an external router). The placement may also be an
+integer tensor of owner ranks (a model's buffer), read at each call.
 
 Backward (training): a second custom op replays the plan saved by the forward (kept only when a gradient can
-flow, as for the single-device op): the output gradient travels the
-way the tokens went, the lowering's backward runs on each rank's received pairs (weight gradients stay local: the
-expert weights are not replicated), and input and routing-weight gradients travel back. Both directions issue
-the same collectives on every rank whatever ``requires_grad`` says locally, so no rank can wait for a message
-another rank decided not to send.
+flow, as for the single-device op): the output gradient travels the way the tokens went, the lowering's backward
+runs on each rank's received rows (weight gradients stay local: the expert weights are not replicated), and
+input and routing-weight gradients travel back. The backward issues the same collectives on every rank whatever
+``requires_grad`` says locally; ranks must agree on whether a backward runs at all (one that runs it alone
+waits for the others until the timeout, then raises).
 
 Why a custom op (and not an ``autograd.Function``): it stays one opaque node under torch.compile (the compiler's
 rewrite of hand-written EP code emits it), its fake kernel gives the output shapes, and the forward's plan (index
@@ -26,7 +28,8 @@ tensors with data-dependent sizes) is returned as extra outputs with unbacked si
 the backward op: nothing lives outside the graph. The process group travels by name (``group.group_name``).
 
 Legend: T tokens (this rank), K top-k, D model dim, E global experts, E_r experts on this rank, F expert hidden
-dim, H = F (plain) or 2F (gated), n pairs computed on this rank, R rows received.
+dim, H = F (plain) or 2F (gated), n pairs computed on this rank, R rows received, S slots per received row (the
+most pairs any of them has).
 """
 
 from __future__ import annotations
