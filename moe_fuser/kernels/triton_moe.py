@@ -82,6 +82,61 @@ def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _block_slab(blocks_ptr, NUM_BLOCKS, NCOLS, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(block, column slab, block's group) of this program of a (B * cdiv(NCOLS, BLOCK_N),) grid."""
+    pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, tl.cdiv(NCOLS, BLOCK_N), GROUP_M)
+    return pid_m, pid_n, tl.load(blocks_ptr + pid_m)
+
+
+@triton.jit
+def _slab_cols(pid_n, NCOLS, BLOCK_N: tl.constexpr):
+    """(columns, their mask) of column slab pid_n."""
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs, offs < NCOLS
+
+
+@triton.jit
+def _block_rows(blocks_ptr, pid_m, NUM_BLOCKS, BLOCK_M: tl.constexpr):
+    """(row mask, sorted rows as int64) of block pid_m of the table."""
+    row0 = tl.load(blocks_ptr + NUM_BLOCKS + pid_m)
+    nrows = tl.load(blocks_ptr + 2 * NUM_BLOCKS + pid_m)
+    offs_m = tl.arange(0, BLOCK_M)
+    return offs_m < nrows, (row0 + offs_m).to(tl.int64)
+
+
+@triton.jit
+def _glu_cols(offs_f, F, GLU: tl.constexpr):
+    """Columns of h holding gate f and up f: alternating (GLU == 3) or [gate | up]."""
+    if GLU == 3:
+        col_g = 2 * offs_f
+        col_u = 2 * offs_f + 1
+    else:
+        col_g = offs_f
+        col_u = F + offs_f
+    return col_g, col_u
+
+
+@triton.jit
+def _matmul_k(acc, a_ptrs, b_ptrs, mask_m, mask_n, KD, step_a, step_b,
+              BLOCK_K: tl.constexpr, CAST_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + A @ B over KD with fp32 accumulation, A [M, K] and B [K, N] tiles masked by rows, columns and K,
+    advancing by step_a and step_b per BLOCK_K step; CAST_F32 casts the tiles to fp32 before each dot. (The loop
+    body stays inline: the interpreter pays for every device-function call.)"""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, KD, BLOCK_K):
+        mask_k = offs_k < KD - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if CAST_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += step_a
+        b_ptrs += step_b
+    return acc
+
+
+@triton.jit
 def _act(x, ACT: tl.constexpr):
     if ACT == "silu":
         y = x * tl.sigmoid(x)
@@ -215,24 +270,13 @@ def _gate_up_kernel(
     f of slab j, h = x[tok] @ W1[e]^T (+ b1) (the gate and, when gated, the up columns) and a = act/GLU(h); it
     writes h in its layout ([gate | up], or alternating columns for GLU == 3) and a [N, F]. A block of the
     dropped group writes zeros into its rows of h."""
-    pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, tl.cdiv(F, BLOCK_N), GROUP_M)
-    e = tl.load(blocks_ptr + pid_m)
+    pid_m, pid_n, e = _block_slab(blocks_ptr, NUM_BLOCKS, F, BLOCK_N, GROUP_M)
     if e < 0:
         return
-    row0 = tl.load(blocks_ptr + NUM_BLOCKS + pid_m)
-    nrows = tl.load(blocks_ptr + 2 * NUM_BLOCKS + pid_m)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < nrows
-    rows = (row0 + offs_m).to(tl.int64)
-    offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_f = offs_f < F
+    mask_m, rows = _block_rows(blocks_ptr, pid_m, NUM_BLOCKS, BLOCK_M)
+    offs_f, mask_f = _slab_cols(pid_n, F, BLOCK_N)
     mask = mask_m[:, None] & mask_f[None, :]
-    if GLU == 3:
-        col_g = 2 * offs_f
-        col_u = 2 * offs_f + 1
-    else:
-        col_g = offs_f
-        col_u = F + offs_f
+    col_g, col_u = _glu_cols(offs_f, F, GLU)
     h_rows = h_ptr + rows[:, None] * stride_hn
     if e == E:
         zero = tl.zeros((BLOCK_M, BLOCK_N), h_ptr.dtype.element_ty)
@@ -300,46 +344,24 @@ def _down_kernel(
     TWO_PHASE the reduction runs over A's first KD columns against W and its next KD columns against W3
     (separate w1/w3). Epilogue: + bias[e], * routing weight (SCALE), then the rows go to y [N, NOUT] in sorted
     order, or (ATOMIC) are added into the fp32 out [T, NOUT] at their token rows."""
-    pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, tl.cdiv(NOUT, BLOCK_N), GROUP_M)
-    e = tl.load(blocks_ptr + pid_m)
+    pid_m, pid_n, e = _block_slab(blocks_ptr, NUM_BLOCKS, NOUT, BLOCK_N, GROUP_M)
     if (e < 0) | (e == E):
         return
-    row0 = tl.load(blocks_ptr + NUM_BLOCKS + pid_m)
-    nrows = tl.load(blocks_ptr + 2 * NUM_BLOCKS + pid_m)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < nrows
-    rows = (row0 + offs_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < NOUT
+    mask_m, rows = _block_rows(blocks_ptr, pid_m, NUM_BLOCKS, BLOCK_M)
+    offs_n, mask_n = _slab_cols(pid_n, NOUT, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     a_ptrs = a_ptr + rows[:, None] * stride_an + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + e64 * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    for k0 in range(0, KD, BLOCK_K):
-        mask_k = offs_k < KD - k0
-        av = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wv = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if CAST_F32:
-            av = av.to(tl.float32)
-            wv = wv.to(tl.float32)
-        acc = tl.dot(av, wv, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _matmul_k(acc, a_ptrs, w_ptrs, mask_m, mask_n, KD, BLOCK_K * stride_ak, BLOCK_K * stride_wk,
+                    BLOCK_K, CAST_F32, PRECISION)
     if TWO_PHASE:
         a_ptrs = a_ptr + rows[:, None] * stride_an + (KD + offs_k[None, :]) * stride_ak
         w_ptrs = w3_ptr + e64 * stride_w3e + offs_k[:, None] * stride_w3k + offs_n[None, :] * stride_w3n
-        for k0 in range(0, KD, BLOCK_K):
-            mask_k = offs_k < KD - k0
-            av = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wv = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if CAST_F32:
-                av = av.to(tl.float32)
-                wv = wv.to(tl.float32)
-            acc = tl.dot(av, wv, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_w3k
+        acc = _matmul_k(acc, a_ptrs, w_ptrs, mask_m, mask_n, KD, BLOCK_K * stride_ak, BLOCK_K * stride_w3k,
+                        BLOCK_K, CAST_F32, PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + e64 * stride_be + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -381,17 +403,11 @@ def _down_bwd_kernel(
     """Grid (B * cdiv(F, BLOCK_N),): program (block b, slab j) computes dA = dy[tok] @ W2[e][:, slab] for the rows
     of block b, recomputes a from h, and writes: dg partials rowsum(dA * a) (+ dy . b2[e] in slab 0) into
     dg[j, pair] (NEED_DG), dh = act'(h) * g * dA in h's layout, and a (STORE_A). Dropped rows are skipped."""
-    pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, tl.cdiv(F, BLOCK_N), GROUP_M)
-    e = tl.load(blocks_ptr + pid_m)
+    pid_m, pid_n, e = _block_slab(blocks_ptr, NUM_BLOCKS, F, BLOCK_N, GROUP_M)
     if (e < 0) | (e == E):
         return
-    row0 = tl.load(blocks_ptr + NUM_BLOCKS + pid_m)
-    nrows = tl.load(blocks_ptr + 2 * NUM_BLOCKS + pid_m)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < nrows
-    rows = (row0 + offs_m).to(tl.int64)
-    offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_f = offs_f < F
+    mask_m, rows = _block_rows(blocks_ptr, pid_m, NUM_BLOCKS, BLOCK_M)
+    offs_f, mask_f = _slab_cols(pid_n, F, BLOCK_N)
     mask = mask_m[:, None] & mask_f[None, :]
     pair = tl.load(order_ptr + rows, mask=mask_m, other=0)
     tok = pair // TOPK
@@ -417,12 +433,7 @@ def _down_bwd_kernel(
         dy_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_w2d
 
-    if GLU == 3:
-        col_g = 2 * offs_f
-        col_u = 2 * offs_f + 1
-    else:
-        col_g = offs_f
-        col_u = F + offs_f
+    col_g, col_u = _glu_cols(offs_f, F, GLU)
     h_rows = h_ptr + rows[:, None] * stride_hn
     hg = tl.load(h_rows + col_g[None, :], mask=mask, other=0.0).to(tl.float32)
     if GLU != 0:
@@ -575,15 +586,18 @@ def _row_outputs(N: int, D: int, T: int, dtype: torch.dtype, device, atomic: boo
     return torch.empty(N, D, dtype=dtype, device=device), None
 
 
+def _sizes(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, w2: torch.Tensor, glu: Optional[str]):
+    """(T, K, D, E, F, H, N) from the operands' shapes."""
+    T, K = topk_ids_TK.shape
+    E, F_ = w2.shape[0], w2.shape[-1]
+    return T, K, x_TD.shape[1], E, F_, 2 * F_ if glu else F_, T * K
+
+
 def experts_forward(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, *, glu: Optional[str],
                     activation: str, alpha: float, limit: float, config: dict, atomic: bool):
     """(out_TD, h_NH, order_N) of the experts; weights stacked ``[E, ...]``, biases ``[E, ...]`` contiguous.
     ``config``: ``BLOCK_M`` and per-kernel tiles (``moe_fuser.kernels.tuning``)."""
-    T, K = topk_ids_TK.shape
-    D = x_TD.shape[1]
-    E, F_ = w2.shape[0], w2.shape[-1]
-    H = 2 * F_ if glu else F_
-    N = T * K
+    T, K, D, E, F_, H, N = _sizes(x_TD, topk_ids_TK, w2, glu)
     dev, dt = x_TD.device, x_TD.dtype
     h_NH = torch.empty(N, H, dtype=dt, device=dev)
     if N == 0:
@@ -620,11 +634,7 @@ def experts_backward(grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, w1, w2, 
                      glu: Optional[str], activation: str, alpha: float, limit: float, config: dict, atomic: bool,
                      need_x: bool, need_weights: bool, need_w: bool):
     """(dx_TD, dweights_TK, dw1, dw2, dw3, db1, db2, db3); None where not needed or absent."""
-    T, K = topk_ids_TK.shape
-    D = x_TD.shape[1]
-    E, F_ = w2.shape[0], w2.shape[-1]
-    H = 2 * F_ if glu else F_
-    N = T * K
+    T, K, D, E, F_, H, N = _sizes(x_TD, topk_ids_TK, w2, glu)
     dev, dt = x_TD.device, x_TD.dtype
     grad_TD = grad_TD.contiguous()
     bm = config["BLOCK_M"]
