@@ -37,7 +37,7 @@ table flags noisy cells; ``--wait-quiet`` waits for a quiet machine, ``--threads
 Output: a table on stdout, ``<out>/<name>.csv`` (one row per config x dtype x mode, with versions, CPU model
 and thread count) and ``<out>/<name>.png``; ``--profile`` also prints the top ops of fused, floor and eager.
 
-    python benchmarks/bench_op.py                                        # all (about 6 min on 2 cores)
+    python benchmarks/bench_op.py             # all: ~5 min on a quiet 2-core machine, more under load
     python benchmarks/bench_op.py --configs fine --dtype bf16 --mode train --iters 5
     python benchmarks/bench_op.py --configs fine --dtype fp32 --mode train --profile --no-memory
 
