@@ -377,7 +377,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    labels = [f"{r['config']}\n{r['dtype']} {r['mode']}" for r in rows]
+    labels = [f"{r['config']}\n{r['dtype']} {r['mode']}" + ("" if r["busy_elsewhere"] < QUIET_CORES else "\n(noisy)")
+              for r in rows]
     xs = range(len(rows))
     fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(rows)), 8), sharex=True)
     width = 0.27
@@ -389,7 +390,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_t.axhline(SPEED_TOL, color="r", ls="--", lw=0.8, label=f"{SPEED_TOL:.2f}x floor")
     ax_t.set_yscale("log")
     ax_t.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_t.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_t.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_t.set_ylabel("median time / GEMM floor")
     ax_t.legend(fontsize=8)
     ax_m.axhline(1.0, color="k", lw=0.8)
