@@ -21,7 +21,7 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 
 Inference (``forward_inference``: nothing saved) streams groups of consecutive experts of at most the largest
 expert's rows (and at least ``STREAM_MIN_ROWS``) through steps 3-4 (ragged layout), so temporaries stay near
-one expert's, as in the eager loop.
+one expert's, as in the eager loop; the groups of one pass reuse the same buffers (``_Grouping._rows``).
 
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order.
@@ -110,6 +110,8 @@ def _is_stacked(*ws) -> bool:
 
 def _transposed(ws):
     """Per-expert [in, out] views of nn.Linear weights [out, in]: one stacked view or a list of views."""
+    if ws is None:
+        return None
     if isinstance(ws, torch.Tensor):
         return ws.transpose(1, 2)
     return [w.t() for w in ws]
@@ -129,7 +131,9 @@ class _Grouping:
             key = torch.where(topk_ids_TK < 0, num_experts, topk_ids_TK).flatten()
             counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
         self.counts = counts
+        self.segs = _segments(counts)
         self.start = 0  # first row of this grouping in the full sorted order (see chunks)
+        self.workspace: Optional[dict[str, torch.Tensor]] = None  # chunks only: buffers they share (see _rows)
         self.n = n = sum(counts)
         self.order_N = order_N
         self.order_n = order_N[:n]
@@ -146,7 +150,6 @@ class _Grouping:
             self.ptok = torch.zeros(num_experts * C, dtype=torch.int64, device=topk_ids_TK.device)
             self.ptok.index_copy_(0, self.prow_n, self.tok_n)
             self.ptok_gather = torch.full_like(self.ptok, self.T).index_copy_(0, self.prow_n, self.tok_n)
-        self.active = [e for e, c in enumerate(counts) if c]
 
     def stream_rows(self) -> int:
         return max(self.C, STREAM_MIN_ROWS)
@@ -154,34 +157,45 @@ class _Grouping:
     def chunks(self, max_rows: int):
         """Ragged sub-groupings of consecutive experts holding at most ``max_rows`` rows each (at least one
         expert), for streaming a forward that keeps nothing for backward."""
-        start, first, rows = 0, 0, 0
-        for e in range(self.E + 1):
-            if e == self.E or (rows and rows + self.counts[e] > max_rows):
-                if rows:
-                    yield self._sub(first, e, start, rows)
-                start, first, rows = start + rows, e, 0
-            if e < self.E:
-                rows += self.counts[e]
+        first, workspace = 0, {}
+        for i, (_, start, stop) in enumerate(self.segs):
+            if i > first and stop - self.segs[first][1] > max_rows:
+                yield self._sub(self.segs[first:i], workspace)
+                first = i
+        if self.segs:
+            yield self._sub(self.segs[first:], workspace)
 
-    def _sub(self, first: int, last: int, start: int, rows: int) -> "_Grouping":
+    def _sub(self, segs: list[tuple[int, int, int]], workspace: dict[str, torch.Tensor]) -> "_Grouping":
+        lo, hi = segs[0][1], segs[-1][2]
         sub = object.__new__(_Grouping)
         sub.T, sub.E, sub.padded = self.T, self.E, False
-        sub.counts = [c if first <= e < last else 0 for e, c in enumerate(self.counts)]
-        sub.start, sub.n = self.start + start, rows
-        sub.order_n = self.order_n[start:start + rows]
-        sub.tok_n = self.tok_n[start:start + rows]
-        sub.expert_n = self.expert_n[start:start + rows]
-        sub.active = [e for e in self.active if first <= e < last]
+        sub.segs = [(e, start - lo, stop - lo) for e, start, stop in segs]
+        sub.start, sub.n = self.start + lo, hi - lo
+        sub.order_n = self.order_n[lo:hi]
+        sub.tok_n = self.tok_n[lo:hi]
+        sub.expert_n = self.expert_n[lo:hi]
+        sub.workspace = workspace
         return sub
 
+    def _rows(self, name: str, X: int, like: torch.Tensor) -> torch.Tensor:
+        """A ragged ``[n, X]`` buffer for one step's result. A chunk takes a view of a buffer every chunk of its
+        pass reuses under the same name (still hot in cache, no allocation or page faults per chunk), so a chunk's
+        buffers are dead once the next chunk starts."""
+        if self.workspace is None:
+            return _empty((self.n, X), like)
+        buf = self.workspace.get(name)
+        if buf is None or buf.shape[0] < self.n or buf.shape[1] != X:
+            buf = self.workspace[name] = _empty((self.n, X), like)
+        return buf[:self.n]
+
     # -- moving rows in and out --------------------------------------------------------------------------
-    def gather(self, src_TX: torch.Tensor) -> torch.Tensor:
+    def gather(self, src_TX: torch.Tensor, name: str) -> torch.Tensor:
         X = src_TX.shape[1]
         if self.padded:  # one gather straight into the padded layout, padding rows from an appended zero row
             src = torch.cat([src_TX, src_TX.new_zeros(1, X)])
             rows = torch.index_select(src, 0, self.ptok_gather, out=_empty((self.E * self.C, X), src_TX))
             return rows.view(self.E, self.C, X)
-        return torch.index_select(src_TX, 0, self.tok_n, out=_empty((self.n, X), src_TX))
+        return torch.index_select(src_TX, 0, self.tok_n, out=self._rows(name, X, src_TX))
 
     def from_sorted(self, rows_nX: torch.Tensor) -> torch.Tensor:
         if not self.padded:
@@ -210,9 +224,10 @@ class _Grouping:
         return out.index_add_(0, self.tok_n, rows_D)
 
     # -- grouped GEMMs --------------------------------------------------------------------------------------
-    def mm(self, rows: torch.Tensor, ws, bias=None, save_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def mm(self, rows: torch.Tensor, ws, name: str, bias=None, save_to: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
         """rows_e @ ws[e] (+ bias[e]) per expert; ws are per-expert [in, out] matrices. ``save_to`` ([n, out],
-        sorted order) also receives the result."""
+        sorted order) also receives the result; ``name``: see ``_rows``."""
         if self.padded:
             out = _empty((self.E, self.C, ws.shape[-1]), rows)
             if bias is None:
@@ -223,22 +238,20 @@ class _Grouping:
                 self.to_sorted(out, out=save_to)
             return out
         X = ws[0].shape[-1]
-        out = save_to if save_to is not None else _empty((self.n, X), rows)
-        rows_e, out_e = rows.split(self.counts), out.split(self.counts)
-        for e in self.active:
+        out = save_to if save_to is not None else self._rows(name, X, rows)
+        for e, start, stop in self.segs:
             if bias is None:
-                torch.mm(rows_e[e], ws[e], out=out_e[e])
+                torch.mm(rows[start:stop], ws[e], out=out[start:stop])
             else:
-                torch.addmm(bias[e], rows_e[e], ws[e], out=out_e[e])
+                torch.addmm(bias[e], rows[start:stop], ws[e], out=out[start:stop])
         return out
 
     def mm_add_(self, acc: torch.Tensor, rows: torch.Tensor, ws) -> torch.Tensor:
         """acc += rows_e @ ws[e] per expert, in place."""
         if self.padded:
             return acc.baddbmm_(rows, ws)
-        acc_e, rows_e = acc.split(self.counts), rows.split(self.counts)
-        for e in self.active:
-            acc_e[e].addmm_(rows_e[e], ws[e])
+        for e, start, stop in self.segs:
+            acc[start:stop].addmm_(rows[start:stop], ws[e])
         return acc
 
     def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, out) -> None:
@@ -246,9 +259,8 @@ class _Grouping:
         if self.padded:
             torch.bmm(a_rows.transpose(1, 2), b_rows, out=out)
             return
-        a_e, b_e = a_rows.split(self.counts), b_rows.split(self.counts)
-        for e in self.active:
-            torch.mm(a_e[e].t(), b_e[e], out=out[e])
+        for e, start, stop in self.segs:
+            torch.mm(a_rows[start:stop].t(), b_rows[start:stop], out=out[e])
 
     def segment_sum(self, rows: torch.Tensor, out) -> None:
         """out[e] += sum of expert e's rows (bias grads; ``out`` zero-initialised, stacked or a list)."""
@@ -257,9 +269,8 @@ class _Grouping:
         elif isinstance(out, torch.Tensor):
             out.index_add_(0, self.expert_n, rows)
         else:
-            for e, r in enumerate(rows.split(self.counts)):
-                if self.counts[e]:
-                    out[e].add_(r.sum(0))
+            for e, start, stop in self.segs:
+                out[e].add_(rows[start:stop].sum(0))
 
     def per_expert(self, bs) -> torch.Tensor:
         """A per-expert vector (a bias) broadcast to every row."""
@@ -267,6 +278,16 @@ class _Grouping:
             return bs.unsqueeze(1)
         stacked = bs if isinstance(bs, torch.Tensor) else torch.stack(list(bs))
         return stacked[self.expert_n]
+
+
+def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of each expert with rows, in the sorted order."""
+    segs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            segs.append((e, start, start + c))
+            start += c
+    return segs
 
 
 def _saved_halves(h_NH: torch.Tensor, spec: ExpertSpec):
@@ -283,26 +304,30 @@ def _activate(parts, spec: ExpertSpec) -> torch.Tensor:
     return expert_activation(parts[0], spec) if spec.gated else act_fn(spec.activation, parts[0])
 
 
-def _ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec, saved=None, out=None):
+def _pair_weights(G: _Grouping, topk_weights_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The routing weight of each of G's rows, in sorted order and the activations' dtype: ``[n]``."""
+    return topk_weights_TK.flatten()[G.order_n].to(dtype)
+
+
+def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, saved=None, out=None):
     """The experts on G's rows: gather, first projection (also written to ``saved`` halves when given),
-    activation, routing weight (folded into the smaller operand), second projection, combine -> [T, D]
-    (added into ``out`` when given)."""
+    activation, routing weight ``g_n`` (folded into the smaller operand), second projection, combine -> [T, D]
+    (added into ``out`` when given). ``w*t``: per-expert [in, out] views (``_transposed``)."""
     D = x_TD.shape[1]
-    F_ = w2[0].shape[-1]
-    xs = G.gather(x_TD)
-    n = G.n
-    save = (None, None) if saved is None else tuple(h[:n] for h in saved)
-    parts = (G.mm(xs, _transposed(w1), b1, save_to=save[0]),)
+    F_ = w2t[0].shape[0]
+    xs = G.gather(x_TD, "x")
+    save = (None, None) if saved is None else tuple(h[:G.n] for h in saved)
+    parts = (G.mm(xs, w1t, "h1", b1, save_to=save[0]),)
     if spec.glu == "separate":
-        parts += (G.mm(xs, _transposed(w3), b3, save_to=save[1]),)
+        parts += (G.mm(xs, w3t, "h3", b3, save_to=save[1]),)
     del xs
     a = _activate(parts, spec)
     del parts
-    g = G.column(topk_weights_TK.flatten()[G.order_n].to(x_TD.dtype))
+    g = G.column(g_n)
     fold_into_a = F_ <= D and b2 is None
     if fold_into_a:
         a.mul_(g)
-    y = G.mm(a, _transposed(w2), b2)
+    y = G.mm(a, w2t, "y", b2)
     if not fold_into_a:
         y.mul_(g)
     return G.scatter_add(y, out)
@@ -322,7 +347,8 @@ class CpuLowering:
         saved = _saved_halves(h_NH, spec)
         for h in saved:
             h[G.n:].zero_()
-        out_TD = _ffn(G, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec, saved=saved)
+        out_TD = _ffn(G, x_TD, _pair_weights(G, topk_weights_TK, x_TD.dtype), _transposed(w1), _transposed(w2),
+                      _transposed(w3), b1, b2, b3, spec, saved=saved)
         return out_TD, h_NH, G.order_N
 
     def forward_inference(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
@@ -330,11 +356,13 @@ class CpuLowering:
         ``stream_rows()`` rows, so temporaries stay near one expert's (the eager loop's peak) instead of all
         T*K rows; the padded layout (tiny experts: one bmm for all) runs whole."""
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3))
+        g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
+        ws = (_transposed(w1), _transposed(w2), _transposed(w3), b1, b2, b3)
         if G.padded or G.n <= G.stream_rows():
-            return _ffn(G, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec)
+            return _ffn(G, x_TD, g_n, *ws, spec)
         out_TD = x_TD.new_zeros(x_TD.shape)
         for sub in G.chunks(G.stream_rows()):
-            _ffn(sub, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec, out=out_TD)
+            _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, out=out_TD)
         return out_TD
 
     def backward(self, grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, order_N, w1, w2, w3, b1, b2, b3,
@@ -351,8 +379,10 @@ class CpuLowering:
         # Like inference, the ragged layout streams expert groups, so only one group's temporaries are alive
         # next to the gradients (the eager loop's backward frees its per-expert activations as it goes, too).
         groups = [G] if G.padded or G.n <= G.stream_rows() else G.chunks(G.stream_rows())
+        g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
+        saved = _saved_halves(h_NH, spec)
         for sub in groups:
-            _ffn_backward(sub, grad_TD, x_TD, topk_weights_TK, _saved_halves(h_NH, spec), w1, w2, w3, b2, spec,
+            _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], saved, w1, w2, w3, b2, spec,
                           dx_TD, dweights_N, grads_w)
         return (dx_TD, None if dweights_N is None else dweights_N.view(T, K), *grads_w)
 
@@ -371,14 +401,14 @@ def _grad_buffer(ws, counts: list[int], zero: bool = False):
     return out
 
 
-def _ffn_backward(G: _Grouping, grad_TD, x_TD, topk_weights_TK, saved, w1, w2, w3, b2, spec: ExpertSpec,
+def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved, w1, w2, w3, b2, spec: ExpertSpec,
                   dx_TD, dweights_N, grads_w) -> None:
-    """Backward of ``_ffn`` on G's rows, accumulating into the given gradient buffers (None: not needed).
-    Temporaries are dropped as soon as their last use is done."""
+    """Backward of ``_ffn`` on G's rows (routing weights ``g_n``, as in ``_ffn``), accumulating into the given
+    gradient buffers (None: not needed). Temporaries are dropped as soon as their last use is done."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
-    g = G.column(topk_weights_TK.flatten()[G.order_n].to(x_TD.dtype))
-    dy = G.gather(grad_TD)  # unweighted
-    dA = G.mm(dy, w2)
+    g = G.column(g_n)
+    dy = G.gather(grad_TD, "dy")  # unweighted
+    dA = G.mm(dy, w2, "dA")
     parts = tuple(G.from_sorted(h[G.start:G.start + G.n]) for h in saved)
     a = _activate(parts, spec)
     if dweights_N is not None:
@@ -399,13 +429,13 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, topk_weights_TK, saved, w1, w2, w
         dh_parts = (expert_activation_backward(parts[0], dA, spec),)
     del dA, parts
     if dx_TD is not None:
-        dxs = G.mm(dh_parts[0], w1)
+        dxs = G.mm(dh_parts[0], w1, "dx")
         if spec.glu == "separate":
             G.mm_add_(dxs, dh_parts[1], w3)
         G.scatter_add(dxs, dx_TD)
         del dxs
     if dw1 is not None:
-        xs = G.gather(x_TD)
+        xs = G.gather(x_TD, "x")
         G.wgrad(dh_parts[0], xs, dw1)
         if db1 is not None:
             G.segment_sum(dh_parts[0], db1)
