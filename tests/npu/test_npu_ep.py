@@ -9,7 +9,7 @@ import time
 
 import torch
 
-import _ep_worker
+import _npu_ep_worker
 
 BF16 = torch.bfloat16
 
@@ -24,7 +24,8 @@ def run_ranks(world: int, cases: list) -> None:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _port()
-    procs = [ctx.Process(target=_ep_worker.ep_cases, args=(r, world, port, cases, results)) for r in range(world)]
+    procs = [ctx.Process(target=_npu_ep_worker.ep_cases, args=(r, world, port, cases, results))
+             for r in range(world)]
     for p in procs:
         p.start()
     errors, reported, deadline = [], 0, time.monotonic() + 120

@@ -3,6 +3,12 @@
 Every rank builds the same global problem from a seed, runs its share through ``npu_expert_parallel`` and
 compares with the single-process reference (``experts_reference`` over all tokens and experts): output, input
 gradient, routing-weight gradient and the gradients of its own experts' weights.
+
+The module name must stay unique under tests/: pytest (prepend import mode) puts every test directory on
+``sys.path``, and a spawned rank imports this module *by name* to unpickle its target, searching the path it
+inherited. Named ``_ep_worker`` like tests/distributed's worker, it was shadowed by that one whenever
+tests/distributed came first on the path (e.g. ``pytest tests/npu tests/distributed``): the ranks died
+unpickling ``ep_cases``.
 """
 
 from __future__ import annotations
