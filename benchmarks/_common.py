@@ -16,6 +16,15 @@ and allocations made on intra-op worker threads (ATen allocates its tensors on t
 same for every variant of one op. Autograd's backward on CPU runs on the calling thread, so a training step is
 covered end to end.
 
+Allocator (``use_malloc``): large CPU buffers are where training steps of a stacked-weight op and of a
+``ModuleList`` loop differ most. glibc serves an allocation above its mmap threshold (dynamic, at most 32 MiB on
+64-bit) with fresh pages from ``mmap`` and unmaps it on free, so every training step pays page faults and kernel
+zeroing for each such buffer: a stacked ``[E, F, D]`` weight gradient (58 MiB in bf16 for the dense config) is
+one, eight per-expert gradients of 7 MiB are not (glibc reuses their heap memory). ``--malloc cached`` re-runs
+the script with ``MALLOC_MMAP_MAX_=0`` (no mmap: every block from the heap, reused after free) and a huge
+``MALLOC_TRIM_THRESHOLD_`` (freed heap kept), which is what jemalloc/tcmalloc (the allocators PyTorch's CPU
+performance guides preload) do by design; ``system`` keeps the process's own settings. The choice is recorded.
+
 Noise (``LoadElsewhere``, ``wait_until_quiet``): the cores other processes keep busy, from ``/proc/stat`` minus
 our own CPU time, measured per timed round (``interleaved_timings`` drops busy rounds). Medians absorb short
 bursts but not sustained load: with as many intra-op threads as cores, every parallel region then waits a
@@ -45,8 +54,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 __all__ = ["LoadElsewhere", "Timings", "Variant", "busy_cores_elsewhere", "environment", "interleaved_medians",
-           "interleaved_timings", "median", "peak_bytes", "results_dir", "run_profiled", "wait_until_quiet",
-           "write_csv"]
+           "interleaved_timings", "malloc_mode", "median", "peak_bytes", "results_dir", "run_profiled", "use_malloc",
+           "wait_until_quiet", "write_csv"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -248,10 +257,30 @@ def git_revision(path: Path = Path(__file__).resolve().parent.parent) -> str:
     return (rev or "unknown") + ("+dirty" if dirty else "")
 
 
+CACHED_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def malloc_mode() -> str:
+    """``cached`` when this process runs with ``CACHED_MALLOC_ENV`` (see the module docstring), else ``system``."""
+    return "cached" if all(os.environ.get(k) == v for k, v in CACHED_MALLOC_ENV.items()) else "system"
+
+
+def use_malloc(mode: str) -> None:
+    """Make this process run with allocator ``mode`` (``system`` or ``cached``): glibc reads its settings at start,
+    so ``cached`` re-executes the script with them when they are not already set."""
+    if mode == "cached" and malloc_mode() != "cached":
+        if platform.libc_ver()[0] != "glibc":
+            raise SystemExit("--malloc cached sets glibc's malloc tunables; this Python does not run on glibc "
+                             "(preload jemalloc or tcmalloc instead)")
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHED_MALLOC_ENV})
+
+
 def environment(**packages: str) -> dict[str, str]:
-    """Versions, commit, CPU model and thread count, for the CSV and the table header."""
+    """Versions, commit, CPU model, thread count and allocator mode, for the CSV and the table header."""
     env = {"torch": torch.__version__, "python": platform.python_version(), "git": git_revision(),
-           "cpu": _cpu_model(), "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads())}
+           "cpu": _cpu_model(), "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads()),
+           "malloc": malloc_mode()}
     env.update(packages)
     return env
 

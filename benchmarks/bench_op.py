@@ -34,11 +34,16 @@ Memory is not measured for the floor (its buffers are pre-allocated by design). 
 cores other processes keep busy while a cell is timed are measured (``busy_elsewhere`` in the CSV) and the
 table flags noisy cells; ``--wait-quiet`` waits for a quiet machine, ``--threads 1`` is robust to load.
 
+Allocator: ``--malloc cached`` runs every column with glibc keeping and reusing large blocks (``_common``'s
+docstring says why training steps of the stacked-weight op depend on it); the table header and the CSV say which
+mode ran.
+
 Output: a table on stdout, ``<out>/<name>.csv`` (one row per config x dtype x mode, with versions, CPU model
 and thread count) and ``<out>/<name>.png``; ``--profile`` also prints the top ops of fused, floor and eager.
 
     python benchmarks/bench_op.py             # all: ~5 min on a quiet 2-core machine, more under load
     python benchmarks/bench_op.py --configs fine --dtype bf16 --mode train --iters 5
+    python benchmarks/bench_op.py --dtype bf16 --malloc cached
     python benchmarks/bench_op.py --configs fine --dtype fp32 --mode train --profile --no-memory
 
 Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, n = T*K routed rows.
@@ -58,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from _common import (Variant, environment, interleaved_timings, median, peak_bytes, results_dir, run_profiled,
-                     wait_until_quiet, write_csv)
+                     use_malloc, wait_until_quiet, write_csv)
 
 import moe_fuser
 
@@ -352,7 +357,7 @@ def _dtype_name(dt):
 def print_table(rows: list[dict], env: dict) -> None:
     print(f"\ntorch {env['torch']}, transformers {env['transformers']}, moe_fuser {env['moe_fuser']} "
           f"({env['git']}); "
-          f"CPU {env['cpu']}, {env['threads']} threads; medians in ms, peak MiB")
+          f"CPU {env['cpu']}, {env['threads']} threads, {env['malloc']} malloc; medians in ms, peak MiB")
     head = ["config", "dtype", "mode", "eager", "hf", "fused", "floor", "by", "fus/eag", "fus/flr", "eag/flr",
             "hf/flr", "eagMiB", "hfMiB", "fusMiB", "mem f/e", "ok"]
     fmt = "{:<7}{:<5}{:<6}" + "{:>9}" * 4 + "{:>4}" + "{:>8}" * 4 + "{:>8}" * 3 + "{:>8}  {}"
@@ -426,6 +431,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop timing a cell after this many seconds once --min-iters rounds ran (default 20)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--malloc", choices=("system", "cached"), default="system",
+                   help="CPU allocator settings: the process's own, or glibc told to keep and reuse large blocks "
+                        "(see benchmarks/_common.py; default system)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each cell, wait up to SECONDS for other processes to use < 0.3 cores (default 0)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -434,6 +442,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/)")
     p.add_argument("--name", default="bench_op", help="file stem of the CSV and PNG (default bench_op)")
     args = p.parse_args(argv)
+    use_malloc(args.malloc)
     configs = [CONFIGS[c] for c in _choices(args.configs, CONFIGS, "configs")]
     dtypes = _choices(args.dtype, DTYPES, "dtype")
     modes = _choices(args.mode, MODES, "mode")
