@@ -15,6 +15,10 @@ experts' weights (``ExpertPlacement.local_experts(rank)``, stacked or as a list 
 ``router_logits.shape[1]`` (or the placement's size with an external router). The placement may also be an
 integer tensor of owner ranks (a model's buffer), read at each call.
 
+A lowering with its own expert-parallel form (an ``expert_parallel`` method: the npu lowering's MC2, or
+all_to_all + npu_moe_re_routing) gets the expert part whole instead: ``ep_experts`` hands it the call, and none of
+the exchange below runs.
+
 Backward (training): a second custom op replays the plan saved by the forward (kept only when a gradient can
 flow, as for the single-device op): the output gradient travels the way the tokens went, the lowering's backward
 runs on each rank's received rows (weight gradients stay local: the expert weights are not replicated), and
@@ -292,9 +296,18 @@ def ep_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: t
     """The expert part under expert parallelism: ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` for this
     rank's tokens, the experts living on their owner ranks. ``topk_ids`` are global expert ids (-1: dropped);
     ``placement``: an ExpertPlacement or an int tensor of owner ranks (read at each call);
-    ``ranks_per_node=0``: detected at the first call (one collective, cached per group)."""
+    ``ranks_per_node=0``: detected at the first call (one collective, cached per group).
+
+    A lowering with its own expert-parallel form (``expert_parallel``: the npu lowering's MC2 or all_to_all +
+    npu_moe_re_routing) gets the whole call instead of moe_fuser's exchange; ``chunks`` and ``ranks_per_node``
+    tune moe_fuser's exchange only."""
     if chunks is not None and not (isinstance(chunks, int) and 1 <= chunks <= MAX_CHUNKS):
         raise ValueError(f"overlap_chunks={chunks!r} must be an int in [1, {MAX_CHUNKS}] or None (automatic)")
+    name = _lowering_name(impl, x_TD.device.type)
+    own_ep = getattr(lowering.select(name, x_TD.device), "expert_parallel", None)
+    if own_ep is not None:
+        return own_ep(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec=spec, group=group,
+                      placement=placement, timeout_s=timeout_s)
     packed = [pack_weights(w) for w in (w1, w2, w3, b1, b2, b3)]
     # Keep the plan and activations for backward only when a gradient can flow (every rank must agree: a rank
     # running a backward the others skip waits for them until the timeout).
@@ -302,7 +315,7 @@ def ep_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: t
     out = _ep_experts_op(
         x_TD, topk_weights_TK, topk_ids_TK, *packed, _owner_tensor(placement), int(ranks_per_node),
         int(chunks or 0), float(timeout_s), group.group_name, spec.activation, spec.glu or "", float(spec.alpha),
-        float(spec.limit), _lowering_name(impl, x_TD.device.type), save)
+        float(spec.limit), name, save)
     return out[0]
 
 

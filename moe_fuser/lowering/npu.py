@@ -34,10 +34,14 @@ sizes, E divisible by ranks, K <= 16, hidden size, batch. A violated constraint 
 lowering ``"cpu"`` for experts, ATen ``route`` for routing, all_to_all for EP), counted in ``FALLBACKS`` and
 logged once on the ``moe_fuser`` logger; ``explain_constraints`` states the same decisions statically.
 
-Expert parallelism (``npu_expert_parallel``): ``npu_moe_distribute_dispatch_v2`` / ``combine_v2`` (MC2) when
-their constraints hold, which includes "inference only" (no gradient needed); otherwise ``all_to_all_single`` +
-``npu_moe_re_routing`` + the single-device ops, inside an autograd.Function whose backward runs the exchange in
-reverse, so training works with any placement (uneven included).
+Expert parallelism (``npu_expert_parallel``, ``NpuLowering.expert_parallel``: ``ep_experts`` hands it every EP
+call when this lowering is selected, in place of moe_fuser's own exchange): one all_gather checks that the ranks
+agree on the configuration and on whether every rank can use ``npu_moe_distribute_dispatch_v2`` / ``combine_v2``
+(MC2: its constraints hold, which includes "inference only", no dropped pairs and an HCCL communicator);
+otherwise ``all_to_all_single`` + ``npu_moe_re_routing`` + the single-device ops, whose backward runs the exchange
+in reverse, so training works with any placement (uneven included). Both are one custom op
+(``moe_fuser::npu_ep_experts``, with a fake kernel and a backward op), so the layer traces under torch.compile.
+The path taken is counted in ``EP_PATHS`` and logged once, each reason for leaving MC2 recorded like a fallback.
 
 Compiling (``get_inner_compiler``): torchair in "reduce-overhead" (aclgraph) mode by default, since moe_fuser's
 custom ops have meta kernels but no Ascend IR converters. Host syncs: none in the single-device forward; one in
@@ -52,22 +56,27 @@ Legend: T tokens, D model dim, F expert hidden dim, H = F or 2F (gated), E exper
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import logging
 import os
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 
+from ..distributed.dispatch import ExpertParallelError
+from ..distributed.ep_moe import DEFAULT_TIMEOUT_S
 from ..ops.activations import expert_activation, expert_activation_backward
 from ..spec import ExpertSpec, MoESpec, RouterSpec
 
-__all__ = ["CHOICES", "FALLBACKS", "NpuLowering", "OpChoices", "explain_constraints", "expert_constraints",
-           "get_inner_compiler", "mc2_constraints", "npu_expert_parallel", "route_plan"]
+__all__ = ["CHOICES", "EP_PATHS", "FALLBACKS", "NpuLowering", "OpChoices", "explain_constraints",
+           "expert_constraints", "get_inner_compiler", "mc2_constraints", "npu_expert_parallel", "route_plan"]
 
 log = logging.getLogger("moe_fuser")
 
@@ -501,6 +510,8 @@ class NpuLowering:
 
     def expert_parallel(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3=None, b1=None, b2=None, b3=None,
                         **kw):
+        """The whole EP layer's expert part (``moe_fuser.distributed.ep_experts`` calls it instead of running its
+        own exchange): ``npu_expert_parallel``."""
         return npu_expert_parallel(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, **kw)
 
     @staticmethod
@@ -581,6 +592,20 @@ class NpuLowering:
 
 # ------------------------------------------------------------------------------------------ expert parallelism
 
+EP_PATHS: Counter = Counter()
+"""``path -> count`` of expert-parallel layers ``npu_expert_parallel`` ran: ``"mc2"`` (dispatch_v2 /
+combine_v2) or ``"all_to_all"`` (all_to_all_single + npu_moe_re_routing + the single-device ops)."""
+
+_EP_PATH_NAMES = {"mc2": "MC2 (npu_moe_distribute_dispatch_v2 / npu_moe_distribute_combine_v2)",
+                  "all_to_all": "all_to_all_single + npu_moe_re_routing + the single-device ops"}
+
+# What every rank of the group must agree on (checked field by field before any token moves)
+_EP_HEADER = ("num_experts", "top_k", "hidden", "dtype", "expert_cols", "placement", "expert_config")
+_EP_FIELD_NAMES = {"hidden": "hidden size D", "dtype": "dtype (code)", "expert_cols": "w2 columns (F)",
+                   "placement": "expert placement (crc)",
+                   "expert_config": "expert activation/GLU/bias configuration (crc)"}
+
+
 def _hccl_comm_name(group: dist.ProcessGroup) -> Optional[str]:
     """The HCCL communicator name MC2 ops take as ``group_ep`` (None where the group has none, e.g. gloo)."""
     npu = torch_npu_module()
@@ -596,13 +621,108 @@ def _flat(ws) -> list[torch.Tensor]:
     return [] if ws is None else ([ws] if isinstance(ws, torch.Tensor) else list(ws))
 
 
-def _unflat(flat: Sequence, lengths: Sequence[int], stacked: Sequence[bool]):
-    out, i = [], 0
-    for n, st in zip(lengths, stacked):
-        part = list(flat[i:i + n])
-        out.append(None if n == 0 else (part[0] if st else part))
-        i += n
+def _unpack(ws: Sequence[torch.Tensor], stacked_dim: int):
+    """The op's weight list back to what the helpers take: one stacked tensor, a per-expert list, or None."""
+    if not ws:
+        return None
+    return ws[0] if len(ws) == 1 and ws[0].dim() == stacked_dim else list(ws)
+
+
+def _crc(value) -> int:
+    return zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class _EPLayout:
+    """The group and the expert placement of one call, read from the owner tensor at run time."""
+
+    group: dist.ProcessGroup
+    world: int
+    rank: int
+    owners: tuple[int, ...]
+    owner_splits: tuple[int, ...]     # experts per rank
+    rank_major_E: torch.Tensor        # global id -> position in rank-major (owner, id) order
+
+    @property
+    def num_local(self) -> int:
+        return self.owner_splits[self.rank]
+
+
+def _num_held(w1: Sequence[torch.Tensor]) -> int:
+    return w1[0].shape[0] if len(w1) == 1 and w1[0].dim() == 3 else len(w1)
+
+
+def _layout(group_name: str, owner_E: torch.Tensor, w1: Sequence[torch.Tensor],
+            device: torch.device) -> _EPLayout:
+    """Checked before any collective: the owners name ranks of the group, and this rank holds its experts."""
+    group = _resolve_process_group(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    owners = tuple(int(r) for r in owner_E.tolist())
+    outside = sorted({r for r in owners if not 0 <= r < world})
+    if outside:
+        raise ValueError(f"expert_placement names ranks {outside}, outside the group of {world} ranks")
+    held = _num_held(w1)
+    mine = [e for e, r in enumerate(owners) if r == rank]
+    if held != len(mine):
+        raise ValueError(f"rank {rank} holds {held} experts but the placement gives it {len(mine)} (global ids "
+                         f"{mine}); pass only this rank's experts' weights, in global-id order")
+    E = len(owners)
+    rank_major = sorted(range(E), key=lambda e: (owners[e], e))
+    rank_major_E = torch.empty(E, dtype=torch.int64, device=device)
+    rank_major_E[torch.tensor(rank_major, dtype=torch.int64, device=device)] = torch.arange(E, device=device)
+    return _EPLayout(group, world, rank, owners, tuple(owners.count(r) for r in range(world)), rank_major_E)
+
+
+def _local_spec(num_local: int, activation: str, glu: str, alpha: float, limit: float, bias: bool) -> ExpertSpec:
+    return ExpertSpec(num_experts=max(1, num_local), activation=activation, glu=glu or None, bias=bias,
+                      alpha=alpha, limit=limit)
+
+
+def _wait(work, what: str, lay: _EPLayout, timeout_s: float) -> None:
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        raise ExpertParallelError(
+            f"moe_fuser expert parallelism (npu): {what} failed or did not finish within {timeout_s:g} s on rank "
+            f"{lay.rank} of {lay.world}: a peer rank died, stalls, or stopped calling the MoE layer (every rank "
+            f"must call it the same number of times). Cause: {exc}") from exc
+
+
+def _exchange(inp: torch.Tensor, send: Sequence[int], recv: Sequence[int], lay: _EPLayout, what: str,
+              timeout_s: float) -> torch.Tensor:
+    """all_to_all_single: ``send[r]`` rows of ``inp`` to rank r, ``recv[r]`` rows from it (bounded wait)."""
+    out = inp.new_empty((sum(recv),) + tuple(inp.shape[1:]))
+    work = dist.all_to_all_single(out, inp.contiguous(), list(recv), list(send), group=lay.group, async_op=True)
+    _wait(work, what, lay, timeout_s)
     return out
+
+
+def _agree(lay: _EPLayout, header: Sequence[int], mc2_ok: bool, T: int, device: torch.device,
+           timeout_s: float) -> tuple[list, int]:
+    """One all_gather: every rank's configuration (a mismatch raises a ValueError naming the field on every
+    rank), whether it can use MC2, and its token count. Returns (ranks that cannot use MC2, the most tokens)."""
+    row = torch.tensor([*header, int(mc2_ok), T], dtype=torch.int64, device=device)
+    rows = [torch.empty_like(row) for _ in range(lay.world)]
+    _wait(dist.all_gather(rows, row, group=lay.group, async_op=True), "the configuration exchange", lay,
+          timeout_s)
+    table = torch.stack(rows).tolist()
+    for i, name in enumerate(_EP_HEADER):
+        values = [r[i] for r in table]
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise ValueError(f"moe_fuser expert parallelism (npu): the ranks disagree on "
+                             f"{_EP_FIELD_NAMES.get(name, name)} ({per_rank}); every rank of the group must call "
+                             "the MoE layer with the same configuration")
+    n = len(_EP_HEADER)
+    return [r for r, row in enumerate(table) if not row[n]], max(row[n + 1] for row in table)
+
+
+def _choose(path: str, reasons: Sequence[str]) -> None:
+    """Count the EP path taken; log it (and each reason for leaving MC2) once per process."""
+    if path not in EP_PATHS:
+        log.info("moe_fuser npu: expert parallel over %s", _EP_PATH_NAMES[path])
+    EP_PATHS[path] += 1
+    _record("expert parallel", reasons)
 
 
 def _local_rows_expert(counts_L: torch.Tensor, rows: int) -> torch.Tensor:
@@ -624,105 +744,17 @@ def _local_experts_forward(npu, rows_RD, counts_L, ws, spec: ExpertSpec):
     return y_RD, h_RH, expert_R
 
 
-class _A2AExperts(torch.autograd.Function):
-    """EP over all_to_all_single + npu_moe_re_routing + the single-device ops, with its backward: the output
-    gradient travels the tokens' way, input and routing-weight gradients come back, weight gradients stay."""
+def _rank_major_ids(topk_ids_TK: torch.Tensor, lay: _EPLayout) -> torch.Tensor:
+    """Expert ids renumbered rank-major (so init_routing_v2 groups the pairs by destination rank); dropped
+    pairs (-1) become pseudo-expert E and sort last."""
+    E = len(lay.owners)
+    return torch.where(topk_ids_TK < 0, E, lay.rank_major_E[topk_ids_TK.clamp(min=0)]).to(torch.int32)
 
-    @staticmethod
-    def forward(ctx, x_TD, weights_TK, ids_TK, plan, *flat_ws):
-        group, rank_major_E, owner_splits, spec, lengths, stacked = plan
-        npu = torch_npu_module()
-        ws = _unflat(flat_ws, lengths, stacked)
-        T, K = ids_TK.shape
-        E = rank_major_E.shape[0]
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        L = owner_splits[rank]
-        rid32_TK = torch.where(ids_TK < 0, E, rank_major_E[ids_TK.clamp(min=0)]).to(torch.int32)
-        xs_ND, dst_N, counts = _permute(npu, x_TD, rid32_TK, E + 1)
-        order_N = _inverse(dst_N)
-        # counts exchange: rank r receives this rank's counts for r's experts -> [world, L] rank-major
-        recv_counts = counts.new_empty(world * L)
-        dist.all_to_all_single(recv_counts, counts[:E].contiguous(), [L] * world, list(owner_splits), group=group)
-        send = torch.stack([b.sum() for b in counts[:E].split(list(owner_splits))]).tolist()
-        recv_RL = recv_counts.view(world, L)
-        recv = recv_RL.sum(1).tolist() if L else [0] * world
-        n_kept = sum(send)
-        g_N = (weights_TK * (ids_TK >= 0)).flatten()[order_N].float()
-        rows_RD = xs_ND.new_empty(sum(recv), xs_ND.shape[1])
-        dist.all_to_all_single(rows_RD, xs_ND[:n_kept].contiguous(), recv, send, group=group)
-        g_R = g_N.new_empty(sum(recv))
-        dist.all_to_all_single(g_R, g_N[:n_kept].contiguous(), recv, send, group=group)
-        rows_RD, perm_R, counts_L = _regroup(npu, rows_RD, recv_RL)
-        g_R = g_R[perm_R]
-        if L and rows_RD.shape[0]:
-            y_RD, h_RH, _ = _local_experts_forward(npu, rows_RD, counts_L, ws, spec)
-        else:
-            y_RD = rows_RD.new_zeros(rows_RD.shape)
-            h_RH = rows_RD.new_zeros(rows_RD.shape[0], _first_width(ws, spec))
-        back_RD = torch.empty_like(y_RD).index_copy_(0, perm_R, y_RD)       # rank-major again
-        y_ND = xs_ND.new_zeros(T * K, xs_ND.shape[1])
-        dist.all_to_all_single(y_ND[:n_kept], back_RD, send, recv, group=group)
-        out_TD = npu.npu_moe_finalize_routing(y_ND, None, None, None, (weights_TK * (ids_TK >= 0)).to(x_TD.dtype),
-                                              CHOICES.finalize_index(dst_N, T, K), None,
-                                              drop_pad_mode=CHOICES.finalize_drop_pad_mode, k=K)
-        ctx.plan, ctx.send, ctx.recv, ctx.n_kept = plan, send, recv, n_kept
-        ctx.save_for_backward(x_TD, weights_TK, ids_TK, rid32_TK, dst_N, order_N, rows_RD, g_R, perm_R, counts_L,
-                              h_RH, *flat_ws)
-        return out_TD
 
-    @staticmethod
-    def backward(ctx, grad_TD):
-        x_TD, weights_TK, ids_TK, rid32_TK, dst_N, order_N, rows_RD, g_R, perm_R, counts_L, h_RH, *flat_ws = \
-            ctx.saved_tensors
-        group, rank_major_E, owner_splits, spec, lengths, stacked = ctx.plan
-        send, recv, n_kept = ctx.send, ctx.recv, ctx.n_kept
-        npu = torch_npu_module()
-        ws = _unflat(flat_ws, lengths, stacked)
-        w1, w2, w3, b1, b2, b3 = ws
-        T, K = ids_TK.shape
-        E = rank_major_E.shape[0]
-        L = owner_splits[dist.get_rank(group)]
-        F_ = h_RH.shape[1] // 2 if spec.gated else h_RH.shape[1]
-        dy_ND = _permute(npu, grad_TD, rid32_TK, E + 1)[0]
-        dy_RD = dy_ND.new_empty(sum(recv), dy_ND.shape[1])
-        dist.all_to_all_single(dy_RD, dy_ND[:n_kept].contiguous(), recv, send, group=group)
-        dy_RD = dy_RD[perm_R]
-        R = dy_RD.shape[0]
-        dxs_RD = torch.zeros_like(dy_RD)
-        dg_R = g_R.new_zeros(R)
-        grads_w = [_zeros_like(w) for w in ws]
-        if L and R:
-            group_list = _group_list_covering(counts_L, R)
-            expert_R = _local_rows_expert(group_list, R)
-            dA_RF = _gmm(npu, dy_RD, _as_is(w2), group_list)
-            a_RF = _activation(npu, h_RH, spec)
-            dg_R = (dA_RF.float() * a_RF.float()).sum(-1)
-            if b2 is not None:
-                dg_R = dg_R + (dy_RD.float() * _stacked(b2)[expert_R].float()).sum(-1)
-            g_col = g_R.to(dy_RD.dtype).unsqueeze(1)
-            dh_RH = expert_activation_backward(h_RH, dA_RF * g_col, spec)
-            dy_RD = dy_RD * g_col
-            if spec.glu == "separate":
-                dxs_RD = _gmm(npu, dh_RH[:, :F_], _as_is(w1), group_list) + \
-                    _gmm(npu, dh_RH[:, F_:], _as_is(w3), group_list)
-            else:
-                dxs_RD = _gmm(npu, dh_RH, _as_is(w1), group_list)
-            if any(ctx.needs_input_grad[4:]):
-                grads_w = _weight_grads(rows_RD, a_RF, dy_RD, dh_RH, counts_L.tolist(), *ws, spec)
-        back_RD = torch.empty_like(dxs_RD).index_copy_(0, perm_R, dxs_RD)
-        back_R = torch.empty_like(dg_R).index_copy_(0, perm_R, dg_R)
-        dxs_ND = dxs_RD.new_zeros(T * K, dxs_RD.shape[1])
-        dist.all_to_all_single(dxs_ND[:n_kept], back_RD, send, recv, group=group)
-        dg_N = dg_R.new_zeros(T * K)
-        dist.all_to_all_single(dg_N[:n_kept], back_R, send, recv, group=group)
-        keep_TK = ids_TK >= 0
-        dx_TD = npu.npu_moe_finalize_routing(dxs_ND, None, None, None, keep_TK.to(x_TD.dtype),
-                                             CHOICES.finalize_index(dst_N, T, K), None,
-                                             drop_pad_mode=CHOICES.finalize_drop_pad_mode, k=K)
-        dweights_TK = torch.zeros(T * K, dtype=torch.float32, device=x_TD.device).index_copy_(0, order_N, dg_N)
-        dweights_TK = (dweights_TK.view(T, K) * keep_TK).to(weights_TK.dtype)
-        flat_grads = [g for gw, w in zip(grads_w, ws) for g in _flat(gw if w is not None else None)]
-        return (dx_TD, dweights_TK, None, None, *flat_grads)
+def _send_counts(counts: torch.Tensor, lay: _EPLayout) -> list[int]:
+    """Pairs this rank sends to each rank, from init_routing_v2's rank-major per-expert counts."""
+    E = len(lay.owners)
+    return [int(c.sum()) for c in counts[:E].split(list(lay.owner_splits))]
 
 
 def _first_width(ws, spec: ExpertSpec) -> int:
@@ -754,58 +786,236 @@ def _regroup(npu, rows_RD: torch.Tensor, recv_RL: torch.Tensor):
     return rows_RD[idx], idx, counts_L.long()
 
 
-def _mc2_experts(npu, x_TD, weights_TK, ids_TK, ws, spec: ExpertSpec, name: str, world: int, rank: int, E: int,
+def _mc2_experts(npu, x_TD, weights_TK, ids_TK, ws, spec: ExpertSpec, name: str, lay: _EPLayout,
                  global_bs: int, soc: str) -> torch.Tensor:
     """Inference EP over MC2: dispatch_v2 -> local grouped experts -> combine_v2 (rows within an expert arrive in
     an undocumented order; only the counts are used)."""
+    E = len(lay.owners)
     ids32_TK = ids_TK.to(torch.int32)
     scales_TK = weights_TK.float()
     expand_x, _, assist, counts_L, recv_counts, _, expand_scales = npu.npu_moe_distribute_dispatch_v2(
-        x_TD, ids32_TK, name, world, rank, E, expert_scales=scales_TK if soc == "A2" else None,
+        x_TD, ids32_TK, name, lay.world, lay.rank, E, expert_scales=scales_TK if soc == "A2" else None,
         global_bs=global_bs, expert_token_nums_type=1)
     y_AD, _, _ = _local_experts_forward(npu, expand_x, counts_L, ws, spec)
     return npu.npu_moe_distribute_combine_v2(
-        y_AD, ids32_TK, assist, recv_counts, scales_TK, name, world, rank, E,
+        y_AD, ids32_TK, assist, recv_counts, scales_TK, name, lay.world, lay.rank, E,
         expand_scales=expand_scales if soc == "A2" else None, global_bs=global_bs)
 
 
-def npu_expert_parallel(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3=None, b1=None, b2=None, b3=None, *,
-                        spec: ExpertSpec, group: dist.ProcessGroup, placement, **_unused) -> torch.Tensor:
-    """The expert part under expert parallelism on Ascend (same contract as
-    ``moe_fuser.distributed.ep_experts``): this rank's tokens with global expert ids, this rank's experts'
-    weights (``placement.local_experts(rank)``, in global-id order). MC2 when ``mc2_constraints`` hold on every
-    rank (one small all_reduce agrees), else all_to_all_single + npu_moe_re_routing + the single-device ops."""
-    npu = torch_npu_module()
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    owner = list(placement.owner)
-    E = len(owner)
-    T, K = topk_ids_TK.shape
-    ws = (w1, w2, w3, b1, b2, b3)
-    flat_ws = [t for w in ws for t in _flat(w)]
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in [x_TD, topk_weights_TK, *flat_ws])
-    even = all(owner[e] == e // max(1, E // world) for e in range(E)) and E % world == 0
+def _mc2_reasons(lay: _EPLayout, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, save: bool):
+    """(why MC2 cannot carry this call on this rank, the HCCL communicator name, the Ascend product)."""
+    E, (T, K) = len(lay.owners), topk_ids_TK.shape
+    even = E % lay.world == 0 and all(r == e // (E // lay.world) for e, r in enumerate(lay.owners))
     soc = _soc_family()
-    name = _hccl_comm_name(group)
-    why = mc2_constraints(E, K, world, x_TD.shape[1], T, x_TD.dtype, training, even, soc)
+    why = mc2_constraints(E, K, lay.world, x_TD.shape[1], T, x_TD.dtype, save, even, soc)
+    if topk_ids_TK.numel() and bool((topk_ids_TK < 0).any()):
+        why.append("MC2 dispatches every pair: dropped pairs (expert id -1) need the all_to_all path")
+    name = _hccl_comm_name(lay.group)
     if name is None:
         why.append("the process group has no HCCL communicator (MC2 needs the hccl backend)")
-    agree = torch.tensor([0 if why else 1, -T], dtype=torch.int64, device=x_TD.device)
-    dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=group)
-    if int(agree[0]) == 1:
-        return _mc2_experts(npu, x_TD, topk_weights_TK, topk_ids_TK, ws, spec, name, world, rank, E,
-                            -int(agree[1]) * world, soc)
-    _record("expert parallel", why or ["another rank cannot use MC2"])
-    placement_ranks = sorted(range(E), key=lambda e: (owner[e], e))
-    rank_major_E = torch.empty(E, dtype=torch.int64, device=x_TD.device)
-    rank_major_E[torch.tensor(placement_ranks, dtype=torch.int64, device=x_TD.device)] = torch.arange(
-        E, device=x_TD.device)
-    owner_splits = tuple(owner.count(r) for r in range(world))
-    local_spec = ExpertSpec(num_experts=max(1, owner_splits[rank]), activation=spec.activation, glu=spec.glu,
-                            bias=spec.bias, alpha=spec.alpha, limit=spec.limit)
-    lengths = [len(_flat(w)) for w in ws]
-    stacked = [isinstance(w, torch.Tensor) for w in ws]
-    plan = (group, rank_major_E, owner_splits, local_spec, lengths, stacked)
-    return _A2AExperts.apply(x_TD, topk_weights_TK, topk_ids_TK, plan, *flat_ws)
+    return why, name, soc
+
+
+def _a2a_forward(npu, x_TD, weights_TK, ids_TK, ws, spec: ExpertSpec, lay: _EPLayout, timeout_s: float):
+    """EP over all_to_all_single + npu_moe_re_routing + the single-device ops: (out, and what the backward
+    needs: destination row of each pair, received rows (expert-major), their routing weights, the gather index
+    from rank-major, received counts [world, L], first projection)."""
+    T, K = ids_TK.shape
+    E, L = len(lay.owners), lay.num_local
+    rid32_TK = _rank_major_ids(ids_TK, lay)
+    xs_ND, dst_N, counts = _permute(npu, x_TD, rid32_TK, E + 1)
+    order_N = _inverse(dst_N)
+    send = _send_counts(counts, lay)
+    # rank r receives this rank's counts for r's experts -> [world, L], rank-major
+    recv_RL = _exchange(counts[:E], lay.owner_splits, [L] * lay.world, lay, "the counts exchange",
+                        timeout_s).view(lay.world, L)
+    recv = recv_RL.sum(1).tolist() if L else [0] * lay.world
+    n_kept = sum(send)
+    g_N = (weights_TK * (ids_TK >= 0)).flatten()[order_N].float()
+    rows_RD = _exchange(xs_ND[:n_kept], send, recv, lay, "the token dispatch", timeout_s)
+    g_R = _exchange(g_N[:n_kept], send, recv, lay, "the routing-weight dispatch", timeout_s)
+    rows_RD, perm_R, counts_L = _regroup(npu, rows_RD, recv_RL)
+    g_R = g_R[perm_R]
+    if L and rows_RD.shape[0]:
+        y_RD, h_RH, _ = _local_experts_forward(npu, rows_RD, counts_L, ws, spec)
+    else:
+        y_RD = rows_RD.new_zeros(rows_RD.shape)
+        h_RH = rows_RD.new_zeros(rows_RD.shape[0], _first_width(ws, spec))
+    back_RD = torch.empty_like(y_RD).index_copy_(0, perm_R, y_RD)       # rank-major again
+    y_kept = _exchange(back_RD, recv, send, lay, "the combine", timeout_s)
+    y_ND = torch.cat([y_kept, y_kept.new_zeros(T * K - n_kept, y_kept.shape[1])])
+    out_TD = npu.npu_moe_finalize_routing(y_ND, None, None, None, (weights_TK * (ids_TK >= 0)).to(x_TD.dtype),
+                                          CHOICES.finalize_index(dst_N, T, K), None,
+                                          drop_pad_mode=CHOICES.finalize_drop_pad_mode, k=K)
+    return out_TD, dst_N.to(torch.int32), rows_RD, g_R, perm_R, recv_RL, h_RH
+
+
+@torch.library.custom_op("moe_fuser::npu_ep_experts", mutates_args=())
+def _npu_ep_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+               w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
+               b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
+               owner: torch.Tensor, group_name: str, activation: str, glu: str, alpha: float, limit: float,
+               timeout_s: float, save: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                          torch.Tensor]:
+    """The EP layer's expert part on Ascend: MC2 when every rank can use it, else all_to_all + re_routing.
+    Outputs: out [T, D], then (only with ``save``) what the backward op needs."""
+    npu = torch_npu_module()
+    lay = _layout(group_name, owner, w1, x.device)
+    ws = (_unpack(w1, 3), _unpack(w2, 3), _unpack(w3, 3), _unpack(b1, 2), _unpack(b2, 2), _unpack(b3, 2))
+    spec = _local_spec(lay.num_local, activation, glu, alpha, limit, bool(b1 or b2 or b3))
+    T, K = topk_ids.shape
+    D = x.shape[1]
+    why, name, soc = _mc2_reasons(lay, x, topk_ids, save)
+    header = [len(lay.owners), K, D, _crc(x.dtype), w2[0].shape[-1], _crc(lay.owners),
+              _crc((activation, glu, alpha, limit, bool(b1), bool(b2), bool(b3)))]
+    refusing, most_tokens = _agree(lay, header, not why, T, x.device, timeout_s)
+    if not refusing:
+        _choose("mc2", [])
+        out = _mc2_experts(npu, x, topk_weights, topk_ids, ws, spec, name, lay, most_tokens * lay.world, soc)
+        return (out, topk_ids.new_zeros(0, dtype=torch.int32), x.new_zeros(0, D),
+                topk_weights.new_zeros(0, dtype=torch.float32), topk_ids.new_zeros(0, dtype=torch.int64),
+                topk_ids.new_zeros(0, lay.num_local, dtype=torch.int64), x.new_zeros(0, _first_width(ws, spec)))
+    _choose("all_to_all", why or [f"rank(s) {refusing} cannot use MC2 (every rank must)"])
+    out_TD, *kept = _a2a_forward(npu, x, topk_weights, topk_ids, ws, spec, lay, timeout_s)
+    if save:
+        return (out_TD, *kept)
+    dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH = kept
+    return (out_TD, dst_N[:0], rows_RD[:0], g_R[:0], perm_R[:0], recv_RL[:0], h_RH[:0])
+
+
+@_npu_ep_op.register_fake
+def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, group_name, activation, glu, alpha, limit,
+      timeout_s, save):
+    R = torch.library.get_ctx().new_dynamic_size()
+    world = dist.get_world_size(_resolve_process_group(group_name))
+    T, K = topk_ids.shape
+    F_ = w2[0].shape[-1]
+    return (x.new_empty(x.shape), topk_ids.new_empty((T * K if save else 0,), dtype=torch.int32),
+            x.new_empty((R, x.shape[1])), topk_weights.new_empty((R,), dtype=torch.float32),
+            topk_ids.new_empty((R,), dtype=torch.int64),
+            topk_ids.new_empty((world if save else 0, _num_held(w1)), dtype=torch.int64),
+            x.new_empty((R, 2 * F_ if glu else F_)))
+
+
+@torch.library.custom_op("moe_fuser::npu_ep_experts_backward", mutates_args=())
+def _npu_ep_backward_op(
+        grad: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        dst_N: torch.Tensor, rows_RD: torch.Tensor, g_R: torch.Tensor, perm_R: torch.Tensor, recv_RL: torch.Tensor,
+        h_RH: torch.Tensor, w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
+        b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor], owner: torch.Tensor,
+        group_name: str, activation: str, glu: str, alpha: float, limit: float, timeout_s: float, need_w: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
+           list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The all_to_all path's backward: the output gradient travels the tokens' way, input and routing-weight
+    gradients come back, weight gradients stay on the experts' owner."""
+    npu = torch_npu_module()
+    lay = _layout(group_name, owner, w1, x.device)
+    ws = (_unpack(w1, 3), _unpack(w2, 3), _unpack(w3, 3), _unpack(b1, 2), _unpack(b2, 2), _unpack(b3, 2))
+    spec = _local_spec(lay.num_local, activation, glu, alpha, limit, bool(b1 or b2 or b3))
+    _, w2_, w3_, _, b2_, _ = ws
+    T, K = topk_ids.shape
+    E, L = len(lay.owners), lay.num_local
+    F_ = h_RH.shape[1] // 2 if spec.gated else h_RH.shape[1]
+    order_N = _inverse(dst_N)
+    dy_ND, _, counts = _permute(npu, grad.contiguous(), _rank_major_ids(topk_ids, lay), E + 1)
+    send = _send_counts(counts, lay)
+    recv = recv_RL.sum(1).tolist() if L else [0] * lay.world
+    n_kept = sum(send)
+    dy_RD = _exchange(dy_ND[:n_kept], send, recv, lay, "the gradient dispatch", timeout_s)[perm_R]
+    R = dy_RD.shape[0]
+    dxs_RD = torch.zeros_like(dy_RD)
+    dg_R = g_R.new_zeros(R)
+    grads_w = [_zeros_like(w) if need_w else None for w in ws]
+    if L and R:
+        counts_L = recv_RL.sum(0)
+        group_list = _group_list_covering(counts_L, R)
+        expert_R = _local_rows_expert(group_list, R)
+        dA_RF = _gmm(npu, dy_RD, _as_is(w2_), group_list)
+        a_RF = _activation(npu, h_RH, spec)
+        dg_R = (dA_RF.float() * a_RF.float()).sum(-1)
+        if b2_ is not None:
+            dg_R = dg_R + (dy_RD.float() * _stacked(b2_)[expert_R].float()).sum(-1)
+        g_col = g_R.to(dy_RD.dtype).unsqueeze(1)
+        dh_RH = expert_activation_backward(h_RH, dA_RF * g_col, spec)
+        dy_RD = dy_RD * g_col
+        if spec.glu == "separate":
+            dxs_RD = _gmm(npu, dh_RH[:, :F_], _as_is(ws[0]), group_list) + \
+                _gmm(npu, dh_RH[:, F_:], _as_is(w3_), group_list)
+        else:
+            dxs_RD = _gmm(npu, dh_RH, _as_is(ws[0]), group_list)
+        if need_w:
+            grads_w = _weight_grads(rows_RD, a_RF, dy_RD, dh_RH, counts_L.tolist(), *ws, spec)
+    back_RD = torch.empty_like(dxs_RD).index_copy_(0, perm_R, dxs_RD)
+    back_R = torch.empty_like(dg_R).index_copy_(0, perm_R, dg_R)
+    dxs_kept = _exchange(back_RD, recv, send, lay, "the input-gradient combine", timeout_s)
+    dg_kept = _exchange(back_R, recv, send, lay, "the routing-weight-gradient combine", timeout_s)
+    dxs_ND = torch.cat([dxs_kept, dxs_kept.new_zeros(T * K - n_kept, dxs_kept.shape[1])])
+    dg_N = torch.cat([dg_kept, dg_kept.new_zeros(T * K - n_kept)])
+    keep_TK = topk_ids >= 0
+    dx_TD = npu.npu_moe_finalize_routing(dxs_ND, None, None, None, keep_TK.to(x.dtype),
+                                         CHOICES.finalize_index(dst_N, T, K), None,
+                                         drop_pad_mode=CHOICES.finalize_drop_pad_mode, k=K)
+    dweights_TK = torch.zeros(T * K, dtype=torch.float32, device=x.device).index_copy_(0, order_N, dg_N)
+    dweights_TK = (dweights_TK.view(T, K) * keep_TK).to(topk_weights.dtype)
+    return (dx_TD, dweights_TK, *[_flat(g) for g in grads_w])
+
+
+@_npu_ep_backward_op.register_fake
+def _(grad, x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, w1, w2, w3, b1, b2, b3, owner,
+      group_name, activation, glu, alpha, limit, timeout_s, need_w):
+    def like(ws):
+        return [w.new_empty(w.shape) for w in ws] if need_w else []
+
+    return (x.new_empty(x.shape), topk_weights.new_empty(topk_weights.shape),
+            like(w1), like(w2), like(w3), like(b1), like(b2), like(b3))
+
+
+def _npu_ep_setup_context(ctx, inputs, output):
+    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config) = inputs
+    _, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH = output
+    ctx.save_for_backward(x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, owner,
+                          *w1, *w2, *w3, *b1, *b2, *b3)
+    ctx.lengths = [len(w) for w in (w1, w2, w3, b1, b2, b3)]
+    ctx.config = tuple(config[:-1])   # without ``save``
+
+
+def _npu_ep_backward(ctx, grad_out, *_unused):
+    x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, owner, *flat = ctx.saved_tensors
+    lists, start = [], 0
+    for n in ctx.lengths:
+        lists.append(list(flat[start:start + n]))
+        start += n
+    need_w = any(ctx.needs_input_grad[3:9])
+    dx, dweights, *dws = _npu_ep_backward_op(grad_out, x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R,
+                                             recv_RL, h_RH, *lists, owner, *ctx.config, need_w)
+    dws = [list(g) if g else [None] * n for g, n in zip(dws, ctx.lengths)]
+    return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None, *dws,
+            None, *([None] * (len(ctx.config) + 1)))
+
+
+_npu_ep_op.register_autograd(_npu_ep_backward, setup_context=_npu_ep_setup_context)
+
+
+def npu_expert_parallel(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3=None, b1=None, b2=None, b3=None, *,
+                        spec: ExpertSpec, group: dist.ProcessGroup, placement,
+                        timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
+    """The expert part under expert parallelism on Ascend (same contract as
+    ``moe_fuser.distributed.ep_experts``, which hands it every EP call when the npu lowering is selected): this
+    rank's tokens with global expert ids, this rank's experts' weights (in global-id order); ``placement``: an
+    ExpertPlacement or an integer tensor of owner ranks (read at each call). MC2 when ``mc2_constraints`` hold
+    on every rank, else all_to_all_single + npu_moe_re_routing + the single-device ops; ``EP_PATHS`` counts
+    the choice and the ``moe_fuser`` logger states it (with the reasons) once. One custom op (with a fake kernel
+    and a backward op), so it traces under torch.compile. Ranks configured differently raise a ValueError; a
+    peer that died or stalls makes the others raise ``ExpertParallelError`` within ``timeout_s`` (MC2's own
+    collectives run under HCCL's timeouts)."""
+    packed = [_flat(w) for w in (w1, w2, w3, b1, b2, b3)]
+    # Keep what a backward needs only when a gradient can flow; MC2 is for inference only.
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weights_TK, *sum(packed, [])))
+    owner = placement if isinstance(placement, torch.Tensor) else torch.tensor(placement.owner, dtype=torch.int64)
+    out = _npu_ep_op(x_TD, topk_weights_TK, topk_ids_TK, *packed, owner, group.group_name, spec.activation,
+                     spec.glu or "", float(spec.alpha), float(spec.limit), float(timeout_s), save)
+    return out[0]
 
 
 # ------------------------------------------------------------------------------------------- inner compiler

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -48,6 +49,11 @@ def _problem(seed, T_per_rank, world, D, F_, E, k, dtype, bias):
     return x, weights, ids, ws
 
 
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
 def _check_case(rank, world, owner, dtype, train, T_per_rank, D, F_, E, k, bias, seed, tol):
     from moe_fuser.distributed.placement import ExpertPlacement
     from moe_fuser.lowering import npu as npu_lowering
@@ -71,7 +77,7 @@ def _check_case(rank, world, owner, dtype, train, T_per_rank, D, F_, E, k, bias,
     assert out.dtype == dtype and out.shape == x_r.shape
 
     def close(a, b, what):
-        err = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+        err = _rel(a, b)
         assert err < tol, f"rank {rank}: {what} relative error {err:.2e} >= {tol}"
 
     close(out, ref[mine], "output")
@@ -85,50 +91,188 @@ def _check_case(rank, world, owner, dtype, train, T_per_rank, D, F_, E, k, bias,
             close(g_local, g_all[local], f"{name} gradient")
 
 
-def _check_fused_moe(rank, world, owner, seed, tol):
-    """The public entry: fused_moe(..., ep_group=..., impl="npu") (moe_fuser.distributed's exchange around the npu
-    lowering's grouped experts), forward and backward, against the single-process reference."""
+def _check_fused_moe(rank, world, owner, dtype, train, T, D, F_, k, seed, tol, owner_tensor=False, dropped=False):
+    """The public entry: ``fused_moe(..., ep_group=..., impl="npu")`` on this rank's tokens and experts equals
+    ``fused_moe(..., impl="reference")`` on all of them: the output and, when training, the gradients of the
+    hidden states, the router logits (or external top-k weights) and this rank's expert weights. Fresh random
+    non-zero inputs; ``dropped``: an external router whose every fifth pair is dropped (id -1)."""
     import moe_fuser
+    from moe_fuser.ops.routing import route
+    from moe_fuser.spec import RouterSpec
 
-    E, T, D, F_ = len(owner), 12, 16, 8
+    E = len(owner)
     g = torch.Generator().manual_seed(seed)
-    x, logits = torch.randn(T * world, D, generator=g), torch.randn(T * world, E, generator=g)
-    w1, w2, w3 = (torch.randn(E, F_, D, generator=g) * 0.3, torch.randn(E, D, F_, generator=g) * 0.3,
-                  torch.randn(E, F_, D, generator=g) * 0.3)
-    ref = moe_fuser.fused_moe(x, logits, w1, w2, w3, top_k=2, impl="reference")
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x, logits = rnd(T * world, D), rnd(T * world, E)
+    ws = dict(w1=rnd(E, F_, D, scale=D ** -0.5), w2=rnd(E, D, F_, scale=F_ ** -0.5), w3=rnd(E, F_, D, scale=D ** -0.5))
+    router = dict(router_logits=logits)
+    if dropped:
+        tw, ti = route(logits.float(), RouterSpec(top_k=k))
+        ti = torch.where(torch.arange(ti.numel()).view(ti.shape) % 5 == 3, -1, ti)
+        router = dict(router_logits=None, topk_weights=tw.to(dtype), topk_ids=ti)
+    leaves = dict(x=x, **{n: t for n, t in router.items() if t is not None and t.is_floating_point()}, **ws)
+    for t in leaves.values():
+        t.requires_grad_(train)
+    ref = moe_fuser.fused_moe(x, top_k=k, impl="reference", **{n: v for n, v in router.items()}, **ws)
+
     local = [e for e in range(E) if owner[e] == rank]
     mine = slice(rank * T, (rank + 1) * T)
-    x_r = x[mine].clone().requires_grad_()
-    out = moe_fuser.fused_moe(x_r, logits[mine], w1[local], w2[local], w3[local], top_k=2, impl="npu",
-                              ep_group=dist.group.WORLD, expert_placement=list(owner))
-    err = float((out.detach() - ref[mine]).norm() / ref[mine].norm())
-    assert err < tol, f"rank {rank}: fused_moe(ep_group, impl='npu') relative error {err:.2e}"
-    x_all = x.clone().requires_grad_()
-    (want,) = torch.autograd.grad(moe_fuser.fused_moe(x_all, logits, w1, w2, w3, top_k=2, impl="reference").sum(),
-                                  x_all)
-    (got,) = torch.autograd.grad(out.sum(), x_r)
-    assert float((got - want[mine]).norm() / want[mine].norm()) < tol, f"rank {rank}: input gradient"
+    shard = {n: (v[mine] if v is not None else None) for n, v in router.items()}
+    x_r = x[mine].detach().requires_grad_(train)
+    shard = {n: (v.detach().requires_grad_(train) if v is not None and v.is_floating_point() else v)
+             for n, v in shard.items()}
+    ws_r = {n: v[local].detach().requires_grad_(train) for n, v in ws.items()}
+    placement = torch.tensor(owner) if owner_tensor else list(owner)
+    with torch.set_grad_enabled(train):
+        out = moe_fuser.fused_moe(x_r, top_k=k, impl="npu", ep_group=dist.group.WORLD, expert_placement=placement,
+                                  **shard, **ws_r)
+    assert out.dtype == dtype and out.shape == x_r.shape
+    err = _rel(out, ref[mine])
+    assert err < tol, f"rank {rank}: fused_moe(ep_group, impl='npu') output relative error {err:.2e} >= {tol}"
+    if train:
+        grad = rnd(T * world, D)
+        names = list(leaves)
+        want = dict(zip(names, torch.autograd.grad(ref, list(leaves.values()), grad)))
+        mine_leaves = dict(x=x_r, **{n: t for n, t in shard.items() if n in leaves}, **ws_r)
+        got = dict(zip(names, torch.autograd.grad(out, [mine_leaves[n] for n in names], grad[mine])))
+        for n in names:
+            w = want[n][local] if n in ws else want[n][mine]
+            err = _rel(got[n], w)
+            assert err < tol, f"rank {rank}: gradient of {n}: relative error {err:.2e} >= {tol}"
+
+
+def _check_mismatch(rank, world):
+    """Ranks that disagree on the layer's configuration (top_k here), or pass all experts instead of theirs,
+    get a ValueError naming it on every rank: nothing hangs, and the group stays usable."""
+    import moe_fuser
+
+    E, D, F_ = 4, 16, 8
+    x, logits = torch.randn(6, D), torch.randn(6, E)
+    ws = dict(w1=torch.randn(2, F_, D), w2=torch.randn(2, D, F_), w3=torch.randn(2, F_, D))
+    errors = {}
+    for what, kw in (("top_k", dict(top_k=2 + rank)),
+                     ("experts", dict(top_k=2, expert_placement=torch.tensor([0, 0, 1, 1]), w1=torch.randn(E, F_, D),
+                                      w2=torch.randn(E, D, F_), w3=torch.randn(E, F_, D)))):
+        try:
+            moe_fuser.fused_moe(x, logits, impl="npu", ep_group=dist.group.WORLD, ep_timeout=30,
+                                **{**ws, **kw})
+        except ValueError as exc:
+            errors[what] = str(exc)
+    assert "disagree on top_k (rank 0: 2, rank 1: 3)" in errors.get("top_k", ""), errors
+    assert f"rank {rank} holds 4 experts but the placement gives it 2" in errors.get("experts", ""), errors
+
+
+def _check_stall(rank, world, timeout_s=2.0):
+    """Rank 1 stops calling the layer (it sleeps past the timeout): rank 0 raises ExpertParallelError naming the
+    step within a bounded time instead of hanging. The group is broken afterwards: run it last."""
+    import moe_fuser
+    from moe_fuser.distributed import ExpertParallelError
+
+    if rank == 1:
+        time.sleep(3 * timeout_s)
+        return
+    t0 = time.monotonic()
+    try:
+        moe_fuser.fused_moe(torch.randn(6, 16), torch.randn(6, 4), torch.randn(2, 8, 16), torch.randn(2, 16, 8),
+                            top_k=2, impl="npu", ep_group=dist.group.WORLD, ep_timeout=timeout_s)
+    except ExpertParallelError as exc:
+        seconds = time.monotonic() - t0
+        assert "the configuration exchange" in str(exc) and seconds < 5 * timeout_s, (seconds, str(exc))
+    else:
+        raise AssertionError("rank 0 got no error although rank 1 never called the layer")
+
+
+def _check_compiled(rank, world, seed, tol):
+    """The compiler's EP rewrite with the npu lowering: the seed's hand-written EP layer (functional collectives,
+    fp32) under torch.compile(backend="moe_fuser") is fused into one op that runs the npu lowering's all_to_all
+    path (MC2 is inference-only), equal to eager forward and backward; explain names the lowering. Then a model's own fused_moe(..., ep_group, impl="npu") call traced whole by dynamo."""
+    import torch._dynamo
+
+    import moe_fuser
+    from moe_fuser.lowering import npu as npu_lowering
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "benchmarks"))
+    from ep_seed import SeedEPMoE
+
+    torch.manual_seed(seed)
+    layer = SeedEPMoE(16, 24, 4, 2, dist.group.WORLD, collectives="functional")
+    x = torch.randn(9 + 4 * rank, 16, requires_grad=True)
+    report = moe_fuser.explain(layer, x.detach())
+    assert report.num_fused == 1 and report.fused[0].lowering == "npu", str(report)
+    torch._dynamo.reset()
+    npu_lowering.EP_PATHS.clear()
+    compiled = torch.compile(layer, backend="moe_fuser", options={"inner": "aot_eager"})
+    out = compiled(x)
+    assert dict(npu_lowering.EP_PATHS) == {"all_to_all": 1}, dict(npu_lowering.EP_PATHS)
+    assert any(stage == "expert parallel" and "inference only" in why for stage, why in npu_lowering.FALLBACKS)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *layer.experts.parameters()], g)
+    ref = layer(x)
+    want = torch.autograd.grad(ref, [x, *layer.experts.parameters()], g)
+    assert _rel(out, ref) < tol, f"rank {rank}: compiled output relative error {_rel(out, ref):.2e}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert _rel(a, b) < tol, f"rank {rank}: compiled gradient {i} relative error {_rel(a, b):.2e}"
+
+    # a model's own fused_moe(..., ep_group, impl="npu") call, traced whole (fullgraph) and trained
+    def layer_call(x, logits, w1, w2, w3):
+        return moe_fuser.fused_moe(x, logits, w1, w2, w3, top_k=2, impl="npu", ep_group=dist.group.WORLD)
+
+    args = [torch.randn(7 + rank, 16, requires_grad=True), torch.randn(7 + rank, 4, requires_grad=True),
+            *(torch.randn(2, *shape).mul_(0.3).requires_grad_() for shape in ((8, 16), (16, 8), (8, 16)))]
+    npu_lowering.EP_PATHS.clear()
+    out = torch.compile(layer_call, backend="aot_eager", fullgraph=True)(*args)
+    assert dict(npu_lowering.EP_PATHS) == {"all_to_all": 1}, dict(npu_lowering.EP_PATHS)
+    ref = layer_call(*args)
+    g = torch.randn_like(out)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, args, g), torch.autograd.grad(ref, args, g))):
+        assert _rel(a, b) < tol, f"rank {rank}: traced fused_moe gradient {i} relative error {_rel(a, b):.2e}"
+    assert _rel(out, ref) < tol, f"rank {rank}: traced fused_moe output relative error {_rel(out, ref):.2e}"
+
+
+def _check_path(rank, path, expect, calls_before):
+    """The EP layer took the npu lowering's ``path`` (and not moe_fuser's own exchange), leaving MC2 only for
+    the reasons in ``expect`` (substrings; the first one required)."""
+    from moe_fuser.distributed import traffic
+    from moe_fuser.lowering import npu as npu_lowering
+
+    assert dict(npu_lowering.EP_PATHS) == {path: 1}, f"rank {rank}: EP paths {dict(npu_lowering.EP_PATHS)}"
+    assert traffic["calls"] == calls_before, f"rank {rank}: moe_fuser's own exchange ran"
+    got = sorted({why for stage, why in npu_lowering.FALLBACKS if stage == "expert parallel"})
+    unexpected = [why for why in got if not any(e in why for e in expect)]
+    assert not unexpected and (not expect or any(expect[0] in why for why in got)), \
+        f"rank {rank}: expected fallbacks {expect}, got {got}"
 
 
 def ep_cases(rank: int, world: int, port: int, cases: list, results) -> None:
-    """Run ``cases`` (dicts of _check_case arguments plus ``expect``: substrings of the only EP fallback reasons
-    allowed, the first one required) on this rank."""
+    """Run ``cases`` on this rank: dicts of ``_check_case`` arguments (``npu_expert_parallel`` directly), or with
+    ``check`` = "fused_moe" (``_check_fused_moe``), "mismatch", "stall" (last: it breaks the group) or
+    "compiled"; ``path`` (with ``expect``,
+    substrings of the only EP fallback reasons allowed, the first one required) asserts the EP path taken."""
     try:
         _setup(rank, world, port)
+        from moe_fuser.distributed import traffic
         from moe_fuser.lowering import npu as npu_lowering
 
+        checks = {"lowering": _check_case, "fused_moe": _check_fused_moe, "mismatch": _check_mismatch,
+                  "stall": _check_stall, "compiled": _check_compiled}
         for case in cases:
             case = dict(case)
-            if case.pop("fused_moe", False):
-                _check_fused_moe(rank, world, **case)
-                continue
-            expect = case.pop("expect")
+            check, path, expect = case.pop("check", "lowering"), case.pop("path", None), case.pop("expect", [])
             npu_lowering.FALLBACKS.clear()
-            _check_case(rank, world, **case)
-            got = sorted({why for stage, why in npu_lowering.FALLBACKS if stage == "expert parallel"})
-            unexpected = [why for why in got if not any(e in why for e in expect)]
-            assert not unexpected and (not expect or any(expect[0] in why for why in got)), \
-                f"rank {rank}: expected fallbacks {expect}, got {got}"
+            npu_lowering.EP_PATHS.clear()
+            calls = traffic["calls"]
+            checks[check](rank, world, **case)
+            if path:
+                _check_path(rank, path, expect, calls)
+            if check == "stall":   # the group is broken on purpose: report and leave without a barrier
+                results.put((rank, None))
+                results.close()
+                results.join_thread()
+                os._exit(0)
         dist.barrier()
         results.put((rank, None))
     except Exception:
