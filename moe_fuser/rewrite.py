@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import lowering
 from .fx.graph import module_path, op, val
@@ -254,9 +256,36 @@ def _npu_fallbacks(m: Match) -> list[str]:
     w1 = m.weights.w1
     w2 = m.weights.w2[0] if isinstance(m.weights.w2, (list, tuple)) else m.weights.w2
     ffn = val(w2).shape[-2 if "w2" in m.transposed else -1]
-    return npu.explain_constraints(m.spec, dtype=m.dtype, hidden_size=val(m.x).shape[-1], ffn_size=ffn,
-                                   weights_as_list=isinstance(w1, (list, tuple)),
-                                   training=torch.is_grad_enabled() and val(m.x).requires_grad)
+    leaves = [m.x] + [n for w in m.weights if w is not None for n in (w if isinstance(w, (list, tuple)) else [w])]
+    training = torch.is_grad_enabled() and any(getattr(val(n), "requires_grad", False) for n in leaves)
+    lines = []
+    ep = _ep_layout(m)
+    if ep is not None:
+        lines.append("expert parallel -> the npu lowering's own exchange: MC2 (npu_moe_distribute_dispatch_v2 / "
+                     "combine_v2) where its constraints hold on every rank, else all_to_all_single + "
+                     "npu_moe_re_routing (not moe_fuser's exchange)")
+    world, num_experts, even = ep or (None, None, True)
+    tokens = val(m.x).shape[0] if val(m.x).dim() == 2 else None
+    return lines + npu.explain_constraints(
+        m.spec, dtype=m.dtype, hidden_size=val(m.x).shape[-1], ffn_size=ffn,
+        weights_as_list=isinstance(w1, (list, tuple)), training=training, ep_world_size=world,
+        tokens_per_rank=tokens if isinstance(tokens, int) else None, ep_num_experts=num_experts,
+        ep_even_placement=even)
+
+
+def _ep_layout(m: Match) -> Optional[tuple[int, int, bool]]:
+    """(ranks, global experts, whether expert e lives on rank e // (E / ranks)) of an expert-parallel match; None
+    for others. An owner buffer is read at run time: its layout is assumed even here (the run-time log says)."""
+    group = m.op_kwargs.get("ep_group")
+    if group is None:
+        return None
+    world = dist.get_world_size(_resolve_process_group(group))
+    placement = m.op_kwargs.get("expert_placement")
+    if isinstance(placement, fx.Node):
+        return world, val(placement).shape[0], True
+    owners = list(placement)
+    E = len(owners)
+    return world, E, E % world == 0 and all(r == e // (E // world) for e, r in enumerate(owners))
 
 
 def _accept(ctx: MatchContext, m: Match, impl: Optional[str]):

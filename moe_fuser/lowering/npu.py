@@ -289,10 +289,14 @@ def mc2_constraints(num_experts: int, top_k: int, world_size: int, hidden_size: 
 def explain_constraints(spec: MoESpec, *, dtype: torch.dtype, hidden_size: int, ffn_size: int,
                         weights_as_list: bool = False, has_selection_bias: Optional[bool] = None,
                         ep_world_size: Optional[int] = None, tokens_per_rank: Optional[int] = None,
-                        training: bool = False, soc: Optional[str] = None) -> list[str]:
+                        training: bool = False, soc: Optional[str] = None, ep_num_experts: Optional[int] = None,
+                        ep_even_placement: bool = True) -> list[str]:
     """Each stage of ``spec`` that would leave torch_npu's fused MoE ops on an NPU, as "stage -> fallback: why"
     lines (empty: routing, permutation, expert matmuls and combine all run on the fused ops). ``dtype`` is the
-    hidden states' dtype; routing runs in ``spec.router.dtype`` (promoted with it)."""
+    hidden states' dtype; routing runs in ``spec.router.dtype`` (promoted with it). Expert parallelism (MC2, or
+    all_to_all_single + npu_moe_re_routing): ``ep_world_size`` ranks, ``ep_num_experts`` global experts when
+    ``spec`` counts only the local ones, ``ep_even_placement``: expert e on rank e // (E / ranks) (MC2's
+    layout); ``training``: a gradient may flow; ``soc``: "A2" / "A3" (the detected product by default)."""
     lines = []
     r = spec.router
     if not r.external:
@@ -305,8 +309,9 @@ def explain_constraints(spec: MoESpec, *, dtype: torch.dtype, hidden_size: int, 
     if not why and _activation_note(spec.experts):
         lines.append(f"experts -> ATen activation: {_activation_note(spec.experts)}")
     if ep_world_size is not None:
-        why = mc2_constraints(spec.num_experts, spec.top_k, ep_world_size, hidden_size, tokens_per_rank or 1,
-                              dtype, training, True, soc)
+        why = mc2_constraints(ep_num_experts or spec.num_experts, spec.top_k, ep_world_size, hidden_size,
+                              tokens_per_rank or 1, dtype, training, ep_even_placement,
+                              _soc_family() if soc is None else soc)
         lines += [f"expert parallel -> all_to_all_single + npu_moe_re_routing: {w}" for w in why]
         if dtype not in RE_ROUTING_DTYPES:
             lines.append(f"expert parallel -> ATen regrouping: npu_moe_re_routing takes float16/bfloat16, not {dtype}")

@@ -188,7 +188,8 @@ def _check_stall(rank, world, timeout_s=2.0):
 def _check_compiled(rank, world, seed, tol):
     """The compiler's EP rewrite with the npu lowering: the seed's hand-written EP layer (functional collectives,
     fp32) under torch.compile(backend="moe_fuser") is fused into one op that runs the npu lowering's all_to_all
-    path (MC2 is inference-only), equal to eager forward and backward; explain names the lowering. Then a model's own fused_moe(..., ep_group, impl="npu") call traced whole by dynamo."""
+    path (MC2 is inference-only), equal to eager forward and backward; explain names the lowering and why MC2 is
+    not used. Then a model's own fused_moe(..., ep_group, impl="npu") call traced whole by dynamo."""
     import torch._dynamo
 
     import moe_fuser
@@ -203,6 +204,9 @@ def _check_compiled(rank, world, seed, tol):
     x = torch.randn(9 + 4 * rank, 16, requires_grad=True)
     report = moe_fuser.explain(layer, x.detach())
     assert report.num_fused == 1 and report.fused[0].lowering == "npu", str(report)
+    notes = report.fused[0].notes
+    assert any(n.startswith("expert parallel -> all_to_all_single + npu_moe_re_routing") and "bfloat16" in n
+               for n in notes), notes
     torch._dynamo.reset()
     npu_lowering.EP_PATHS.clear()
     compiled = torch.compile(layer, backend="moe_fuser", options={"inner": "aot_eager"})

@@ -149,6 +149,13 @@ def test_explain_constraints_lists_each_fallback():
     ep = [line for line in lines if line.startswith("expert parallel")]
     assert any("inference only" in line for line in ep) and any("divisible" in line for line in ep)
     assert any("float32" in line for line in ep)
+    # a compiled EP layer's spec counts its local experts: MC2 is judged on the global E and the placement
+    local = MoESpec(RouterSpec(top_k=2, external=True), ExpertSpec(num_experts=2, glu="separate"))
+    kw = dict(dtype=torch.bfloat16, hidden_size=1024, ffn_size=64, ep_world_size=2, tokens_per_rank=8, soc="A3")
+    assert npu_lowering.explain_constraints(local, ep_num_experts=4, **kw) == []
+    assert npu_lowering.explain_constraints(local, ep_num_experts=4, ep_even_placement=False, **kw) == [
+        "expert parallel -> all_to_all_single + npu_moe_re_routing: MC2 needs E=4 divisible by the 2 ranks, expert e "
+        "on rank e // (E/R)"]
 
 
 def test_too_many_per_expert_tensors_fall_back_to_aten(fallbacks):
