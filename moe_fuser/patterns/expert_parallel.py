@@ -7,7 +7,8 @@ preallocated output) and ``_functional_collectives.all_to_all_single(_autograd)`
 ``_c10d_functional.all_to_all_single(input, out_splits, in_splits, group_name)`` + ``wait_tensor``, with split
 sizes from ``.tolist()`` as unbacked SymInts (``moe_fuser.capture`` turns that capture on). This family finds
 that region and replaces it by ``moe_forward(..., ep_group=<group name>, expert_placement=<owners>)``: the
-deduplicated, node-aware, chunk-overlapped exchange of ``moe_fuser.distributed``.
+deduplicated, node-aware, chunk-overlapped exchange of ``moe_fuser.distributed``, or the lowering's own
+expert-parallel path where it has one (npu: MC2 or all_to_all + re_routing).
 
 Recognition walks back from each ``all_to_all_single`` whose output feeds a weighted sum, one small predicate per
 step, each listing the forms it accepts (data); anything else is a Rejection with the reason:
@@ -308,7 +309,7 @@ class HandwrittenExpertParallel:
         weights, expert_spec = _local_weights(experts, local)
         spec = MoESpec(router=RouterSpec(top_k=K, external=True), experts=expert_spec)
         note = (f"expert parallel over process group {group!r} ({world} ranks): experts {_ranges(local)} of {E} "
-                f"on rank {rank}; the seed's all-to-alls become the deduplicated, overlapped exchange")
+                f"on rank {rank}; the seed's all-to-alls become the lowering's expert-parallel exchange")
         return Match(family=FAMILY, pattern=self.name, spec=spec, x=x, output=out, region=frozenset(walk.nodes),
                      weights=weights, topk_weights=W, topk_ids=ids,
                      op_kwargs={"ep_group": group, "expert_placement": placement},
