@@ -21,7 +21,7 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 
 Inference (``forward_inference``: nothing saved) streams groups of consecutive experts of at most the largest
 expert's rows (and at least ``STREAM_MIN_ROWS``) through steps 3-4 (ragged layout), so temporaries stay near
-one expert's, as in the eager loop; the groups of one pass reuse the same buffers (``_Grouping._rows``).
+one expert's, as in the eager loop.
 
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order.
@@ -133,7 +133,6 @@ class _Grouping:
         self.counts = counts
         self.segs = _segments(counts)
         self.start = 0  # first row of this grouping in the full sorted order (see chunks)
-        self.workspace: Optional[dict[str, torch.Tensor]] = None  # chunks only: buffers they share (see _rows)
         self.n = n = sum(counts)
         self.order_N = order_N
         self.order_n = order_N[:n]
@@ -157,15 +156,15 @@ class _Grouping:
     def chunks(self, max_rows: int):
         """Ragged sub-groupings of consecutive experts holding at most ``max_rows`` rows each (at least one
         expert), for streaming a forward that keeps nothing for backward."""
-        first, workspace = 0, {}
+        first = 0
         for i, (_, start, stop) in enumerate(self.segs):
             if i > first and stop - self.segs[first][1] > max_rows:
-                yield self._sub(self.segs[first:i], workspace)
+                yield self._sub(self.segs[first:i])
                 first = i
         if self.segs:
-            yield self._sub(self.segs[first:], workspace)
+            yield self._sub(self.segs[first:])
 
-    def _sub(self, segs: list[tuple[int, int, int]], workspace: dict[str, torch.Tensor]) -> "_Grouping":
+    def _sub(self, segs: list[tuple[int, int, int]]) -> "_Grouping":
         lo, hi = segs[0][1], segs[-1][2]
         sub = object.__new__(_Grouping)
         sub.T, sub.E, sub.padded = self.T, self.E, False
@@ -174,28 +173,16 @@ class _Grouping:
         sub.order_n = self.order_n[lo:hi]
         sub.tok_n = self.tok_n[lo:hi]
         sub.expert_n = self.expert_n[lo:hi]
-        sub.workspace = workspace
         return sub
 
-    def _rows(self, name: str, X: int, like: torch.Tensor) -> torch.Tensor:
-        """A ragged ``[n, X]`` buffer for one step's result. A chunk takes a view of a buffer every chunk of its
-        pass reuses under the same name (still hot in cache, no allocation or page faults per chunk), so a chunk's
-        buffers are dead once the next chunk starts."""
-        if self.workspace is None:
-            return _empty((self.n, X), like)
-        buf = self.workspace.get(name)
-        if buf is None or buf.shape[0] < self.n or buf.shape[1] != X:
-            buf = self.workspace[name] = _empty((self.n, X), like)
-        return buf[:self.n]
-
     # -- moving rows in and out --------------------------------------------------------------------------
-    def gather(self, src_TX: torch.Tensor, name: str) -> torch.Tensor:
+    def gather(self, src_TX: torch.Tensor) -> torch.Tensor:
         X = src_TX.shape[1]
         if self.padded:  # one gather straight into the padded layout, padding rows from an appended zero row
             src = torch.cat([src_TX, src_TX.new_zeros(1, X)])
             rows = torch.index_select(src, 0, self.ptok_gather, out=_empty((self.E * self.C, X), src_TX))
             return rows.view(self.E, self.C, X)
-        return torch.index_select(src_TX, 0, self.tok_n, out=self._rows(name, X, src_TX))
+        return torch.index_select(src_TX, 0, self.tok_n, out=_empty((self.n, X), src_TX))
 
     def from_sorted(self, rows_nX: torch.Tensor) -> torch.Tensor:
         if not self.padded:
@@ -224,10 +211,9 @@ class _Grouping:
         return out.index_add_(0, self.tok_n, rows_D)
 
     # -- grouped GEMMs --------------------------------------------------------------------------------------
-    def mm(self, rows: torch.Tensor, ws, name: str, bias=None, save_to: Optional[torch.Tensor] = None
-           ) -> torch.Tensor:
+    def mm(self, rows: torch.Tensor, ws, bias=None, save_to: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rows_e @ ws[e] (+ bias[e]) per expert; ws are per-expert [in, out] matrices. ``save_to`` ([n, out],
-        sorted order) also receives the result; ``name``: see ``_rows``."""
+        sorted order) also receives the result."""
         if self.padded:
             out = _empty((self.E, self.C, ws.shape[-1]), rows)
             if bias is None:
@@ -238,7 +224,7 @@ class _Grouping:
                 self.to_sorted(out, out=save_to)
             return out
         X = ws[0].shape[-1]
-        out = save_to if save_to is not None else self._rows(name, X, rows)
+        out = save_to if save_to is not None else _empty((self.n, X), rows)
         for e, start, stop in self.segs:
             if bias is None:
                 torch.mm(rows[start:stop], ws[e], out=out[start:stop])
@@ -315,11 +301,11 @@ def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, s
     (added into ``out`` when given). ``w*t``: per-expert [in, out] views (``_transposed``)."""
     D = x_TD.shape[1]
     F_ = w2t[0].shape[0]
-    xs = G.gather(x_TD, "x")
+    xs = G.gather(x_TD)
     save = (None, None) if saved is None else tuple(h[:G.n] for h in saved)
-    parts = (G.mm(xs, w1t, "h1", b1, save_to=save[0]),)
+    parts = (G.mm(xs, w1t, b1, save_to=save[0]),)
     if spec.glu == "separate":
-        parts += (G.mm(xs, w3t, "h3", b3, save_to=save[1]),)
+        parts += (G.mm(xs, w3t, b3, save_to=save[1]),)
     del xs
     a = _activate(parts, spec)
     del parts
@@ -327,7 +313,7 @@ def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, s
     fold_into_a = F_ <= D and b2 is None
     if fold_into_a:
         a.mul_(g)
-    y = G.mm(a, w2t, "y", b2)
+    y = G.mm(a, w2t, b2)
     if not fold_into_a:
         y.mul_(g)
     return G.scatter_add(y, out)
@@ -407,8 +393,8 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved, w1, w2, w3, b2, spec:
     gradient buffers (None: not needed). Temporaries are dropped as soon as their last use is done."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
-    dy = G.gather(grad_TD, "dy")  # unweighted
-    dA = G.mm(dy, w2, "dA")
+    dy = G.gather(grad_TD)  # unweighted
+    dA = G.mm(dy, w2)
     parts = tuple(G.from_sorted(h[G.start:G.start + G.n]) for h in saved)
     a = _activate(parts, spec)
     if dweights_N is not None:
@@ -429,13 +415,13 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved, w1, w2, w3, b2, spec:
         dh_parts = (expert_activation_backward(parts[0], dA, spec),)
     del dA, parts
     if dx_TD is not None:
-        dxs = G.mm(dh_parts[0], w1, "dx")
+        dxs = G.mm(dh_parts[0], w1)
         if spec.glu == "separate":
             G.mm_add_(dxs, dh_parts[1], w3)
         G.scatter_add(dxs, dx_TD)
         del dxs
     if dw1 is not None:
-        xs = G.gather(x_TD, "x")
+        xs = G.gather(x_TD)
         G.wgrad(dh_parts[0], xs, dw1)
         if db1 is not None:
             G.segment_sum(dh_parts[0], db1)
