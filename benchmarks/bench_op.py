@@ -28,7 +28,8 @@ Modes: ``fwd`` is inference (``torch.no_grad``); ``train`` is a training step: f
 hidden states and the logits requiring grad, then ``out.backward(g)`` with a fresh random ``g`` (grads reset to
 None before each step, untimed).
 
-Timing and peak memory come from ``_common`` (interleaved rounds in random order, medians; peak = maximum of
+Timing and peak memory come from ``_common`` (interleaved rounds in random order, medians; the ratio columns
+are medians of per-round ratios, which cancel the machine's drifts between rounds; peak = maximum of
 live CPU bytes allocated during one call, read from the profiler's allocation events: see its docstring).
 Memory is not measured for the floor (its buffers are pre-allocated by design). This machine is shared: the
 cores other processes keep busy while a cell is timed are measured (``busy_elsewhere`` in the CSV) and the
@@ -318,10 +319,13 @@ def measure(case: Case, mode: str, args) -> dict:
             run, setup = case.step(v, mode)
             row[f"{v}_mib"] = peak_bytes(run, setup) / 2 ** 20
     case.clear_grads()
-    row["fused/eager"] = row["fused_ms"] / row["eager_ms"]
-    row["fused/floor"] = row["fused_ms"] / row["floor_ms"]
-    row["hf/floor"] = row["hf_ms"] / row["floor_ms"]
-    row["eager/floor"] = row["eager_ms"] / row["floor_ms"]
+    def paired(a: str, b: str) -> float:  # median over the rounds of a / b, both timed in the same round
+        return median([x / y for x, y in zip(timed.times[a], timed.times[b])])
+
+    row["fused/eager"] = paired("fused", "eager")
+    row["fused/floor"] = paired("fused", best)
+    row["hf/floor"] = paired("hf", best)
+    row["eager/floor"] = paired("eager", best)
     row["mem fused/eager"] = row["fused_mib"] / row["eager_mib"]
     row["ok"] = _verdict(row)
     return row
