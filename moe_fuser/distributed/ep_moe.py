@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .. import lowering
-from ..ops.experts import _unpack_all, pack_weights
+from ..ops.experts import _unpack_all, pack_weights, save_with_weights, saved_with_weights, weight_grads
 from ..ops.fused import _shared_expert, validate
 from ..ops.routing import route, router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
@@ -253,24 +253,18 @@ def _(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w
 def _setup_context(ctx, inputs, output):
     (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config) = inputs
     _, table, idx, wpair, xrows, h, order = output
-    ctx.save_for_backward(x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner,
-                          *w1, *w2, *w3, *b1, *b2, *b3)
-    ctx.lengths = [len(w) for w in (w1, w2, w3, b1, b2, b3)]
+    save_with_weights(ctx, (x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner),
+                      (w1, w2, w3, b1, b2, b3))
     ctx.config = tuple(config[:-1])   # without ``save``
 
 
 def _backward(ctx, grad_out, *_unused):
-    x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner, *flat = ctx.saved_tensors
-    lists, start = [], 0
-    for n in ctx.lengths:
-        lists.append(list(flat[start:start + n]))
-        start += n
+    (x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner), lists = saved_with_weights(ctx)
     need_w = any(ctx.needs_input_grad[3:9])
     dx, dweights, *dws = _ep_experts_backward_op(grad_out, x, topk_weights, topk_ids, table, idx, wpair, xrows,
                                                  h, order, *lists, owner, *ctx.config, need_w)
-    dws = [list(g) if g else [None] * n for g, n in zip(dws, ctx.lengths)]
-    return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None, *dws,
-            None, *([None] * (len(ctx.config) + 1)))
+    return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None,
+            *weight_grads(dws, ctx.lengths), None, *([None] * (len(ctx.config) + 1)))
 
 
 _ep_experts_op.register_autograd(_backward, setup_context=_setup_context)

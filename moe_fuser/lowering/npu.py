@@ -73,6 +73,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from ..distributed.dispatch import ExpertParallelError
 from ..distributed.ep_moe import DEFAULT_TIMEOUT_S
 from ..ops.activations import expert_activation, expert_activation_backward
+from ..ops.experts import save_with_weights, saved_with_weights, weight_grads
 from ..spec import ExpertSpec, MoESpec, RouterSpec
 
 __all__ = ["CHOICES", "EP_PATHS", "FALLBACKS", "NpuLowering", "OpChoices", "explain_constraints",
@@ -979,24 +980,19 @@ def _(grad, x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_R
 def _npu_ep_setup_context(ctx, inputs, output):
     (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config) = inputs
     _, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH = output
-    ctx.save_for_backward(x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, owner,
-                          *w1, *w2, *w3, *b1, *b2, *b3)
-    ctx.lengths = [len(w) for w in (w1, w2, w3, b1, b2, b3)]
+    save_with_weights(ctx, (x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, owner),
+                      (w1, w2, w3, b1, b2, b3))
     ctx.config = tuple(config[:-1])   # without ``save``
 
 
 def _npu_ep_backward(ctx, grad_out, *_unused):
-    x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, owner, *flat = ctx.saved_tensors
-    lists, start = [], 0
-    for n in ctx.lengths:
-        lists.append(list(flat[start:start + n]))
-        start += n
+    (x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, owner), lists = \
+        saved_with_weights(ctx)
     need_w = any(ctx.needs_input_grad[3:9])
     dx, dweights, *dws = _npu_ep_backward_op(grad_out, x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R,
                                              recv_RL, h_RH, *lists, owner, *ctx.config, need_w)
-    dws = [list(g) if g else [None] * n for g, n in zip(dws, ctx.lengths)]
-    return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None, *dws,
-            None, *([None] * (len(ctx.config) + 1)))
+    return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None,
+            *weight_grads(dws, ctx.lengths), None, *([None] * (len(ctx.config) + 1)))
 
 
 _npu_ep_op.register_autograd(_npu_ep_backward, setup_context=_npu_ep_setup_context)

@@ -25,7 +25,7 @@ import torch
 from .. import lowering
 from ..spec import ExpertSpec
 
-__all__ = ["grouped_experts", "pack_weights"]
+__all__ = ["grouped_experts", "pack_weights", "save_with_weights", "saved_with_weights", "weight_grads"]
 
 Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]
 
@@ -118,34 +118,49 @@ def _(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_exp
             like(w1), like(w2), like(w3), like(b1), like(b2), like(b3))
 
 
-_WEIGHT_ARGS = ("w1", "w2", "w3", "b1", "b2", "b3")
+def save_with_weights(ctx, tensors: Sequence[torch.Tensor], weight_lists: Sequence[list[torch.Tensor]]) -> None:
+    """``ctx.save_for_backward`` for a custom op taking the six ``Tensor[]`` weight arguments: the lists are
+    flattened after ``tensors`` and their lengths kept (see ``saved_with_weights``)."""
+    ctx.save_for_backward(*tensors, *(w for ws in weight_lists for w in ws))
+    ctx.num_plain = len(tensors)
+    ctx.lengths = [len(ws) for ws in weight_lists]
+
+
+def saved_with_weights(ctx) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """What ``save_with_weights`` saved: (the plain tensors, the weight lists)."""
+    saved = ctx.saved_tensors
+    flat, lists, start = saved[ctx.num_plain:], [], 0
+    for n in ctx.lengths:
+        lists.append(list(flat[start:start + n]))
+        start += n
+    return list(saved[:ctx.num_plain]), lists
+
+
+def weight_grads(dws: Sequence[list[torch.Tensor]], lengths: Sequence[int]) -> list[list]:
+    """A backward op's weight-gradient lists (empty: not computed) as autograd wants them for ``Tensor[]``
+    inputs: one entry per tensor, None where there is no gradient."""
+    return [list(g) if g else [None] * n for g, n in zip(dws, lengths)]
 
 
 def _setup_context(ctx, inputs, output):
     (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl,
      save) = inputs
     _, h, order = output
-    ctx.save_for_backward(x, topk_weights, topk_ids, h, order, *w1, *w2, *w3, *b1, *b2, *b3)
-    ctx.lengths = [len(w) for w in (w1, w2, w3, b1, b2, b3)]
+    save_with_weights(ctx, (x, topk_weights, topk_ids, h, order), (w1, w2, w3, b1, b2, b3))
     ctx.config = (num_experts, activation, glu, alpha, limit, impl)
     ctx.saved_h = save
 
 
 def _backward(ctx, grad_out, grad_h, grad_order):
-    x, topk_weights, topk_ids, h, order, *flat = ctx.saved_tensors
-    lists, start = [], 0
-    for n in ctx.lengths:
-        lists.append(flat[start:start + n])
-        start += n
+    (x, topk_weights, topk_ids, h, order), lists = saved_with_weights(ctx)
     need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_w = any(ctx.needs_input_grad[3:9])
     if not ctx.saved_h:  # forward ran without saving (no grad was expected then): recompute h, as checkpointing
-        _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *[list(w) for w in lists], *ctx.config, True)
+        _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *lists, *ctx.config, True)
     dx, dweights, *dws = _grouped_experts_backward_op(
-        grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *[list(w) for w in lists], *ctx.config,
+        grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *lists, *ctx.config,
         [need_x, need_weights, need_w])
-    dws = [list(g) if g else [None] * n for g, n in zip(dws, ctx.lengths)]
-    return (dx if need_x else None, dweights if need_weights else None, None, *dws,
+    return (dx if need_x else None, dweights if need_weights else None, None, *weight_grads(dws, ctx.lengths),
             None, None, None, None, None, None, None)
 
 
