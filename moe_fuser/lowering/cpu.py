@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 
 from ..ops.activations import (act_fn, expert_activation, expert_activation_backward, gated_activation,
-                               gated_activation_backward)
+                               gated_activation_backward, split_gate_up)
 from ..spec import ExpertSpec
 
 __all__ = ["CpuLowering", "sort_by_expert"]
@@ -396,7 +396,13 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved, w1, w2, w3, b2, spec:
     dy = G.gather(grad_TD)  # unweighted
     dA = G.mm(dy, w2)
     parts = tuple(G.from_sorted(h[G.start:G.start + G.n]) for h in saved)
-    a = _activate(parts, spec)
+    act_gate = None  # act(gate) of a GLU: needed for a and again for d_up, computed once
+    if spec.gated and spec.activation != "gpt_oss":
+        gate, up = parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)
+        act_gate = act_fn(spec.activation, gate)
+        a = act_gate * up
+    else:
+        a = _activate(parts, spec)
     if dweights_N is not None:
         dg = (dA * a).sum(-1, dtype=torch.float32)
         if b2 is not None:
@@ -410,10 +416,10 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved, w1, w2, w3, b2, spec:
     del a, dy
     dA.mul_(g)
     if spec.glu == "separate":
-        dh_parts = gated_activation_backward(parts[0], parts[1], dA, spec)
+        dh_parts = gated_activation_backward(parts[0], parts[1], dA, spec, act_gate)
     else:
-        dh_parts = (expert_activation_backward(parts[0], dA, spec),)
-    del dA, parts
+        dh_parts = (expert_activation_backward(parts[0], dA, spec, act_gate),)
+    del dA, parts, act_gate
     if dx_TD is not None:
         dxs = G.mm(dh_parts[0], w1)
         if spec.glu == "separate":

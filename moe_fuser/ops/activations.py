@@ -9,6 +9,8 @@ dispatch key, where autograd cannot be called. Tests check it against autograd o
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -72,8 +74,10 @@ def _join_gate_up(d_gate: torch.Tensor, d_up: torch.Tensor, glu: str) -> torch.T
     return torch.cat([d_gate, d_up], dim=-1)
 
 
-def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dA_NF: torch.Tensor,
-                              spec: ExpertSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dA_NF: torch.Tensor, spec: ExpertSpec,
+                              act_gate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_gate, d_up). ``act_gate``: ``act_fn(spec.activation, gate)`` when the caller already has it (not for
+    gpt_oss), so it is not computed again."""
     if spec.activation == "gpt_oss":
         g = gate.clamp(max=spec.limit)
         u = up.clamp(min=-spec.limit, max=spec.limit)
@@ -81,13 +85,14 @@ def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dA_NF: torch
         d_up = dA_NF * (g * sig) * ((up >= -spec.limit) & (up <= spec.limit))
         d_gate = dA_NF * (u + 1) * (sig + spec.alpha * g * sig * (1 - sig)) * (gate <= spec.limit)
     else:
-        d_up = dA_NF * act_fn(spec.activation, gate)
+        d_up = dA_NF * (act_fn(spec.activation, gate) if act_gate is None else act_gate)
         d_gate = act_backward(spec.activation, dA_NF * up, gate)
     return d_gate, d_up
 
 
-def expert_activation_backward(h_NH: torch.Tensor, dA_NF: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+def expert_activation_backward(h_NH: torch.Tensor, dA_NF: torch.Tensor, spec: ExpertSpec,
+                               act_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not spec.gated:
         return act_backward(spec.activation, dA_NF, h_NH)
     gate, up = split_gate_up(h_NH, spec.glu)
-    return _join_gate_up(*gated_activation_backward(gate, up, dA_NF, spec), spec.glu)
+    return _join_gate_up(*gated_activation_backward(gate, up, dA_NF, spec, act_gate), spec.glu)
