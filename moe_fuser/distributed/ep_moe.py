@@ -47,7 +47,8 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .. import lowering
-from ..ops.experts import _unpack_all, pack_weights, save_with_weights, saved_with_weights, weight_grads
+from ..ops.experts import (_unpack_all, pack_weights, save_with_weights, saved_with_weights, weight_grads,
+                           weights_need_grad)
 from ..ops.fused import _shared_expert, validate
 from ..ops.routing import route, router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
@@ -260,7 +261,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, *_unused):
     (x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner), lists = saved_with_weights(ctx)
-    need_w = any(ctx.needs_input_grad[3:9])
+    need_w = weights_need_grad(ctx)
     dx, dweights, *dws = _ep_experts_backward_op(grad_out, x, topk_weights, topk_ids, table, idx, wpair, xrows,
                                                  h, order, *lists, owner, *ctx.config, need_w)
     return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None,

@@ -73,7 +73,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from ..distributed.dispatch import ExpertParallelError
 from ..distributed.ep_moe import DEFAULT_TIMEOUT_S
 from ..ops.activations import expert_activation, expert_activation_backward
-from ..ops.experts import save_with_weights, saved_with_weights, weight_grads
+from ..ops.experts import save_with_weights, saved_with_weights, weight_grads, weights_need_grad
 from ..spec import ExpertSpec, MoESpec, RouterSpec
 
 __all__ = ["CHOICES", "EP_PATHS", "FALLBACKS", "NpuLowering", "OpChoices", "explain_constraints",
@@ -988,7 +988,7 @@ def _npu_ep_setup_context(ctx, inputs, output):
 def _npu_ep_backward(ctx, grad_out, *_unused):
     (x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, owner), lists = \
         saved_with_weights(ctx)
-    need_w = any(ctx.needs_input_grad[3:9])
+    need_w = weights_need_grad(ctx)
     dx, dweights, *dws = _npu_ep_backward_op(grad_out, x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R,
                                              recv_RL, h_RH, *lists, owner, *ctx.config, need_w)
     return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None,

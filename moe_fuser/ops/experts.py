@@ -25,7 +25,8 @@ import torch
 from .. import lowering
 from ..spec import ExpertSpec
 
-__all__ = ["grouped_experts", "pack_weights", "save_with_weights", "saved_with_weights", "weight_grads"]
+__all__ = ["grouped_experts", "pack_weights", "save_with_weights", "saved_with_weights", "weight_grads",
+           "weights_need_grad"]
 
 Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]
 
@@ -136,6 +137,12 @@ def saved_with_weights(ctx) -> tuple[list[torch.Tensor], list[list[torch.Tensor]
     return list(saved[:ctx.num_plain]), lists
 
 
+def weights_need_grad(ctx) -> bool:
+    """Whether any of the six weight lists (arguments 3-8) needs a gradient. Autograd reports a ``Tensor[]``
+    argument as a list of flags, so a list of all-False flags is truthy: look inside."""
+    return any(any(flags) for flags in ctx.needs_input_grad[3:9])
+
+
 def weight_grads(dws: Sequence[list[torch.Tensor]], lengths: Sequence[int]) -> list[list]:
     """A backward op's weight-gradient lists (empty: not computed) as autograd wants them for ``Tensor[]``
     inputs: one entry per tensor, None where there is no gradient."""
@@ -154,7 +161,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_h, grad_order):
     (x, topk_weights, topk_ids, h, order), lists = saved_with_weights(ctx)
     need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_w = any(ctx.needs_input_grad[3:9])
+    need_w = weights_need_grad(ctx)
     if not ctx.saved_h:  # forward ran without saving (no grad was expected then): recompute h, as checkpointing
         _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *lists, *ctx.config, True)
     dx, dweights, *dws = _grouped_experts_backward_op(

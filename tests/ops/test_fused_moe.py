@@ -72,6 +72,32 @@ def test_per_expert_lists_are_not_copied():
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in kw["w1"])
 
 
+@pytest.mark.parametrize("as_list", [False, True])
+def test_frozen_expert_weights_get_no_weight_gradients(monkeypatch, as_list):
+    """Training only the router and the layers around (expert weights frozen) must not compute or allocate
+    expert weight gradients; the other gradients still match the reference."""
+    from moe_fuser.lowering import cpu
+
+    asked = []
+    backward = cpu.CpuLowering.backward
+
+    def spy(self, *args):
+        asked.append(args[-1])
+        return backward(self, *args)
+
+    monkeypatch.setattr(cpu.CpuLowering, "backward", spy)
+    x, logits, kw = Case(T=21, D=16, F=24, E=5, k=2, dtype=torch.float32, bias=True,
+                         as_list=as_list).make(requires_grad=True)
+    for w in leaves(x, logits, kw)[2:]:
+        w.requires_grad_(False)
+    grad = torch.randn(21, 16)
+    got = torch.autograd.grad(moe_fuser.fused_moe(x, logits, **kw, impl="cpu"), (x, logits), grad)
+    want = torch.autograd.grad(moe_fuser.fused_moe(x, logits, **kw, impl="reference"), (x, logits), grad)
+    assert asked == [(True, True, False)]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < TOL[torch.float32]
+
+
 def test_activation_backward_matches_autograd():
     from moe_fuser.ops.activations import expert_activation, expert_activation_backward
     from moe_fuser.spec import ExpertSpec
