@@ -44,6 +44,7 @@ import resource
 import statistics
 import subprocess
 import time
+import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -53,9 +54,9 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["LoadElsewhere", "Timings", "Variant", "busy_cores_elsewhere", "environment", "interleaved_medians",
-           "interleaved_timings", "malloc_mode", "median", "peak_bytes", "results_dir", "run_profiled", "use_malloc",
-           "wait_until_quiet", "write_csv"]
+__all__ = ["LoadElsewhere", "Timings", "Variant", "busy_cores_elsewhere", "compile_column", "environment",
+           "interleaved_medians", "interleaved_timings", "malloc_mode", "median", "peak_bytes", "results_dir",
+           "run_profiled", "use_malloc", "wait_until_quiet", "write_csv"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -255,6 +256,22 @@ def git_revision(path: Path = Path(__file__).resolve().parent.parent) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
+def compile_column(model: Callable, tag: str, **compile_kwargs) -> Callable:
+    """``torch.compile`` of ``model`` for one benchmark column, on a wrapper with its own code object.
+
+    Dynamo keeps compiled entries per code object, not per ``torch.compile`` call, and tries the newest first.
+    Two columns compiling the same module directly share ``forward``'s entries, so a column can run the other
+    backend's code (seen here: the moe_fuser column of the Switch layer ran inductor's), or pay for evaluating
+    its guards first (about 0.5 ms per call on a small transformer). A copy of a one-line wrapper per column
+    keeps each column's entries apart."""
+    def run(*args, **kwargs):
+        return model(*args, **kwargs)
+
+    own = types.FunctionType(run.__code__.replace(co_name=f"run_{tag}"), run.__globals__, run.__name__,
+                             run.__defaults__, run.__closure__)
+    return torch.compile(own, **compile_kwargs)
 
 
 CACHED_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 import moe_fuser.backend as mf_backend
-from _common import (Variant, environment, interleaved_timings, median, peak_bytes, results_dir, wait_until_quiet,
-                     write_csv)
+from _common import (Variant, compile_column, environment, interleaved_timings, median, peak_bytes, results_dir,
+                     wait_until_quiet, write_csv)
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("eager", "inductor", "moe_fuser")
@@ -51,6 +51,7 @@ QUIET_CORES = 0.3        # a timed round during which other processes kept this 
 def _switch_layer(args):
     spec = importlib.util.spec_from_file_location("switch_example", ROOT / "examples" / "switch_transformer.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod   # dynamo finds the globals of inlined functions through their module's name
     spec.loader.exec_module(mod)
     model = mod.SwitchLayer(args.hidden, 4 * args.hidden, args.experts, args.top_k)
     x = torch.randn(args.batch, args.tokens, args.hidden)
@@ -98,7 +99,7 @@ class _PassTimer:
 def _compiled(model, column):
     if column == "eager":
         return model
-    return torch.compile(model, backend="inductor" if column == "inductor" else "moe_fuser")
+    return compile_column(model, column, backend="inductor" if column == "inductor" else "moe_fuser")
 
 
 def _step(model, fn, call, loss_of, mode):

@@ -39,7 +39,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Variant, environment, interleaved_medians, median, peak_bytes, results_dir, write_csv  # noqa
+from _common import (Variant, compile_column, environment, interleaved_medians, median, peak_bytes,  # noqa
+                     results_dir, write_csv)
 from ep_seed import SeedEPMoE  # noqa: E402
 
 import moe_fuser  # noqa: E402
@@ -99,11 +100,11 @@ def make_variants(cfg, args, group, rpn, train, x, grad):
         if name == "hand-written eager":
             mods[name] = seed
         elif name == "hand-written inductor":
-            mods[name] = torch.compile(seed, backend="inductor")
+            mods[name] = compile_column(seed, "inductor", backend="inductor")
         elif name == "fused (direct call)":
             mods[name] = fused
         elif name == "moe_fuser compiled":
-            mods[name] = torch.compile(seed, backend="moe_fuser")
+            mods[name] = compile_column(seed, "moe_fuser", backend="moe_fuser")
     params = list(seed.parameters())
 
     def clear():
