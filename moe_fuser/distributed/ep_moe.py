@@ -47,8 +47,8 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .. import lowering
-from ..ops.experts import (_unpack_all, pack_weights, save_with_weights, saved_with_weights, weight_grads,
-                           weights_need_grad)
+from ..ops.experts import (_unpack_all, fake_weight_grads, pack_weights, save_with_weights, saved_with_weights,
+                           weight_grads, weights_need_grad)
 from ..ops.fused import _shared_expert, validate
 from ..ops.routing import route, router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
@@ -244,11 +244,8 @@ def _ep_experts_backward_op(
 @_ep_experts_backward_op.register_fake
 def _(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w2, w3, b1, b2, b3, owner,
       ranks_per_node, chunks, timeout_s, group_name, activation, glu, alpha, limit, impl, need_w):
-    def like(ws):
-        return [w.new_empty(w.shape) for w in ws] if need_w else []
-
     return (x.new_empty(x.shape), topk_weights.new_empty(topk_weights.shape),
-            like(w1), like(w2), like(w3), like(b1), like(b2), like(b3))
+            *fake_weight_grads((w1, w2, w3, b1, b2, b3), need_w))
 
 
 def _setup_context(ctx, inputs, output):

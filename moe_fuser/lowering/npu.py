@@ -73,7 +73,8 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from ..distributed.dispatch import ExpertParallelError
 from ..distributed.ep_moe import DEFAULT_TIMEOUT_S
 from ..ops.activations import expert_activation, expert_activation_backward
-from ..ops.experts import save_with_weights, saved_with_weights, weight_grads, weights_need_grad
+from ..ops.experts import (fake_weight_grads, save_with_weights, saved_with_weights, weight_grads,
+                          weights_need_grad)
 from ..spec import ExpertSpec, MoESpec, RouterSpec
 
 __all__ = ["CHOICES", "EP_PATHS", "FALLBACKS", "NpuLowering", "OpChoices", "explain_constraints",
@@ -970,11 +971,8 @@ def _npu_ep_backward_op(
 @_npu_ep_backward_op.register_fake
 def _(grad, x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, w1, w2, w3, b1, b2, b3, owner,
       group_name, activation, glu, alpha, limit, timeout_s, need_w):
-    def like(ws):
-        return [w.new_empty(w.shape) for w in ws] if need_w else []
-
     return (x.new_empty(x.shape), topk_weights.new_empty(topk_weights.shape),
-            like(w1), like(w2), like(w3), like(b1), like(b2), like(b3))
+            *fake_weight_grads((w1, w2, w3, b1, b2, b3), need_w))
 
 
 def _npu_ep_setup_context(ctx, inputs, output):

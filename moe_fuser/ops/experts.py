@@ -25,8 +25,8 @@ import torch
 from .. import lowering
 from ..spec import ExpertSpec
 
-__all__ = ["grouped_experts", "pack_weights", "save_with_weights", "saved_with_weights", "weight_grads",
-           "weights_need_grad"]
+__all__ = ["fake_weight_grads", "grouped_experts", "pack_weights", "save_with_weights", "saved_with_weights",
+           "weight_grads", "weights_need_grad"]
 
 Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]
 
@@ -110,13 +110,9 @@ def _grouped_experts_backward_op(
 def _(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha,
       limit, impl, needs_input_grad):
     need_x, need_weights, need_w = needs_input_grad
-
-    def like(ws):
-        return [w.new_empty(w.shape) for w in ws] if need_w else []
-
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
             topk_weights.new_empty(topk_weights.shape) if need_weights else topk_weights.new_empty(0),
-            like(w1), like(w2), like(w3), like(b1), like(b2), like(b3))
+            *fake_weight_grads((w1, w2, w3, b1, b2, b3), need_w))
 
 
 def save_with_weights(ctx, tensors: Sequence[torch.Tensor], weight_lists: Sequence[list[torch.Tensor]]) -> None:
@@ -135,6 +131,11 @@ def saved_with_weights(ctx) -> tuple[list[torch.Tensor], list[list[torch.Tensor]
         lists.append(list(flat[start:start + n]))
         start += n
     return list(saved[:ctx.num_plain]), lists
+
+
+def fake_weight_grads(weight_lists: Sequence[list[torch.Tensor]], need_w: bool) -> list[list[torch.Tensor]]:
+    """A backward op's fake weight-gradient lists: shaped like the weights, or empty when not needed."""
+    return [[w.new_empty(w.shape) for w in ws] if need_w else [] for ws in weight_lists]
 
 
 def weights_need_grad(ctx) -> bool:
