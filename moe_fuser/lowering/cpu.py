@@ -40,6 +40,7 @@ N = T*K pairs, n kept pairs, C rows per expert in the padded layout, X any featu
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from typing import Optional
 
@@ -100,8 +101,10 @@ def _advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
 
 
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """A contiguous uninitialised buffer of ``like``'s dtype and device, advised for huge pages."""
-    return _advise_huge_pages(torch.empty(shape, dtype=like.dtype, device=like.device))
+    """A contiguous uninitialised buffer of ``like``'s dtype and device, advised for huge pages when it is large
+    enough to hold some (most buffers of a streamed expert group are not: they skip the call)."""
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return _advise_huge_pages(out) if math.prod(shape) * like.element_size() >= 2 * _HUGE else out
 
 
 def _is_stacked(*ws) -> bool:
