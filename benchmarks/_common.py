@@ -263,9 +263,8 @@ def compile_column(model: Callable, tag: str, **compile_kwargs) -> Callable:
 
     Dynamo keeps compiled entries per code object, not per ``torch.compile`` call, and tries the newest first.
     Two columns compiling the same module directly share ``forward``'s entries, so a column can run the other
-    backend's code (seen here: the moe_fuser column of the Switch layer ran inductor's), or pay for evaluating
-    its guards first (about 0.5 ms per call on a small transformer). A copy of a one-line wrapper per column
-    keeps each column's entries apart."""
+    backend's code (seen here: the moe_fuser column of the Switch layer ran inductor's, with inductor's peak
+    memory). A copy of a one-line wrapper per column keeps each column's entries apart."""
     def run(*args, **kwargs):
         return model(*args, **kwargs)
 
