@@ -5,15 +5,19 @@ hand-written pattern family claims to cover (router, dispatch loop, combine, FFN
 position) plus *twists*: small departures the pattern must refuse (an extra scale, a skipped expert, an active
 dropout), so tests can show "fused and eager-equal, or untouched and eager-equal; never wrong".
 
-``SeedSwitch`` is the seed article's Switch layer (bias-free gate, ModuleList of Sequential(Linear, SiLU,
-Linear) experts, top-k with a renormalise flag, Switch load-balancing loss). ``MixtralV4Block`` is the
-transformers-4 Mixtral sparse block, written out as it was (one_hot(...).permute(2, 1, 0) + where loop).
+``MixtralV4Block`` is the transformers-4 Mixtral sparse block, written out as it was (one_hot(...).permute(2, 1,
+0) + where loop). The seed article's Switch layer is the one in ``examples/switch_transformer.py``
+(``load_example``), so the tests compile exactly what users run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, Optional
 
 import torch
@@ -217,34 +221,17 @@ class LoopMoE(nn.Module):
         return out.view(B, S, D), probs.mean(0).pow(2).sum()
 
 
-class SeedSwitch(nn.Module):
-    """The seed article's Switch Transformer layer (hand-written baseline, five steps on one device)."""
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
-    def __init__(self, d_model: int = 32, d_ff: int = 64, num_experts: int = 8, top_k: int = 1,
-                 renormalize: bool = True):
-        super().__init__()
-        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        self.experts = nn.ModuleList([
-            nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.SiLU(), nn.Linear(d_ff, d_model, bias=False))
-            for _ in range(num_experts)])
 
-    def forward(self, h):
-        B, S, D = h.shape
-        x = h.reshape(-1, D)
-        gate_logits = F.linear(x.float(), self.gate.weight.float())     # the gate in fp32 (pitfall 3)
-        probs = gate_logits.softmax(dim=-1)
-        topk_w, topk_ids = probs.topk(self.top_k, dim=-1)
-        if self.renormalize:
-            topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            tok, slot = torch.where(topk_ids == e)
-            out.index_add_(0, tok, self.experts[e](x[tok]) * topk_w[tok, slot, None].to(x.dtype))
-        # Switch load-balancing loss: E * sum_i freq_i * mean_prob_i (top-1 frequencies).
-        freq = F.one_hot(topk_ids[:, 0], self.num_experts).float().mean(0)
-        aux = self.num_experts * (freq * probs.mean(0)).sum()
-        return out.view(B, S, D), aux
+def load_example(name: str) -> ModuleType:
+    """A fresh import of ``examples/<name>.py`` (registered in ``sys.modules``, where dynamo looks up the globals
+    of the functions it inlines)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 class MixtralV4Block(nn.Module):

@@ -1,18 +1,8 @@
 """The examples run (tiny sizes) and show what they claim: fused, eager-equal."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from moe_models import load_example as _load
 
 
 def test_switch_transformer_example(capsys):

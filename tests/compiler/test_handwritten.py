@@ -4,8 +4,8 @@ token counts; departures it must not model are left alone and still eager-equal.
 import pytest
 import torch
 
-from moe_models import (ACTS, COMBINES, FFNS, LOOPS, ROUTERS, TOL, LoopMoE, MixtralV4Block, Recorder, SeedSwitch,
-                        Variant, check_train_step)
+from moe_models import (ACTS, COMBINES, FFNS, LOOPS, ROUTERS, TOL, LoopMoE, MixtralV4Block, Recorder, Variant,
+                        check_train_step, load_example)
 
 
 def _run(model, variant_dtype, shapes=((2, 5), (3, 7)), fused=1, inner="aot_eager", options=None, dynamic=True):
@@ -65,7 +65,7 @@ def test_bf16_fuses_and_trains():
 
 
 def test_seed_switch_layer_keeps_aux_loss():
-    model = SeedSwitch()
+    model = load_example("switch_transformer").SwitchLayer(d_model=32, d_ff=64)
     rec = _run(model, torch.float32)
     code = rec.graphs[0].code
     assert "one_hot" in code and "index_add_" not in code     # the loss stays, the loop is gone

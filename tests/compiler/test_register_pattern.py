@@ -1,7 +1,5 @@
 """register_pattern: the public way to teach moe_fuser a new MoE style (and what the driver still checks)."""
 
-import importlib.util
-import pathlib
 import warnings
 
 import pytest
@@ -9,21 +7,12 @@ import torch
 
 import moe_fuser
 from moe_fuser.patterns import Match, Rejection, patterns_for, registered_patterns, unregister_pattern
-from moe_models import Recorder, check_train_step
-
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "custom_pattern.py"
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("custom_pattern_example", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from moe_models import Recorder, check_train_step, load_example
 
 
 @pytest.fixture
 def example():
-    mod = _example()
+    mod = load_example("custom_pattern")
     yield mod
     for name in ("examples.dense_masked", "tests.broken", "tests.bad_region", "tests.wrong_type"):
         if any(p.name == name for p in registered_patterns()):
@@ -115,7 +104,7 @@ def test_rejections_are_reported(example):
 
 
 def test_example_script_runs(capsys):
-    mod = _example()
+    mod = load_example("custom_pattern")
     try:
         mod.main()
     finally:
