@@ -77,8 +77,14 @@ def _loop(x, ids, w1):
     return out * 2
 
 
+def _loop_graph(fn):
+    """``fn(x, ids, w1)`` (a two-expert loop) captured by dynamo, with its three placeholders."""
+    gm = _dynamo_graph(fn, torch.randn(6, 4), torch.randint(0, 2, (6,)), torch.randn(2, 4, 4))
+    return gm, [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
 def test_mutation_edges_make_the_loop_an_ancestor_of_the_result():
-    gm = _dynamo_graph(_loop, torch.randn(6, 4), torch.randint(0, 2, (6,)), torch.randn(2, 4, 4))
+    gm, _ = _loop_graph(_loop)
     dag = to_networkx(gm.graph)
     result = next(n for n in gm.graph.nodes if op(n) == "mul")
     writes = [n for n in gm.graph.nodes if mutated_arg(n) is not None]
@@ -103,24 +109,21 @@ def _check(gm, region, inputs):
 
 
 def test_a_closed_region_passes():
-    gm = _dynamo_graph(_loop, torch.randn(6, 4), torch.randint(0, 2, (6,)), torch.randn(2, 4, 4))
-    x, ids, w1 = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gm, (x, ids, w1) = _loop_graph(_loop)
     res = _check(gm, _region_of(gm), [x, ids, w1])
     assert res.ok, res.reason
     assert not res.keep
 
 
 def test_an_unmodelled_op_is_found():
-    gm = _dynamo_graph(_loop, torch.randn(6, 4), torch.randint(0, 2, (6,)), torch.randn(2, 4, 4))
-    x, ids, w1 = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gm, (x, ids, w1) = _loop_graph(_loop)
     region = [n for n in _region_of(gm) if op(n) != "matmul"]
     res = _check(gm, region, [x, ids, w1])
     assert not res.ok and "not part of the recognised MoE" in res.reason
 
 
 def test_an_undeclared_input_is_found():
-    gm = _dynamo_graph(_loop, torch.randn(6, 4), torch.randint(0, 2, (6,)), torch.randn(2, 4, 4))
-    x, ids, w1 = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gm, (x, ids, w1) = _loop_graph(_loop)
     res = _check(gm, _region_of(gm), [x, ids])
     assert not res.ok
 
@@ -136,8 +139,7 @@ def _leaky(x, ids, w1):
 
 
 def test_reading_the_output_mid_region_is_refused():
-    gm = _dynamo_graph(_leaky, torch.randn(6, 4), torch.randint(0, 2, (6,)), torch.randn(2, 4, 4))
-    x, ids, w1 = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gm, (x, ids, w1) = _loop_graph(_leaky)
     region = [n for n in _region_of(gm) if op(n) != "sum"]
     res = _check(gm, region, [x, ids, w1])
     assert not res.ok and "before the MoE has finished" in res.reason
@@ -153,8 +155,7 @@ def _writes_input(x, ids, w1):
 
 
 def test_writing_memory_outside_the_region_is_refused():
-    gm = _dynamo_graph(_writes_input, torch.randn(6, 4), torch.randint(0, 2, (6,)), torch.randn(2, 4, 4))
-    x, ids, w1 = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gm, (x, ids, w1) = _loop_graph(_writes_input)
     region = _region_of(gm) + [n for n in gm.graph.nodes if op(n) == "mul_"]
     res = _check(gm, region, [x, ids, w1])
     assert not res.ok and "lives outside the region" in res.reason
