@@ -55,8 +55,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 __all__ = ["LoadElsewhere", "Timings", "Variant", "busy_cores_elsewhere", "compile_column", "environment",
-           "interleaved_medians", "interleaved_timings", "malloc_mode", "median", "peak_bytes", "results_dir",
-           "run_profiled", "use_malloc", "wait_until_quiet", "write_csv"]
+           "interleaved_medians", "interleaved_timings", "malloc_mode", "median", "peak_bytes", "ratio_quartiles",
+           "results_dir", "run_profiled", "use_malloc", "wait_until_quiet", "write_csv"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -133,6 +133,18 @@ def _round(variants: dict[str, Variant], names: list[str], rng: random.Random) -
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def ratio_quartiles(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Quartiles (25%, median, 75%) of a[i] / b[i] over the rounds of ``interleaved_timings``: each round times
+    both variants back to back, so the ratio cancels the machine's slow drifts that two medians can catch
+    differently."""
+    ratios = [x / y for x, y in zip(a, b)]
+    if len(ratios) < 2:
+        r = ratios[0] if ratios else float("nan")
+        return r, r, r
+    q25, mid, q75 = statistics.quantiles(ratios, n=4)
+    return q25, mid, q75
 
 
 def run_profiled(fn: Callable[[], object], setup: Optional[Callable[[], None]] = None, *, reps: int = 1,

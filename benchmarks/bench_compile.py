@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,8 @@ from pathlib import Path
 import torch
 
 import moe_fuser.backend as mf_backend
-from _common import (Variant, compile_column, environment, interleaved_timings, median, peak_bytes, results_dir,
-                     wait_until_quiet, write_csv)
+from _common import (Variant, compile_column, environment, interleaved_timings, median, peak_bytes,
+                     ratio_quartiles, results_dir, wait_until_quiet, write_csv)
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("eager", "inductor", "moe_fuser")
@@ -163,7 +162,7 @@ def bench_model(name, args, rows):
                                          max_busy=QUIET_CORES, seed=args.seed)
             times, busy, kept = timing.times, timing.busy_elsewhere, f"{timing.rounds}/{timing.rounds + timing.dropped}"
             peaks = {c: peak_bytes(v.run, v.setup) for c, v in variants.items()}
-            paired = _paired_ratio(times["moe_fuser"], times["inductor"])
+            paired = ratio_quartiles(times["moe_fuser"], times["inductor"])
         for column in variants:
             rows.append({"model": name, "mode": mode, "column": column,
                          "ms": round(median(times[column]) * 1e3, 3),
@@ -173,13 +172,6 @@ def bench_model(name, args, rows):
                          **{k: round(q, 4) if column == "moe_fuser" else "" for k, q in
                             zip(("vs_inductor_q25", "vs_inductor_paired", "vs_inductor_q75"), paired)},
                          "busy_elsewhere": round(busy, 2), "rounds_kept": kept})
-
-
-def _paired_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Quartiles (25%, median, 75%) of a[i] / b[i] over the rounds: each round times both columns back to back,
-    so the ratio cancels the machine's slow drifts that the two medians can catch differently."""
-    qs = statistics.quantiles([x / y for x, y in zip(a, b)], n=4) if len(a) >= 2 else [float("nan")] * 3
-    return qs[0], qs[1], qs[2]
 
 
 def report(rows, args):

@@ -63,8 +63,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import (Variant, environment, interleaved_timings, median, peak_bytes, results_dir, run_profiled,
-                     use_malloc, wait_until_quiet, write_csv)
+from _common import (Variant, environment, interleaved_timings, median, peak_bytes, ratio_quartiles, results_dir,
+                     run_profiled, use_malloc, wait_until_quiet, write_csv)
 
 import moe_fuser
 
@@ -319,8 +319,8 @@ def measure(case: Case, mode: str, args) -> dict:
             run, setup = case.step(v, mode)
             row[f"{v}_mib"] = peak_bytes(run, setup) / 2 ** 20
     case.clear_grads()
-    def paired(a: str, b: str) -> float:  # median over the rounds of a / b, both timed in the same round
-        return median([x / y for x, y in zip(timed.times[a], timed.times[b])])
+    def paired(a: str, b: str) -> float:
+        return ratio_quartiles(timed.times[a], timed.times[b])[1]
 
     row["fused/eager"] = paired("fused", "eager")
     row["fused/floor"] = paired("fused", best)
