@@ -1,9 +1,9 @@
 """``moe_fuser.explain(model, *args, **kwargs)``: what the backend would fuse, where, how, and what it refused.
 
-It compiles ``model`` with the moe_fuser backend (its own compile: ``isolate_recompiles``, the user's compiled
-models are untouched), runs it once on the given inputs, and records every dynamo graph the backend saw. By
-default the rewritten graphs run through ``inner="eager"`` (no inductor compile: explain is for looking);
-``options=`` takes any backend option.
+It compiles ``model`` with the moe_fuser backend (its own compile: the user's compiled models are untouched),
+runs it once on the given inputs, and records every dynamo graph the backend saw. By default the rewritten graphs
+run through ``inner="eager"`` (no inductor compile: explain is for looking); ``options=`` takes any backend
+option.
 
 The ``Report``:
     num_fused     how many MoE regions were replaced
@@ -19,9 +19,12 @@ Everything explain records is also logged on the ``moe_fuser`` logger (INFO: eac
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import logging
 import shutil
 import subprocess
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -188,12 +191,32 @@ class _ExplainBackend:
         return compile_graph(gm, example_inputs, self.opts, record=self.report._record)
 
 
+_ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+_calls = itertools.count()
+
+
+def _own_compile(model: Any, backend: Any) -> Any:
+    """``torch.compile(model)`` whose compiled code the user's own compiles of ``model`` neither see nor reuse.
+
+    Dynamo keeps compiled entries per code object and tries the newest first. torch >= 2.13 keeps one compile's
+    entries apart (``isolate_recompiles``); before that, a wrapper with its own code object does it for the
+    top frame (frames resumed after a graph break inside ``model`` still share entries there)."""
+    if _ISOLATE:
+        return torch.compile(model, backend=backend, isolate_recompiles=True)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return model(*args, **kwargs)
+
+    code = run.__code__.replace(co_name=f"moe_fuser_explain_{next(_calls)}")
+    return torch.compile(types.FunctionType(code, run.__globals__, code.co_name, None, run.__closure__),
+                         backend=backend)
+
+
 def explain(model: Any, *args: Any, options: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Report:
     """Compile ``model`` with moe_fuser, run it once on ``*args, **kwargs`` and report what was fused."""
     opts = BackendOptions.from_dict({"inner": "eager", **dict(options or {})})
     report = Report()
-    compiled = torch.compile(model, backend=_ExplainBackend(report, opts), isolate_recompiles=True)
-    compiled(*args, **kwargs)
+    _own_compile(model, _ExplainBackend(report, opts))(*args, **kwargs)
     for row in report.fused:
         log.info("moe_fuser.explain: fused %s (%s) E=%d k=%d %s %s -> %s", row.module_path, row.router,
                  row.num_experts, row.top_k, row.activation, row.dtype, row.lowering)
