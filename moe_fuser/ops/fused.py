@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import lowering
 from ..lowering.reference import experts_reference
@@ -124,7 +125,8 @@ def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch
                   "output size must equal the number of experts")
         if not router_logits_TE.is_floating_point():
             _fail(f"router_logits must be floating; got {router_logits_TE.dtype}")
-        if not torch.compiler.is_compiling() and router_logits_TE.numel() and \
+        # a value check: only on real data (a fake tensor's bool() would add a data-dependent symbol)
+        if not torch.compiler.is_compiling() and not is_fake(router_logits_TE) and router_logits_TE.numel() and \
                 not bool(torch.isfinite(router_logits_TE).all()):
             _fail("router_logits contain NaN or inf; check the router's input and weights (routing on NaN "
                   "scores would pick arbitrary experts)")
