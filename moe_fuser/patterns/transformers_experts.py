@@ -44,9 +44,16 @@ A shared expert added to the routed output is folded in too (``SharedExpertSpec`
 ``routed + sigmoid(x @ gate^T) * shared_mlp(x)`` (Qwen2-MoE), with ``shared_mlp`` a plain bias-free
 ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))``. Anything else after the routed output is left alone.
 
+Expert-parallel sentinels: transformers marks pairs another rank owns with ids >= E. With the flag
+``_is_expert_parallel`` (always in 5.0-5.17) the graphs carry ``mask = ids >= E``, a clamp of the ids to E-1,
+``masked_fill(mask, 0)`` on the sorted rows and on each projection (grouped_mm) or on the routing weights
+(batched_mm): such a pair adds nothing. The walk takes these nodes into the region; the match is kept only when
+the router is recognised (its ids come from a top-k over E scores, so none is a sentinel and the masking is the
+identity), and rejected with an external router, whose ids could be sentinels the op does not know.
+
 Invariants: every node the walk visits (and only those) is the region; the first mismatch ends the walk with
-a ``Rejection`` naming the node and what was expected; the expert-parallel sentinel masking, post-expert norms
-and any other extra node therefore reject, never silently fuse.
+a ``Rejection`` naming the node and what was expected; post-expert norms and any other extra node therefore
+reject, never silently fuse.
 
 ``transformers.eager_loop`` fuses nothing: it recognises the preamble of transformers' own eager experts loop
 (``one_hot(ids, E+1).permute(2, 1, 0)`` -> ``sum`` -> ``greater(0)`` -> ``nonzero`` as a graph output: the loop
@@ -155,6 +162,47 @@ def _inplace_bias(h: fx.Node, region: set, ids_node: fx.Node, what: str) -> tupl
     _want(not _users(add, region), f"{add.name}: the in-place bias add's result is read directly")
     region.update((add, sel))
     return sel.args[0], [u for u in users if u is not add]
+
+
+def _sentinel_mask(ids: fx.Node, E: int, region: set) -> Optional[fx.Node]:
+    """transformers' expert-parallel sentinel mask ``(ids >= E)[.unsqueeze(-1)]`` read from ``ids``, if any, with
+    the in-place ``ids.clamp_(max=E-1)`` beside it (both join the region); returns the mask node."""
+    ges = [u for u in ids.users if _is(u, "ge") and u.args[0] is ids and u.args[1] == E]
+    if not ges:
+        return None
+    _want(len(ges) == 1, f"{ids.name}: more than one sentinel comparison ids >= {E}")
+    mask = ges[0]
+    region.add(mask)
+    if len(mask.users) == 1 and _is(next(iter(mask.users)), "unsqueeze"):
+        mask = next(iter(mask.users))
+        _want(fxg.arg(mask, 1, "dim") in (-1, 1), f"{mask.name}: expected the sentinel mask unsqueezed at -1")
+        region.add(mask)
+    for u in _users(ids, region):
+        if _is(u, "clamp_"):
+            _want(fxg.arg(u, 1, "min") is None and fxg.arg(u, 2, "max") == E - 1 and not u.users,
+                  f"{u.name}: expected the sentinel clamp ids.clamp_(max={E - 1})")
+            region.add(u)
+    return mask
+
+
+def _unmasked(node: fx.Node, mask: Optional[fx.Node], region: set) -> fx.Node:
+    """Skip the in-place ``node.masked_fill_(mask, 0)`` among ``node``'s users (into the region)."""
+    if mask is not None:
+        for u in _users(node, region):
+            if _is(u, "masked_fill_") and u.args[0] is node and u.args[1] is mask and u.args[2] == 0 and not u.users:
+                region.add(u)
+    return node
+
+
+def _past_mask(node: fx.Node, users: list, mask: Optional[fx.Node], region: set) -> tuple[fx.Node, list]:
+    """Step over ``node.masked_fill(mask, 0)`` when it is ``node``'s only remaining user: (new node, its users)."""
+    if mask is None or len(users) != 1:
+        return node, users
+    u = users[0]
+    if _is(u, "masked_fill") and u.args[0] is node and u.args[1] is mask and u.args[2] == 0:
+        region.add(u)
+        return u, _users(u, region)
+    return node, users
 
 
 # ---------------------------------------------------------------------------------------------- expert gates
@@ -309,6 +357,7 @@ class _Experts:
     top_k: int
     anchor: fx.Node
     region: set = field(default_factory=set)
+    sentinels: bool = False  # transformers' expert-parallel sentinel masking is in the region
 
 
 def _weight_param(w: fx.Node, region: set, E: int, what: str) -> tuple[fx.Node, bool]:
@@ -346,6 +395,7 @@ def _walk_grouped(ctx: MatchContext, offs: fx.Node) -> _Experts:
     perm = perms[0]
     region.add(perm)
     topk_ids = _flat(sort.args[0], region, "topk_ids")
+    mask = _sentinel_mask(ids_g, E, region)
 
     mms = sorted((u for u in offs.users if _is(u, "grouped_mm")), key=lambda n: ctx.position[n])
     _want(len(mms) == 2 and len(offs.users) == 2,
@@ -361,10 +411,12 @@ def _walk_grouped(ctx: MatchContext, offs: fx.Node) -> _Experts:
     K = xs.args[1].args[1]
     _want(isinstance(K, int) and K >= 1, f"{xs.args[1].name}: top_k should be a constant")
     region.update((xs, xs.args[1]))
+    _unmasked(xs, mask, region)
     x = xs.args[0]
     w1, t1 = _weight_param(mm1.args[1], region, E, "gate_up_proj")
     b1, users = _inplace_bias(mm1, region, ids_g, "up")
-    gate = _match_gate(mm1, users, region)
+    h, users = _past_mask(mm1, users, mask, region)
+    gate = _match_gate(h, users, region)
 
     # Down projection.
     a = _strip_casts(mm2.args[0], region)
@@ -372,6 +424,7 @@ def _walk_grouped(ctx: MatchContext, offs: fx.Node) -> _Experts:
     w2, t2 = _weight_param(mm2.args[1], region, E, "down_proj")
     _want(t1 == t2, "gate_up_proj and down_proj disagree on being transposed")
     b2, users = _inplace_bias(mm2, region, ids_g, "down")
+    y, users = _past_mask(mm2, users, mask, region)
 
     # Routing weights in sorted order, the inverse permutation, the combine.
     topk_weights = []
@@ -381,7 +434,7 @@ def _walk_grouped(ctx: MatchContext, offs: fx.Node) -> _Experts:
             topk_weights.append(w)
             return True
         return False
-    z = _weighted(mm2, users, sorted_weights, region)
+    z = _weighted(y, users, sorted_weights, region)
     w_g = topk_weights[0]
     region.add(w_g)
     topk_w = _flat(w_g.args[0], region, "topk_weights")
@@ -395,7 +448,7 @@ def _walk_grouped(ctx: MatchContext, offs: fx.Node) -> _Experts:
     region.update((zi, inv, sets[0], sets[0].args[2]))
     D = _shape(x)[-1] if _shape(x) else None
     output = _combine_tail(zi, region, K, D)
-    return _Experts(x, topk_w, topk_ids, output, w1, w2, b1, b2, t1, gate, E, K, mm1, region)
+    return _Experts(x, topk_w, topk_ids, output, w1, w2, b1, b2, t1, gate, E, K, mm1, region, mask is not None)
 
 
 def _picks_expert_weights(node) -> bool:
@@ -422,12 +475,19 @@ def _walk_batched(ctx: MatchContext, bmm1: fx.Node) -> _Experts:
     _want(_is(sel1, "getitem") and isinstance(sel1.args[1], fx.Node),
           f"{bmm1.name}: expected weights indexed by the expert ids")
     ids_S = sel1.args[1]
-    topk_ids = _flat(ids_S, region, "topk_ids")
     w1 = sel1.args[0]
     shape = _shape(w1)
     _want(shape is not None and len(shape) == 3, f"{w1.name}: expected a stacked [E, ., .] weight")
     E = shape[0]
     region.add(sel1)
+    flat_ids, mask = ids_S, None
+    if _is(ids_S, "clamp"):  # sentinel clamp (see the module docstring)
+        _want(fxg.arg(ids_S, 1, "min") == 0 and fxg.arg(ids_S, 2, "max") == E - 1,
+              f"{ids_S.name}: expected the sentinel clamp ids.clamp(0, {E - 1})")
+        region.add(ids_S)
+        flat_ids = ids_S.args[0]
+        mask = _sentinel_mask(flat_ids, E, region)
+    topk_ids = _flat(flat_ids, region, "topk_ids")
     _want(_is(vec1, "unsqueeze") and fxg.arg(vec1, 1, "dim") == (1 if transposed else -1),
           f"{vec1.name}: expected the token rows unsqueezed for bmm")
     rep = _strip_casts(vec1.args[0], region)
@@ -463,6 +523,9 @@ def _walk_batched(ctx: MatchContext, bmm1: fx.Node) -> _Experts:
     found = []
 
     def flat_weights(w):
+        if mask is not None and _is(w, "masked_fill") and w.args[1] is mask and w.args[2] == 0:
+            region.add(w)
+            w = w.args[0]
         if _is(w, "reshape", "view", "flatten"):
             found.append(w)
             return True
@@ -471,7 +534,8 @@ def _walk_batched(ctx: MatchContext, bmm1: fx.Node) -> _Experts:
     topk_w = _flat(found[0], region, "topk_weights")
     D = _shape(x)[-1] if _shape(x) else None
     output = _combine_tail(z, region, K, D)
-    return _Experts(x, topk_w, topk_ids, output, w1, w2, b1, b2, transposed, gate, E, K, bmm1, region)
+    return _Experts(x, topk_w, topk_ids, output, w1, w2, b1, b2, transposed, gate, E, K, bmm1, region,
+                    ids_S is not flat_ids)
 
 
 # ------------------------------------------------------------------------------------------- shared experts
@@ -599,6 +663,13 @@ def _to_match(ctx: MatchContext, ex: _Experts, pattern: str) -> Union[Match, Rej
 
     router = routers.recognise_router(ex.topk_weights, ex.topk_ids)
     region = set(ex.region) | set(router.nodes)
+    if ex.sentinels:
+        logits = _shape(router.logits) if router.logits is not None else None
+        if router.external or logits is None or logits[-1] != E:
+            return Rejection(FAMILY, pattern, "transformers' expert-parallel sentinel masking (ids >= E add nothing) "
+                             "behind a router moe_fuser does not recognise: its ids may be sentinels, which the "
+                             f"fused op does not model ({router.reason or 'router logits are not [T, E]'})",
+                             where, frozenset(region))
     experts = ExpertSpec(num_experts=E, activation=ex.gate.activation, glu=ex.gate.glu,
                          bias=ex.b1 is not None or ex.b2 is not None, alpha=ex.gate.alpha, limit=ex.gate.limit)
     shared = match_shared_expert(ex.output, ex.x, region)
@@ -610,6 +681,8 @@ def _to_match(ctx: MatchContext, ex: _Experts, pattern: str) -> Union[Match, Rej
             region.add(x)
             x = shared.x_source
     notes = [f"router left as written ({router.reason})"] if router.external else []
+    if ex.sentinels:
+        notes.append("expert-parallel sentinel masking dropped: the router's ids are a top-k over E scores")
     if ex.transposed:
         notes.append("transposed expert weights (is_transposed=True): the op reads transposed views")
     try:

@@ -2,8 +2,11 @@
 fused (count and exact MoESpec asserted) and train eager-equal at two token counts, through ``grouped_mm`` and
 ``batched_mm``, fp32 and bf16; what the family must not model is left alone, eager-equal, with a reason."""
 
+import types
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moe_fuser
 from moe_fuser.spec import ExpertSpec, MoESpec, RouterSpec, SharedExpertSpec
@@ -100,6 +103,43 @@ def test_config_variants(family, overrides, expected):
         errs = block_step(blk, compiled, torch.randn(B, S, 32))
         assert max(errs.values()) <= TOL[F32], errs
     _assert_fused(rec, expected_spec(family, **expected))
+
+
+@pytest.mark.parametrize("impl,dtype", [("grouped_mm", F32), ("grouped_mm", BF16), ("batched_mm", F32)])
+def test_expert_parallel_sentinel_masking_fuses(impl, dtype):
+    """transformers' expert-parallel sentinel masking (ids >= E add nothing: in every graph of transformers 5.17,
+    behind ``_is_expert_parallel`` in later versions) is the identity behind a recognised router, whose ids are a
+    top-k over E scores: fused, eager-equal."""
+    blk = block("mixtral", dtype, impl)
+    blk.experts._is_expert_parallel = True
+    rec = FusedSpecs()
+    compiled = _compile(blk, rec)
+    for B, S in ((2, 5), (3, 7)):
+        errs = block_step(blk, compiled, torch.randn(B, S, 32).to(dtype))
+        assert max(errs.values()) <= TOL[dtype], errs
+    _assert_fused(rec, expected_spec("mixtral", dtype))
+
+
+def test_sentinel_masking_behind_an_unknown_router_is_left_alone():
+    """Behind a router moe_fuser does not recognise the ids could be sentinels, which the op does not model:
+    refused with the reason, eager-equal."""
+    blk = block("mixtral", F32, "grouped_mm")
+    blk.experts._is_expert_parallel = True
+
+    def route(self, h):
+        logits = F.linear(h.reshape(-1, self.hidden_dim), self.weight)
+        vals, ids = torch.topk(logits, self.top_k, dim=-1)
+        return logits, torch.sigmoid(vals) * 0.5, ids
+    blk.gate.forward = types.MethodType(route, blk.gate)
+    x = torch.randn(2, 5, 32)
+    report = moe_fuser.explain(blk, x)
+    assert report.num_fused == 0
+    reasons = [r.reason for r in report.rejected if r.pattern == "transformers.grouped_mm"]
+    assert reasons and "sentinel" in reasons[0], report.rejected
+    rec = FusedSpecs()
+    errs = block_step(blk, _compile(blk, rec), x)
+    assert max(errs.values()) <= TOL[F32], errs
+    assert not rec.specs
 
 
 def test_unsupported_activation_is_left_alone():
