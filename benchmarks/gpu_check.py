@@ -3,7 +3,7 @@
 Run on a CUDA machine from the repository root (moe_fuser need not be installed; no transformers needed):
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py            # committed block configs
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --tune     # + a quick block-config sweep -> $OUT/configs/
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --tune     # + a block-config sweep -> $OUT/tuned_configs.json
     python benchmarks/gpu_check.py --dry-run                     # CPU: every code path, Triton interpreter, tiny
 
 It finishes within ``--budget`` seconds (default 260): every phase checks the time left before it starts, a
@@ -24,7 +24,8 @@ even if a kernel or compile hangs. Phases:
 3. forward + backward for E=64 k=8 D=2048 F=1408 T=4096 (eager with per-expert parameters, grouped_mm,
    triton);
 4. ``--tune``: for each table row a short sweep of BLOCK_M and the two forward GEMMs' tiles, written as JSON
-   to ``$OUT/configs/`` named for ``moe_fuser/kernels/configs/`` (commit them there), plus a "tuned" column.
+   to ``$OUT/tuned_configs.json`` (one table per file of ``moe_fuser/kernels/configs/``, keyed by its name:
+   commit each there; one file comes back where names with ``=`` and ``,`` would not), plus a "tuned" column.
 
 Timing: ``triton.testing.do_bench`` (median, L2 flushed before each run) on CUDA; on CPU (dry run) a median of
 perf_counter runs. The final table prints last; with ``$OUT`` set it is also written as ``$OUT/gpu_check.csv``
@@ -55,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes: check the script")
-    p.add_argument("--tune", action="store_true", help="sweep block configs, write the best to $OUT/configs/")
+    p.add_argument("--tune", action="store_true", help="sweep block configs, write the best to $OUT/tuned_configs.json")
     p.add_argument("--budget", type=float, default=260.0, help="seconds for the whole run (default 260)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     p.add_argument("--skip-backward", action="store_true", help="no forward+backward timing")
@@ -452,9 +453,11 @@ def candidates(role: str):
                 [_t(64, 128, 1, 4, 4), _t(32, 128, 1, 4, 4), _t(64, 256, 1, 4, 3), _t(128, 128, 1, 4, 3),
                  _t(32, 256, 1, 4, 4), _t(64, 64, 1, 4, 5)])
     return ([128, 64], [_t(64, 64, 8, 8, 4), _t(64, 64, 8, 4, 4), _t(128, 64, 8, 8, 3), _t(64, 128, 8, 8, 3),
-                        _t(32, 64, 8, 4, 4), _t(128, 32, 8, 8, 4)],
+                        _t(32, 64, 8, 4, 4), _t(128, 32, 8, 8, 4), _t(128, 64, 8, 8, 4), _t(128, 64, 8, 4, 3),
+                        _t(128, 128, 8, 8, 2), _t(128, 64, 16, 8, 3)],
             [_t(128, 64, 8, 8, 4), _t(128, 64, 8, 4, 4), _t(256, 64, 8, 8, 3), _t(64, 64, 8, 4, 4),
-             _t(128, 128, 8, 8, 3), _t(256, 32, 8, 8, 4)])
+             _t(128, 128, 8, 8, 3), _t(256, 32, 8, 8, 4), _t(256, 64, 8, 8, 4), _t(256, 128, 8, 8, 2),
+             _t(128, 64, 8, 8, 3), _t(256, 64, 16, 8, 3)])
 
 
 def tune(row, s) -> tuple[dict, float]:
@@ -502,10 +505,9 @@ def write_configs(tuned: list[tuple[dict, dict, float]]) -> None:
         table = files.setdefault(name, {"_about": f"benchmarks/gpu_check.py --tune on {dev}, torch "
                                                   f"{torch.__version__}, triton {triton_version()}"})
         table[str(s["T"])] = {"_ms": round(ms, 4), **{k: cfg[k] for k in ("BLOCK_M", "gate_up", "down")}}
-    (OUT / "configs").mkdir(parents=True, exist_ok=True)
-    for name, table in files.items():
-        (OUT / "configs" / name).write_text(json.dumps(table, indent=2) + "\n")
-        log(f"wrote $OUT/configs/{name}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "tuned_configs.json").write_text(json.dumps(files, indent=2) + "\n")
+    log(f"wrote $OUT/tuned_configs.json: {', '.join(files)}")
 
 
 # ------------------------------------------------------------------------------------------------ output

@@ -9,6 +9,7 @@ Prints ``moe_fuser.explain`` (one row per MoE layer), checks logits and a traini
 the forward of eager, ``torch.compile`` (inductor) and ``torch.compile(backend="moe_fuser")``.
 
     python examples/hf_mixtral.py [--layers 2] [--hidden 256] [--experts 8] [--tokens 256] [--draw mixtral.svg]
+                                  [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -32,13 +33,20 @@ def build(layers: int, hidden: int, experts: int, top_k: int, dtype: torch.dtype
     return MixtralForCausalLM(cfg).to(dtype)
 
 
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
 def _median_ms(fn, ids, iters: int) -> float:
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     with torch.no_grad():
         fn(input_ids=ids)
         times = []
         for _ in range(iters):
+            sync()
             t0 = time.perf_counter()
             fn(input_ids=ids)
+            sync()
             times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
@@ -52,6 +60,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128, help="sequence length")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (the fused op then runs as Triton kernels)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"),
@@ -59,8 +68,8 @@ def main(argv=None) -> dict:
     p.add_argument("--draw", default=None, help="render the fused regions before/after (.svg or .png)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    model = build(args.layers, args.hidden, args.experts, args.top_k, dtype).eval()
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.tokens))
+    model = build(args.layers, args.hidden, args.experts, args.top_k, dtype).to(args.device).eval()
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.tokens), device=args.device)
 
     report = moe_fuser.explain(model, input_ids=ids)
     print(report)
@@ -70,7 +79,7 @@ def main(argv=None) -> dict:
     fused = torch.compile(model, backend="moe_fuser", options={"inner": args.inner})
     with torch.no_grad():
         want, got = model(input_ids=ids).logits, fused(input_ids=ids).logits
-    err = float((got.double() - want.double()).norm() / want.double().norm())
+    err = _rel_err(got, want)
     print(f"\nlogits, fused vs eager: relative error {err:.1e}")
 
     # One training step through the compiled model: the loss and every gradient match eager.
@@ -81,7 +90,7 @@ def main(argv=None) -> dict:
         model.zero_grad(set_to_none=True)
         fn(input_ids=ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None]))
-    grad_err = float((grads[1] - grads[0]).norm() / grads[0].norm())
+    grad_err = _rel_err(grads[1], grads[0])
     print(f"training step, fused vs eager: relative gradient error {grad_err:.1e}")
     model.eval()
 
@@ -92,9 +101,13 @@ def main(argv=None) -> dict:
         # dynamo keeps compiled code per function, not per torch.compile call: after a reset the inductor
         # column compiles its own code instead of finding (and running) moe_fuser's
         torch._dynamo.reset()
-        rows["torch.compile (inductor)"] = _median_ms(torch.compile(model), ids, args.iters)
+        inductor = torch.compile(model)
+        rows["torch.compile (inductor)"] = _median_ms(inductor, ids, args.iters)
+        with torch.no_grad():  # the yardstick for the error above: rounding alone, without moe_fuser
+            print(f"logits, torch.compile (inductor) vs eager: relative error "
+                  f"{_rel_err(inductor(input_ids=ids).logits, want):.1e}")
         rows["torch.compile (moe_fuser)"] = fused_ms
-        print(f"\nforward, {args.batch}x{args.tokens} tokens, {args.dtype}, median of {args.iters}:")
+        print(f"\nforward, {args.batch}x{args.tokens} tokens, {args.dtype}, {args.device}, median of {args.iters}:")
         for name, ms in rows.items():
             print(f"  {name:<27} {ms:9.2f} ms   {rows['eager'] / ms:5.2f}x vs eager")
     return {"report": report, "error": err, "grad_error": grad_err, "ms": rows}
