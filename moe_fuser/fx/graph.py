@@ -43,6 +43,8 @@ _OPERATORS = {
     operator.sub: "sub", operator.eq: "eq", operator.floordiv: "floordiv", operator.neg: "neg",
     operator.matmul: "matmul", operator.lt: "lt", operator.ge: "ge", operator.le: "le", operator.gt: "gt",
 }
+# The same operators as tensor methods: older dynamo (torch 2.11) records `ids == e` as call_method "__eq__".
+_DUNDERS = {f"__{fn.__name__}__": name for fn, name in _OPERATORS.items()}
 # Functions whose __name__ differs from the name patterns use.
 _ALIASES = {"_softmax": "softmax", "true_divide": "div", "divide": "div", "multiply": "mul", "subtract": "sub",
             "index_select": "index_select", "argwhere": "nonzero", "matmul": "matmul", "mm": "matmul",
@@ -52,7 +54,7 @@ _ALIASES = {"_softmax": "softmax", "true_divide": "div", "divide": "div", "multi
 def op(node: fx.Node) -> Optional[str]:
     """Canonical name of what ``node`` computes, or None for placeholders/outputs/get_attr/modules."""
     if node.op == "call_method":
-        return _ALIASES.get(node.target, node.target)
+        return _DUNDERS.get(node.target) or _ALIASES.get(node.target, node.target)
     if node.op != "call_function":
         return None
     target = node.target
