@@ -4,8 +4,8 @@ Users who outgrow one device write the seed's EP layer: gate -> top-k -> all-to-
 slot) pair to the rank owning its expert -> the local experts one by one -> all-to-all back -> weighted sum. Dynamo
 traces ``torch.distributed.all_to_all_single`` (the legacy in-place form, which then ``copy_``s into the
 preallocated output) and ``_functional_collectives.all_to_all_single(_autograd)`` alike into
-``_c10d_functional.all_to_all_single(input, out_splits, in_splits, group_name)`` + ``wait_tensor``, with split
-sizes from ``.tolist()`` as unbacked SymInts (``moe_fuser.capture`` turns that capture on). This family finds
+``_c10d_functional.all_to_all_single(input, out_splits, in_splits, group_name)`` + ``wait_tensor`` (torch < 2.13
+wraps the autograd form's wait in an ``autograd_function_apply``), with split sizes from ``.tolist()`` as unbacked SymInts (``moe_fuser.capture`` turns that capture on). This family finds
 that region and replaces it by ``moe_forward(..., ep_group=<group name>, expert_placement=<owners>)``: the
 deduplicated, node-aware, chunk-overlapped exchange of ``moe_fuser.distributed``, or the lowering's own
 expert-parallel path where it has one (npu: MC2 or all_to_all + re_routing).
@@ -65,10 +65,38 @@ def _received(node: fx.Node, walk: _Walk) -> fx.Node:
         walk.take(node)
         walk.take(writers[0])
         node = writers[0].args[1]
+    waited = _autograd_wait(node)
+    if waited is not None:
+        for n in (node, node.args[0], *node.args[0].args[:2]):
+            walk.take(n)
+        return walk.take(waited)
     if not is_op(node, "wait_tensor") or not is_op(node.args[0], "all_to_all_single"):
         raise _NoMatch(f"{node.name} is not the result of an all_to_all_single")
     walk.take(node)
     return walk.take(node.args[0])
+
+
+def _body_calls(gm: Any) -> list:
+    return [n for n in getattr(gm, "graph", fx.Graph()).nodes
+            if n.op == "call_function" and n.target is not torch._C._set_grad_enabled]
+
+
+def _autograd_wait(node: fx.Node) -> Optional[fx.Node]:
+    """torch < 2.13 traces the wait of ``all_to_all_single_autograd`` as an autograd.Function:
+    ``autograd_function_apply(fwd_body, bwd_body, *sizes, a2a)[0]`` whose forward only waits and whose backward
+    passes the gradient through. The all_to_all_single node for that form, else None."""
+    apply = node.args[0] if is_op(node, "getitem") and node.args[1] == 0 else None
+    hop = getattr(torch.ops.higher_order, "autograd_function_apply", None)
+    if not isinstance(apply, fx.Node) or hop is None or apply.target is not hop or len(apply.users) != 1:
+        return None
+    root = node.graph.owning_module
+    fwd, bwd, a2a = apply.args[0], apply.args[1], apply.args[-1]
+    if not all(isinstance(b, fx.Node) and b.op == "get_attr" for b in (fwd, bwd)) or root is None:
+        return None
+    fwd_calls, bwd_calls = _body_calls(getattr(root, fwd.target, None)), _body_calls(getattr(root, bwd.target, None))
+    if len(fwd_calls) != 1 or not is_op(fwd_calls[0], "wait_tensor") or bwd_calls:
+        return None
+    return a2a if is_op(a2a, "all_to_all_single") else None
 
 
 def _a2a_args(a2a: fx.Node) -> tuple[fx.Node, list, list, str]:
