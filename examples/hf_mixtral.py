@@ -65,8 +65,12 @@ def main(argv=None) -> dict:
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"),
                    help="moe_fuser's inner compiler (default inductor)")
+    p.add_argument("--mode", default=None, help="torch.compile mode of both compiled columns (e.g. reduce-overhead: "
+                                                "CUDA graphs; with the default inner compiler only)")
     p.add_argument("--draw", default=None, help="render the fused regions before/after (.svg or .png)")
     args = p.parse_args(argv)
+    if args.mode and args.inner != "inductor":
+        p.error("--mode applies to the inductor inner compiler; drop --inner")
     dtype = getattr(torch, args.dtype)
     model = build(args.layers, args.hidden, args.experts, args.top_k, dtype).to(args.device).eval()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.tokens), device=args.device)
@@ -76,7 +80,9 @@ def main(argv=None) -> dict:
     if args.draw:
         print(f"drawn: {report.draw(args.draw)}")
 
-    fused = torch.compile(model, backend="moe_fuser", options={"inner": args.inner})
+    # torch.compile takes a mode or options, not both; a mode goes to moe_fuser's inner inductor
+    how = {"mode": args.mode} if args.mode else {"options": {"inner": args.inner}}
+    fused = torch.compile(model, backend="moe_fuser", **how)
     with torch.no_grad():
         want, got = model(input_ids=ids).logits, fused(input_ids=ids).logits
     err = _rel_err(got, want)
@@ -101,13 +107,14 @@ def main(argv=None) -> dict:
         # dynamo keeps compiled code per function, not per torch.compile call: after a reset the inductor
         # column compiles its own code instead of finding (and running) moe_fuser's
         torch._dynamo.reset()
-        inductor = torch.compile(model)
+        inductor = torch.compile(model, mode=args.mode)
         rows["torch.compile (inductor)"] = _median_ms(inductor, ids, args.iters)
         with torch.no_grad():  # the yardstick for the error above: rounding alone, without moe_fuser
             print(f"logits, torch.compile (inductor) vs eager: relative error "
                   f"{_rel_err(inductor(input_ids=ids).logits, want):.1e}")
         rows["torch.compile (moe_fuser)"] = fused_ms
-        print(f"\nforward, {args.batch}x{args.tokens} tokens, {args.dtype}, {args.device}, median of {args.iters}:")
+        print(f"\nforward, {args.batch}x{args.tokens} tokens, {args.dtype}, {args.device}, mode {args.mode or 'default'}, "
+              f"median of {args.iters}:")
         for name, ms in rows.items():
             print(f"  {name:<27} {ms:9.2f} ms   {rows['eager'] / ms:5.2f}x vs eager")
     return {"report": report, "error": err, "grad_error": grad_err, "ms": rows}
