@@ -1,5 +1,7 @@
 """FX helpers: canonical op names, parameter/module paths, the mutation-aware networkx view, region closure."""
 
+import operator
+
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -39,6 +41,12 @@ def test_op_names_are_canonical_across_call_forms():
     assert names.count("softmax") == 3 and "silu" in names and "gelu" in names and "topk" in names
     traced = fx.symbolic_trace(lambda x: torch.ops.aten._softmax.default(x, -1, False))
     assert [op(n) for n in traced.graph.nodes if n.op == "call_function"] == ["softmax"]
+    # torch 2.11's dynamo records `ids == e` as the tensor method __eq__ (2.13: operator.eq): one name for both
+    g = fx.Graph()
+    ids = g.placeholder("ids")
+    forms = [g.call_method("__eq__", (ids, 0)), g.call_function(operator.eq, (ids, 0)),
+             g.call_method("__getitem__", (ids, 0)), g.call_method("__iadd__", (ids, 1))]
+    assert [op(n) for n in forms] == ["eq", "eq", "getitem", "iadd"]
 
 
 class Outer(nn.Module):
