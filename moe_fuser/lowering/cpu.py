@@ -19,9 +19,10 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
    ``[n, F]`` or the output ``[n, D]``, the second projection;
 4. one ``index_add_`` combines into ``out [T, D]``: no ``[T, K, D]`` tensor, no per-token weight copy.
 
-Inference (``forward_inference``: nothing saved) streams groups of consecutive experts of at most the largest
-expert's rows (and at least ``STREAM_MIN_ROWS``) through steps 3-4 (ragged layout), so temporaries stay near
-one expert's, as in the eager loop.
+Inference (``forward_inference``: nothing saved) streams groups of consecutive experts through steps 3-4:
+ragged groups of at most the largest expert's rows (and at least ``STREAM_MIN_ROWS``), so temporaries stay near
+one expert's, as in the eager loop; padded groups of several tiny experts per ``bmm`` whose gathered rows fill
+at most ``PADDED_STREAM_BYTES``, so temporaries stay bounded without a Python round per tiny expert.
 
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order.
@@ -69,6 +70,10 @@ PADDED_MAX_WASTE = 2.0
 # Streaming (inference and backward, ragged layout) visits groups of consecutive experts of at most
 # max(largest expert's rows, this) rows: bounded temporaries without a Python round per tiny expert (decode).
 STREAM_MIN_ROWS = 128
+# The padded layout streams groups of consecutive experts whose gathered input rows (E_group * C * D elements)
+# take at most this many bytes (at least one expert): smaller groups cost a few ATen calls each (measured: E=128
+# k=8 D=512 bf16 inference ran ~10% slower in groups of 512 or 2048 padded rows than whole).
+PADDED_STREAM_BYTES = 4 << 20
 
 
 def sort_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
@@ -136,6 +141,7 @@ class _Grouping:
         self.counts = counts
         self.segs = _segments(counts)
         self.start = 0  # first row of this grouping in the full sorted order (see chunks)
+        self.e0 = 0  # first expert of this grouping (a padded group's slice of the stacked weights)
         self.n = n = sum(counts)
         self.order_N = order_N
         self.order_n = order_N[:n]
@@ -145,20 +151,33 @@ class _Grouping:
         self.padded = (stacked and n > 0 and all(counts) and n <= PADDED_MAX_MEAN_ROWS * num_experts
                        and num_experts * C <= PADDED_MAX_WASTE * n)
         if self.padded:
-            starts = torch.tensor([0] + counts[:-1], device=topk_ids_TK.device).cumsum(0)
-            self.prow_n = self.expert_n * C + (torch.arange(n, device=topk_ids_TK.device) - starts[self.expert_n])
-            # Padding rows point at token 0 for the combine (they only carry exact zeros, see scatter_add) and at
-            # an appended zero row T for the gather.
-            self.ptok = torch.zeros(num_experts * C, dtype=torch.int64, device=topk_ids_TK.device)
-            self.ptok.index_copy_(0, self.prow_n, self.tok_n)
-            self.ptok_gather = torch.full_like(self.ptok, self.T).index_copy_(0, self.prow_n, self.tok_n)
+            self._pad()
 
-    def stream_rows(self) -> int:
-        return max(self.C, STREAM_MIN_ROWS)
+    def _pad(self) -> None:
+        """Row indices of the padded layout ``[E, C, X]`` (every expert of the grouping has rows)."""
+        dev = self.tok_n.device
+        local_n = self.expert_n - self.e0
+        starts = torch.tensor([0] + self.counts[:-1], device=dev).cumsum(0)
+        self.prow_n = local_n * self.C + (torch.arange(self.n, device=dev) - starts[local_n])
+        # Padding rows point at token 0 for the combine (they only carry exact zeros, see scatter_add) and at
+        # an appended zero row T for the gather.
+        self.ptok = torch.zeros(self.E * self.C, dtype=torch.int64, device=dev)
+        self.ptok.index_copy_(0, self.prow_n, self.tok_n)
+        self.ptok_gather = torch.full_like(self.ptok, self.T).index_copy_(0, self.prow_n, self.tok_n)
 
-    def chunks(self, max_rows: int):
-        """Ragged sub-groupings of consecutive experts holding at most ``max_rows`` rows each (at least one
-        expert), for streaming a forward that keeps nothing for backward."""
+    def groups(self, row_bytes: int):
+        """This grouping as consecutive expert groups to stream (itself when small): ragged groups of at most
+        max(C, ``STREAM_MIN_ROWS``) rows; padded groups whose gathered rows (``row_bytes`` each) fill at most
+        ``PADDED_STREAM_BYTES``."""
+        if self.padded:
+            per = max(1, PADDED_STREAM_BYTES // (row_bytes * self.C))
+            bounds = range(0, len(self.segs), per) if per < len(self.segs) else ()
+            yield from (self._sub(self.segs[i:i + per]) for i in bounds) if bounds else (self,)
+            return
+        max_rows = max(self.C, STREAM_MIN_ROWS)
+        if self.n <= max_rows:
+            yield self
+            return
         first = 0
         for i, (_, start, stop) in enumerate(self.segs):
             if i > first and stop - self.segs[first][1] > max_rows:
@@ -168,15 +187,25 @@ class _Grouping:
             yield self._sub(self.segs[first:])
 
     def _sub(self, segs: list[tuple[int, int, int]]) -> "_Grouping":
+        """The sub-grouping of consecutive experts ``segs``, in this grouping's layout."""
         lo, hi = segs[0][1], segs[-1][2]
         sub = object.__new__(_Grouping)
-        sub.T, sub.E, sub.padded = self.T, self.E, False
+        sub.T, sub.E, sub.padded, sub.e0 = self.T, self.E, self.padded, self.e0
         sub.segs = [(e, start - lo, stop - lo) for e, start, stop in segs]
         sub.start, sub.n = self.start + lo, hi - lo
         sub.order_n = self.order_n[lo:hi]
         sub.tok_n = self.tok_n[lo:hi]
         sub.expert_n = self.expert_n[lo:hi]
+        sub.counts = [stop - start for _, start, stop in segs]
+        sub.C = max(sub.counts)
+        if sub.padded:
+            sub.E, sub.e0 = len(segs), segs[0][0]
+            sub._pad()
         return sub
+
+    def _mine(self, stacked: torch.Tensor) -> torch.Tensor:
+        """A padded grouping's slice ``[e0, e0 + E)`` of a stacked per-expert tensor."""
+        return stacked if self.e0 == 0 and stacked.shape[0] == self.E else stacked[self.e0:self.e0 + self.E]
 
     # -- moving rows in and out --------------------------------------------------------------------------
     def gather(self, src_TX: torch.Tensor) -> torch.Tensor:
@@ -218,11 +247,12 @@ class _Grouping:
         """rows_e @ ws[e] (+ bias[e]) per expert; ws are per-expert [in, out] matrices. ``save_to`` ([n, out],
         sorted order) also receives the result."""
         if self.padded:
+            ws = self._mine(ws)
             out = _empty((self.E, self.C, ws.shape[-1]), rows)
             if bias is None:
                 torch.bmm(rows, ws, out=out)
             else:
-                torch.baddbmm(bias.unsqueeze(1), rows, ws, out=out)
+                torch.baddbmm(self._mine(bias).unsqueeze(1), rows, ws, out=out)
             if save_to is not None:
                 self.to_sorted(out, out=save_to)
             return out
@@ -238,7 +268,7 @@ class _Grouping:
     def mm_add_(self, acc: torch.Tensor, rows: torch.Tensor, ws) -> torch.Tensor:
         """acc += rows_e @ ws[e] per expert, in place."""
         if self.padded:
-            return acc.baddbmm_(rows, ws)
+            return acc.baddbmm_(rows, self._mine(ws))
         for e, start, stop in self.segs:
             acc[start:stop].addmm_(rows[start:stop], ws[e])
         return acc
@@ -246,7 +276,7 @@ class _Grouping:
     def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, out) -> None:
         """out[e] = a_e^T @ b_e for this grouping's experts (``out``: a stacked [E, A, B] buffer or a list)."""
         if self.padded:
-            torch.bmm(a_rows.transpose(1, 2), b_rows, out=out)
+            torch.bmm(a_rows.transpose(1, 2), b_rows, out=self._mine(out))
             return
         for e, start, stop in self.segs:
             torch.mm(a_rows[start:stop].t(), b_rows[start:stop], out=out[e])
@@ -254,7 +284,7 @@ class _Grouping:
     def segment_sum(self, rows: torch.Tensor, out) -> None:
         """out[e] += sum of expert e's rows (bias grads; ``out`` zero-initialised, stacked or a list)."""
         if self.padded:
-            out.add_(rows.sum(1))
+            self._mine(out).add_(rows.sum(1))
         elif isinstance(out, torch.Tensor):
             out.index_add_(0, self.expert_n, rows)
         else:
@@ -264,7 +294,7 @@ class _Grouping:
     def per_expert(self, bs) -> torch.Tensor:
         """A per-expert vector (a bias) broadcast to every row."""
         if self.padded:
-            return bs.unsqueeze(1)
+            return self._mine(bs).unsqueeze(1)
         stacked = bs if isinstance(bs, torch.Tensor) else torch.stack(list(bs))
         return stacked[self.expert_n]
 
@@ -341,18 +371,15 @@ class CpuLowering:
         return out_TD, h_NH, G.order_N
 
     def forward_inference(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
-        """Forward that keeps nothing for backward. The ragged layout streams groups of experts of at most
-        ``stream_rows()`` rows, so temporaries stay near one expert's (the eager loop's peak) instead of all
-        T*K rows; the padded layout (tiny experts: one bmm for all) runs whole."""
+        """Forward that keeps nothing for backward: it streams expert groups (``_Grouping.groups``), so the
+        temporaries are one group's instead of all T*K rows'."""
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3))
         g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
         ws = (_transposed(w1), _transposed(w2), _transposed(w3), b1, b2, b3)
-        if G.padded or G.n <= G.stream_rows():
-            return _ffn(G, x_TD, g_n, *ws, spec)
-        out_TD = x_TD.new_zeros(x_TD.shape)
-        for sub in G.chunks(G.stream_rows()):
-            _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, out=out_TD)
-        return out_TD
+        out_TD = None
+        for sub in G.groups(x_TD.shape[1] * x_TD.element_size()):
+            out_TD = _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, out=out_TD)
+        return x_TD.new_zeros(x_TD.shape) if out_TD is None else out_TD
 
     def backward(self, grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, order_N, w1, w2, w3, b1, b2, b3,
                  spec: ExpertSpec, needs_input_grad):
@@ -365,12 +392,11 @@ class CpuLowering:
         if need_w:
             grads_w = [_grad_buffer(w, G.counts) for w in (w1, w2, w3)] + \
                       [_grad_buffer(b, G.counts, zero=True) for b in (b1, b2, b3)]
-        # Like inference, the ragged layout streams expert groups, so only one group's temporaries are alive
-        # next to the gradients (the eager loop's backward frees its per-expert activations as it goes, too).
-        groups = [G] if G.padded or G.n <= G.stream_rows() else G.chunks(G.stream_rows())
+        # Like inference, backward streams expert groups, so only one group's temporaries are alive next to the
+        # gradients (the eager loop's backward frees its per-expert activations as it goes, too).
         g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
         saved = _saved_halves(h_NH, spec)
-        for sub in groups:
+        for sub in G.groups(x_TD.shape[1] * x_TD.element_size()):
             _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], saved, w1, w2, w3, b2, spec,
                           dx_TD, dweights_N, grads_w)
         return (dx_TD, None if dweights_N is None else dweights_N.view(T, K), *grads_w)

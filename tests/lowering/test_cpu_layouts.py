@@ -21,7 +21,8 @@ from _moe_cases import Case, leaves, rel_err  # noqa: E402
 def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
-    monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)  # the ragged backward then streams several expert groups
+    monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)  # the backward then streams several expert groups
+    monkeypatch.setattr(cpu, "PADDED_STREAM_BYTES", 1)
     used = []
     init = cpu._Grouping.__init__
 
@@ -50,26 +51,62 @@ def test_padded_layout_needs_every_expert_active():
     assert not cpu._Grouping(ids, 2, stacked=False).padded  # per-expert lists are never stacked
 
 
+def _streamed(monkeypatch) -> list:
+    """Record the (padded?, experts, rows) of each expert group the lowering streams."""
+    seen = []
+    groups = cpu._Grouping.groups
+
+    def spy(self, row_bytes):
+        for sub in groups(self, row_bytes):
+            seen.append((sub.padded, len(sub.segs), sub.n))
+            yield sub
+
+    monkeypatch.setattr(cpu._Grouping, "groups", spy)
+    return seen
+
+
 @pytest.mark.parametrize("glu,bias", [("separate", False), ("concat", True), (None, True)])
 def test_inference_streams_expert_groups(monkeypatch, glu, bias):
     """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows,
     with the minimum group size lowered to 1 here)."""
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
     monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)
-    seen = []
-    chunks = cpu._Grouping.chunks
-
-    def spy(self, max_rows):
-        for sub in chunks(self, max_rows):
-            seen.append(sub.n)
-            yield sub
-
-    monkeypatch.setattr(cpu._Grouping, "chunks", spy)
+    seen = _streamed(monkeypatch)
     x, logits, kw = Case(T=60, D=24, F=20, E=7, k=2, dtype=torch.float32, glu=glu, bias=bias).make()
     with torch.no_grad():
         out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
     ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
     assert rel_err(out, ref) < 1e-5
-    assert len(seen) > 1 and sum(seen) == 120
+    assert len(seen) > 1 and sum(n for _, _, n in seen) == 120 and not any(p for p, _, _ in seen)
     counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=7)
-    assert max(seen) <= counts.max()
+    assert max(n for _, _, n in seen) <= counts.max()
+
+
+@pytest.mark.parametrize("glu,bias", [("separate", True), ("concat", False), (None, True)])
+def test_padded_layout_streams_groups_of_experts(monkeypatch, glu, bias):
+    """The padded layout runs several experts per bmm, in groups whose gathered rows fill at most
+    PADDED_STREAM_BYTES (each group padded to its own largest expert), inference and backward, equal to the
+    reference."""
+    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9)
+    monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
+    monkeypatch.setattr(cpu, "PADDED_STREAM_BYTES", 40 * 24 * 4)  # 40 rows of D=24 fp32
+    seen = _streamed(monkeypatch)
+    x, logits, kw = Case(T=61, D=24, F=20, E=9, k=2, dtype=torch.float32, glu=glu, bias=bias).make()
+    with torch.no_grad():
+        out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
+    ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
+    assert rel_err(out, ref) < 1e-5
+    counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=9)
+    per = max(1, 40 // int(counts.max()))
+    assert all(p for p, _, _ in seen) and [e for _, e, _ in seen][:-1] == [per] * (len(seen) - 1) and len(seen) > 1
+    assert sum(n for _, _, n in seen) == 122
+    seen.clear()
+    xg, lg = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    wk = {k: v.clone().requires_grad_() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    out = moe_fuser.fused_moe(xg, lg, **wk, impl="cpu")
+    ref = moe_fuser.fused_moe(xg, lg, **wk, impl="reference")
+    grad = torch.randn_like(out)
+    ins = leaves(xg, lg, wk)
+    for g, w in zip(torch.autograd.grad(out, ins, grad), torch.autograd.grad(ref, ins, grad)):
+        assert rel_err(g, w) < 1e-5
+    assert len(seen) > 1 and all(p for p, _, _ in seen)  # the backward streamed padded groups
