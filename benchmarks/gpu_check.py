@@ -23,8 +23,9 @@ even if a kernel or compile hangs. Phases:
    T=16; each is printed beside its number;
 3. forward + backward for E=64 k=8 D=2048 F=1408 T=4096 (eager with per-expert parameters, grouped_mm,
    triton);
-4. ``--tune``: for each table row a short sweep of BLOCK_M and the two forward GEMMs' tiles, written as JSON
-   to ``$OUT/tuned_configs.json`` (one table per file of ``moe_fuser/kernels/configs/``, keyed by its name:
+4. ``--tune``: for each table row a short sweep of BLOCK_M and the two forward GEMMs' tiles; with
+   ``--tune-backward`` also a sweep of the three backward kernels' tiles on phase 3's training step (the best is
+   kept only if its gradients still match ``grouped_mm``'s); written as JSON to ``$OUT/tuned_configs.json`` (one table per file of ``moe_fuser/kernels/configs/``, keyed by its name:
    commit each there; one file comes back where names with ``=`` and ``,`` would not), plus a "tuned" column.
 
 Timing: ``triton.testing.do_bench`` (median, L2 flushed before each run) on CUDA; on CPU (dry run) a median of
@@ -47,6 +48,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 START = time.monotonic()
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=260.0, help="seconds for the whole run (default 260)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     p.add_argument("--skip-backward", action="store_true", help="no forward+backward timing")
+    p.add_argument("--tune-backward", action="store_true",
+                   help="sweep the backward kernels' tiles on the forward+backward step too")
     return p.parse_args(argv)
 
 
@@ -433,6 +437,7 @@ def bench_backward(s) -> dict:
     row["tflops_triton"] = 3 * 6.0 * T * k * D * F_ / (row["triton_ms"] * 1e-3) / 1e12
     row["x_eager"] = row["eager_ms"] / row["triton_ms"]
     row["x_grouped_mm"] = row["grouped_mm_ms"] / row["triton_ms"]
+    row["_tensors"] = (x, topk_w, topk_ids, gate_up, down, g)
     return row
 
 
@@ -494,17 +499,90 @@ def tune(row, s) -> tuple[dict, float]:
     return best, best_ms
 
 
-def write_configs(tuned: list[tuple[dict, dict, float]]) -> None:
+BACKWARD_KERNELS = ("down_bwd", "dx", "wgrad")
+
+
+def _w(m, n, k, g, w, st):
+    return {"BLOCK_M": m, **_t(n, k, g, w, st)}
+
+
+def backward_candidates(base: dict) -> dict:
+    """Per backward kernel, the tiles to sweep, the configuration in use first."""
+    if ARGS.dry_run:
+        lists = {"down_bwd": [_t(32, 16, 1, 4, 2)], "dx": [_t(32, 16, 1, 4, 2)], "wgrad": [_w(16, 32, 16, 1, 4, 2)]}
+    else:
+        lists = {"down_bwd": [_t(64, 64, 8, 8, 3), _t(64, 64, 8, 4, 4), _t(128, 64, 8, 8, 3), _t(32, 128, 8, 8, 3),
+                              _t(64, 128, 8, 8, 3)],
+                 "dx": [_t(256, 64, 8, 8, 3), _t(128, 64, 8, 4, 4), _t(128, 128, 8, 8, 2), _t(64, 64, 8, 4, 4)],
+                 "wgrad": [_w(128, 128, 64, 8, 8, 3), _w(128, 128, 64, 8, 8, 4), _w(128, 256, 64, 8, 8, 3),
+                           _w(64, 128, 64, 8, 4, 4), _w(128, 128, 128, 8, 8, 2), _w(256, 128, 64, 8, 8, 3)]}
+    return {k: [base[k]] + [c for c in lists[k] if c != base[k]] for k in BACKWARD_KERNELS}
+
+
+def tune_backward(row, s) -> tuple[Optional[dict], float]:
+    """Coordinate sweep of the backward kernels' tiles on the training step: (the best tiles, or None when the
+    best breaks the gradients, and its ms)."""
+    x, topk_w, topk_ids, gate_up, down, g = row.pop("_tensors")
+    leaves = [x, topk_w, gate_up, down]
+    base = tuning.block_config(s["E"], s["F_"], s["D"], BF16, DEV, s["T"])
+    cands = backward_candidates(base)
+    best = {k: v[0] for k, v in cands.items()}
+
+    def step():
+        fused(x, topk_w, topk_ids, gate_up, down).backward(g)
+
+    def measure(cfg):
+        if left() < 20:
+            raise TimeoutError("time guard")
+        with triton_settings(configs=cfg):
+            try:
+                return timeit(step, grad_to_none=leaves)
+            except TimeUp:
+                raise
+            except Exception as exc:  # e.g. out of shared memory for this tile
+                log(f"    {json.dumps(cfg)}: {type(exc).__name__}: {str(exc)[:120]}")
+                return float("inf")
+
+    best_ms = measure(best)
+    try:
+        for key, options in cands.items():
+            for opt in options[1:]:
+                cfg = {**best, key: opt}
+                ms = measure(cfg)
+                if ms < best_ms:
+                    best, best_ms = cfg, ms
+    except TimeoutError:
+        log("  backward tuning stopped by the time guard")
+    for t in leaves:
+        t.grad = None
+    with triton_settings(configs=best):
+        step()
+    got = [t.grad for t in leaves]
+    want = torch.autograd.grad(grouped_mm_path(x, topk_w, topk_ids, gate_up, down), leaves, g)
+    errs = [rel_err(a, b) for a, b in zip(got, want)]
+    ok = all(e <= TOL[BF16] for e in errs)
+    log(f"  best backward {best_ms:.3f} ms: {best}; grads vs grouped_mm "
+        f"{' '.join(f'{e:.1e}' for e in errs)} -> {'kept' if ok else 'DROPPED (gradients differ)'}")
+    return (best if ok else None), best_ms
+
+
+def write_configs(tuned: list[tuple[dict, dict, float, str]]) -> None:
+    """(shape, the swept entries, their ms, the key for the ms) -> ``$OUT/tuned_configs.json``."""
     if OUT is None:
         log("$OUT is not set: tuned configs not written")
         return
     files: dict[str, dict] = {}
     dev = tuning.device_name(DEV)
-    for s, cfg, ms in tuned:
+    committed = Path(tuning.__file__).parent / "configs"
+    for s, cfg, ms, ms_key in tuned:
         name = tuning.config_name(s["E"], s["F_"], s["D"], BF16, dev)
-        table = files.setdefault(name, {"_about": f"benchmarks/gpu_check.py --tune on {dev}, torch "
-                                                  f"{torch.__version__}, triton {triton_version()}"})
-        table[str(s["T"])] = {"_ms": round(ms, 4), **{k: cfg[k] for k in ("BLOCK_M", "gate_up", "down")}}
+        if name not in files:  # start from the committed table: a sweep of some kernels keeps the others
+            old = json.loads((committed / name).read_text()) if (committed / name).is_file() else {}
+            files[name] = {**old, "_about": f"benchmarks/gpu_check.py --tune on {dev}, torch {torch.__version__}, "
+                                            f"triton {triton_version()}"}
+        entry = files[name].setdefault(str(s["T"]), {})
+        entry.update(cfg)
+        entry[ms_key] = round(ms, 4)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "tuned_configs.json").write_text(json.dumps(files, indent=2) + "\n")
     log(f"wrote $OUT/tuned_configs.json: {', '.join(files)}")
@@ -601,6 +679,7 @@ def main() -> int:
     log(f"gpu_check: {environment()}, budget {ARGS.budget:.0f}s, tune={ARGS.tune}, dry_run={ARGS.dry_run}")
     torch.manual_seed(0)
     rows, bwd_rows, tuned_ms, tuned, copy_bw, checks, errors = [], [], {}, [], float("nan"), (0, 0, 0), 0
+    tuned_bwd: list = []
     try:
         checks = run_correctness(budget_s=min(100.0, 0.4 * ARGS.budget))
         copy_bw = copy_bandwidth()
@@ -641,6 +720,13 @@ def main() -> int:
                     b = bwd_rows[-1]
                     log(f"  eager {b['eager_ms']:.3f} grouped_mm {b['grouped_mm_ms']:.3f} triton "
                         f"{b['triton_ms']:.3f} ms; grads vs grouped_mm: {b['grad_errs_vs_grouped_mm']}")
+                    if ARGS.tune_backward:
+                        log("  backward block-config sweep")
+                        cfg, ms = tune_backward(b, s)
+                        b["tuned_ms"] = ms
+                        if cfg is not None:
+                            tuned_bwd.append((s, {k: cfg[k] for k in BACKWARD_KERNELS}, ms, "_ms_backward"))
+                    b.pop("_tensors", None)
                 except TimeUp:
                     raise
                 except Exception:
@@ -663,10 +749,11 @@ def main() -> int:
                 cfg, ms = tune(r, s)
                 r.pop("_tensors")
                 free()
-                tuned.append((s, cfg, ms))
+                tuned.append((s, {k: cfg[k] for k in ("BLOCK_M", "gate_up", "down")}, ms, "_ms"))
                 tuned_ms[r["config"]] = ms
                 r["tuned_ms"] = ms
-            write_configs(tuned)
+        if tuned or tuned_bwd:
+            write_configs(tuned + tuned_bwd)
     except TimeUp:
         log("TIME UP: printing what was measured")
     except Exception:
@@ -678,7 +765,7 @@ def main() -> int:
         print("\nForward + backward (bf16 SwiGLU, routing given; triton TFLOP/s counts 3x the forward FLOPs):")
         for b in bwd_rows:
             print(f"  {b['config']}: eager {fmt(b['eager_ms'])} ms | grouped_mm {fmt(b['grouped_mm_ms'])} ms | "
-                  f"triton {fmt(b['triton_ms'])} ms | x eager {fmt(b['x_eager'], '.2f')} | x grouped_mm "
+                  f"triton {fmt(b['triton_ms'])} ms (backward tiles tuned: {fmt(b.get('tuned_ms'))} ms) | x eager {fmt(b['x_eager'], '.2f')} | x grouped_mm "
                   f"{fmt(b['x_grouped_mm'], '.2f')} | {fmt(b['tflops_triton'], '.1f')} TFLOP/s | grads vs "
                   f"grouped_mm {b['grad_errs_vs_grouped_mm']}")
     for r in rows:
