@@ -386,7 +386,7 @@ def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional
         spec.router.validate_for(E)
         # as in moe_forward: a lowering may route with its own device ops (None: plain ``route``)
         lowered = getattr(lowering.select(_lowering_name(impl, x_TD.device.type), x_TD.device), "route", None)
-        routed = lowered(router_logits_TE, spec.router, w.selection_bias) if lowered else None
+        routed = lowered(router_logits_TE, spec.router, w.selection_bias) if lowered is not None else None
         weights_TK, ids_TK = routed if routed is not None else route(router_logits_TE, spec.router,
                                                                      w.selection_bias)
     if check:

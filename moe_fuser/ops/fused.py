@@ -169,7 +169,7 @@ def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[to
     else:
         # a lowering may route on its own device ops (npu: the gating ops); None means plain `route`
         lowered = None if impl == "reference" else getattr(lowering.select(impl, x_TD.device), "route", None)
-        routed = lowered(router_logits_TE, spec.router, w.selection_bias) if lowered else None
+        routed = lowered(router_logits_TE, spec.router, w.selection_bias) if lowered is not None else None
         weights_TK, ids_TK = routed if routed is not None else route(router_logits_TE, spec.router,
                                                                      w.selection_bias)
     if spec.capacity is not None:
