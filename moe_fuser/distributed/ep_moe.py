@@ -47,8 +47,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .. import lowering
-from ..ops.experts import (_unpack_all, fake_weight_grads, pack_weights, save_with_weights, saved_with_weights,
-                           weight_grads, weights_need_grad)
+from ..ops.experts import _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd
 from ..ops.fused import _shared_expert, validate
 from ..ops.routing import route, router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
@@ -248,24 +247,7 @@ def _(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w
             *fake_weight_grads((w1, w2, w3, b1, b2, b3), need_w))
 
 
-def _setup_context(ctx, inputs, output):
-    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config) = inputs
-    _, table, idx, wpair, xrows, h, order = output
-    save_with_weights(ctx, (x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner),
-                      (w1, w2, w3, b1, b2, b3))
-    ctx.config = tuple(config[:-1])   # without ``save``
-
-
-def _backward(ctx, grad_out, *_unused):
-    (x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, owner), lists = saved_with_weights(ctx)
-    need_w = weights_need_grad(ctx)
-    dx, dweights, *dws = _ep_experts_backward_op(grad_out, x, topk_weights, topk_ids, table, idx, wpair, xrows,
-                                                 h, order, *lists, owner, *ctx.config, need_w)
-    return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None,
-            *weight_grads(dws, ctx.lengths), None, *([None] * (len(ctx.config) + 1)))
-
-
-_ep_experts_op.register_autograd(_backward, setup_context=_setup_context)
+register_ep_autograd(_ep_experts_op, _ep_experts_backward_op)
 
 
 Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]

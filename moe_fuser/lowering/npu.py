@@ -73,8 +73,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from ..distributed.dispatch import ExpertParallelError
 from ..distributed.ep_moe import DEFAULT_TIMEOUT_S
 from ..ops.activations import expert_activation, expert_activation_backward
-from ..ops.experts import (fake_weight_grads, save_with_weights, saved_with_weights, weight_grads,
-                          weights_need_grad)
+from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd
 from ..spec import ExpertSpec, MoESpec, RouterSpec
 
 __all__ = ["CHOICES", "EP_PATHS", "FALLBACKS", "NpuLowering", "OpChoices", "explain_constraints",
@@ -624,17 +623,6 @@ def _hccl_comm_name(group: dist.ProcessGroup) -> Optional[str]:
         return None
 
 
-def _flat(ws) -> list[torch.Tensor]:
-    return [] if ws is None else ([ws] if isinstance(ws, torch.Tensor) else list(ws))
-
-
-def _unpack(ws: Sequence[torch.Tensor], stacked_dim: int):
-    """The op's weight list back to what the helpers take: one stacked tensor, a per-expert list, or None."""
-    if not ws:
-        return None
-    return ws[0] if len(ws) == 1 and ws[0].dim() == stacked_dim else list(ws)
-
-
 def _crc(value) -> int:
     return zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
 
@@ -678,11 +666,6 @@ def _layout(group_name: str, owner_E: torch.Tensor, w1: Sequence[torch.Tensor],
     rank_major_E = torch.empty(E, dtype=torch.int64, device=device)
     rank_major_E[torch.tensor(rank_major, dtype=torch.int64, device=device)] = torch.arange(E, device=device)
     return _EPLayout(group, world, rank, owners, tuple(owners.count(r) for r in range(world)), rank_major_E)
-
-
-def _local_spec(num_local: int, activation: str, glu: str, alpha: float, limit: float, bias: bool) -> ExpertSpec:
-    return ExpertSpec(num_experts=max(1, num_local), activation=activation, glu=glu or None, bias=bias,
-                      alpha=alpha, limit=limit)
 
 
 def _wait(work, what: str, lay: _EPLayout, timeout_s: float) -> None:
@@ -869,8 +852,8 @@ def _npu_ep_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tens
     Outputs: out [T, D], then (only with ``save``) what the backward op needs."""
     npu = torch_npu_module()
     lay = _layout(group_name, owner, w1, x.device)
-    ws = (_unpack(w1, 3), _unpack(w2, 3), _unpack(w3, 3), _unpack(b1, 2), _unpack(b2, 2), _unpack(b3, 2))
-    spec = _local_spec(lay.num_local, activation, glu, alpha, limit, bool(b1 or b2 or b3))
+    ws = _unpack_all(w1, w2, w3, b1, b2, b3)
+    spec = _spec(max(1, lay.num_local), activation, glu, bool(b1 or b2 or b3), alpha, limit)
     T, K = topk_ids.shape
     D = x.shape[1]
     why, name, soc = _mc2_reasons(lay, x, topk_ids, save)
@@ -918,8 +901,8 @@ def _npu_ep_backward_op(
     gradients come back, weight gradients stay on the experts' owner."""
     npu = torch_npu_module()
     lay = _layout(group_name, owner, w1, x.device)
-    ws = (_unpack(w1, 3), _unpack(w2, 3), _unpack(w3, 3), _unpack(b1, 2), _unpack(b2, 2), _unpack(b3, 2))
-    spec = _local_spec(lay.num_local, activation, glu, alpha, limit, bool(b1 or b2 or b3))
+    ws = _unpack_all(w1, w2, w3, b1, b2, b3)
+    spec = _spec(max(1, lay.num_local), activation, glu, bool(b1 or b2 or b3), alpha, limit)
     _, w2_, w3_, _, b2_, _ = ws
     T, K = topk_ids.shape
     E, L = len(lay.owners), lay.num_local
@@ -965,7 +948,7 @@ def _npu_ep_backward_op(
                                          drop_pad_mode=CHOICES.finalize_drop_pad_mode, k=K)
     dweights_TK = torch.zeros(T * K, dtype=torch.float32, device=x.device).index_copy_(0, order_N, dg_N)
     dweights_TK = (dweights_TK.view(T, K) * keep_TK).to(topk_weights.dtype)
-    return (dx_TD, dweights_TK, *[_flat(g) for g in grads_w])
+    return (dx_TD, dweights_TK, *[pack_weights(g) for g in grads_w])
 
 
 @_npu_ep_backward_op.register_fake
@@ -975,25 +958,7 @@ def _(grad, x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_R
             *fake_weight_grads((w1, w2, w3, b1, b2, b3), need_w))
 
 
-def _npu_ep_setup_context(ctx, inputs, output):
-    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config) = inputs
-    _, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH = output
-    save_with_weights(ctx, (x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, owner),
-                      (w1, w2, w3, b1, b2, b3))
-    ctx.config = tuple(config[:-1])   # without ``save``
-
-
-def _npu_ep_backward(ctx, grad_out, *_unused):
-    (x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R, recv_RL, h_RH, owner), lists = \
-        saved_with_weights(ctx)
-    need_w = weights_need_grad(ctx)
-    dx, dweights, *dws = _npu_ep_backward_op(grad_out, x, topk_weights, topk_ids, dst_N, rows_RD, g_R, perm_R,
-                                             recv_RL, h_RH, *lists, owner, *ctx.config, need_w)
-    return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None,
-            *weight_grads(dws, ctx.lengths), None, *([None] * (len(ctx.config) + 1)))
-
-
-_npu_ep_op.register_autograd(_npu_ep_backward, setup_context=_npu_ep_setup_context)
+register_ep_autograd(_npu_ep_op, _npu_ep_backward_op)
 
 
 def npu_expert_parallel(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3=None, b1=None, b2=None, b3=None, *,
@@ -1008,7 +973,7 @@ def npu_expert_parallel(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3=None, b1=
     and a backward op), so it traces under torch.compile. Ranks configured differently raise a ValueError; a
     peer that died or stalls makes the others raise ``ExpertParallelError`` within ``timeout_s`` (MC2's own
     collectives run under HCCL's timeouts)."""
-    packed = [_flat(w) for w in (w1, w2, w3, b1, b2, b3)]
+    packed = [pack_weights(w) for w in (w1, w2, w3, b1, b2, b3)]
     # Keep what a backward needs only when a gradient can flow; MC2 is for inference only.
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weights_TK, *sum(packed, [])))
     owner = placement if isinstance(placement, torch.Tensor) else torch.tensor(placement.owner, dtype=torch.int64)

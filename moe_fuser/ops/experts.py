@@ -25,8 +25,8 @@ import torch
 from .. import lowering
 from ..spec import ExpertSpec
 
-__all__ = ["fake_weight_grads", "grouped_experts", "pack_weights", "save_with_weights", "saved_with_weights",
-           "weight_grads", "weights_need_grad"]
+__all__ = ["fake_weight_grads", "grouped_experts", "pack_weights", "register_ep_autograd", "save_with_weights",
+           "saved_with_weights", "weight_grads", "weights_need_grad"]
 
 Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]
 
@@ -148,6 +148,26 @@ def weight_grads(dws: Sequence[list[torch.Tensor]], lengths: Sequence[int]) -> l
     """A backward op's weight-gradient lists (empty: not computed) as autograd wants them for ``Tensor[]``
     inputs: one entry per tensor, None where there is no gradient."""
     return [list(g) if g else [None] * n for g, n in zip(dws, lengths)]
+
+
+def register_ep_autograd(op, backward_op) -> None:
+    """The autograd formula of an expert-parallel experts op (moe_fuser's exchange, the npu lowering's): inputs
+    ``(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config, save)``, outputs ``(out, *kept)``, and
+    ``backward_op(grad, x, topk_weights, topk_ids, *kept, *weight lists, owner, *config, need_w)`` returning
+    ``(dx, dweights, *weight-gradient lists)``."""
+    def setup_context(ctx, inputs, output):
+        (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config) = inputs
+        save_with_weights(ctx, (x, topk_weights, topk_ids, *output[1:], owner), (w1, w2, w3, b1, b2, b3))
+        ctx.config = tuple(config[:-1])   # without ``save``
+
+    def backward(ctx, grad_out, *_unused):
+        (x, topk_weights, topk_ids, *kept, owner), lists = saved_with_weights(ctx)
+        dx, dweights, *dws = backward_op(grad_out, x, topk_weights, topk_ids, *kept, *lists, owner, *ctx.config,
+                                         weights_need_grad(ctx))
+        return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None,
+                *weight_grads(dws, ctx.lengths), None, *([None] * (len(ctx.config) + 1)))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
 def _setup_context(ctx, inputs, output):
