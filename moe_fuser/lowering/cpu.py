@@ -140,7 +140,7 @@ class _Grouping:
             counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
         self.counts = counts
         self.segs = _segments(counts)
-        self.start = 0  # first row of this grouping in the full sorted order (see chunks)
+        self.start = 0  # first row of this grouping in the full sorted order (see _sub)
         self.e0 = 0  # first expert of this grouping (a padded group's slice of the stacked weights)
         self.n = n = sum(counts)
         self.order_N = order_N
@@ -171,8 +171,11 @@ class _Grouping:
         ``PADDED_STREAM_BYTES``."""
         if self.padded:
             per = max(1, PADDED_STREAM_BYTES // (row_bytes * self.C))
-            bounds = range(0, len(self.segs), per) if per < len(self.segs) else ()
-            yield from (self._sub(self.segs[i:i + per]) for i in bounds) if bounds else (self,)
+            if per >= len(self.segs):
+                yield self
+            else:
+                for i in range(0, len(self.segs), per):
+                    yield self._sub(self.segs[i:i + per])
             return
         max_rows = max(self.C, STREAM_MIN_ROWS)
         if self.n <= max_rows:

@@ -5,10 +5,11 @@ slot) pair to the rank owning its expert -> the local experts one by one -> all-
 traces ``torch.distributed.all_to_all_single`` (the legacy in-place form, which then ``copy_``s into the
 preallocated output) and ``_functional_collectives.all_to_all_single(_autograd)`` alike into
 ``_c10d_functional.all_to_all_single(input, out_splits, in_splits, group_name)`` + ``wait_tensor`` (torch < 2.13
-wraps the autograd form's wait in an ``autograd_function_apply``), with split sizes from ``.tolist()`` as unbacked SymInts (``moe_fuser.capture`` turns that capture on). This family finds
-that region and replaces it by ``moe_forward(..., ep_group=<group name>, expert_placement=<owners>)``: the
-deduplicated, node-aware, chunk-overlapped exchange of ``moe_fuser.distributed``, or the lowering's own
-expert-parallel path where it has one (npu: MC2 or all_to_all + re_routing).
+wraps the autograd form's wait in an ``autograd_function_apply``), with split sizes from ``.tolist()`` as
+unbacked SymInts (``moe_fuser.capture`` turns that capture on). This family finds that region and replaces it
+by ``moe_forward(..., ep_group=<group name>, expert_placement=<owners>)``: the deduplicated, node-aware,
+chunk-overlapped exchange of ``moe_fuser.distributed``, or the lowering's own expert-parallel path where it has
+one (npu: MC2 or all_to_all + re_routing).
 
 Recognition walks back from each ``all_to_all_single`` whose output feeds a weighted sum, one small predicate per
 step, each listing the forms it accepts (data); anything else is a Rejection with the reason:
