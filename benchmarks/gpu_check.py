@@ -3,7 +3,7 @@
 Run on a CUDA machine from the repository root (moe_fuser need not be installed; no transformers needed):
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py            # committed block configs
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --tune     # + a block-config sweep -> $OUT/tuned_configs.json
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --tune     # + a block-config sweep (tuned_configs.json)
     python benchmarks/gpu_check.py --dry-run                     # CPU: every code path, Triton interpreter, tiny
 
 It finishes within ``--budget`` seconds (default 260): every phase checks the time left before it starts, a
@@ -25,8 +25,9 @@ even if a kernel or compile hangs. Phases:
    triton);
 4. ``--tune``: for each table row a short sweep of BLOCK_M and the two forward GEMMs' tiles; with
    ``--tune-backward`` also a sweep of the three backward kernels' tiles on phase 3's training step (the best is
-   kept only if its gradients still match ``grouped_mm``'s); written as JSON to ``$OUT/tuned_configs.json`` (one table per file of ``moe_fuser/kernels/configs/``, keyed by its name:
-   commit each there; one file comes back where names with ``=`` and ``,`` would not), plus a "tuned" column.
+   kept only if its gradients still match ``grouped_mm``'s); written as JSON to ``$OUT/tuned_configs.json``
+   (one table per file of ``moe_fuser/kernels/configs/``, keyed by its name: commit each there; one file comes
+   back where names with ``=`` and ``,`` would not), plus a "tuned" column.
 
 Timing: ``triton.testing.do_bench`` (median, L2 flushed before each run) on CUDA; on CPU (dry run) a median of
 perf_counter runs. The final table prints last; with ``$OUT`` set it is also written as ``$OUT/gpu_check.csv``
@@ -465,36 +466,43 @@ def candidates(role: str):
              _t(128, 64, 8, 8, 3), _t(256, 64, 16, 8, 3)])
 
 
-def tune(row, s) -> tuple[dict, float]:
-    """Coordinate sweep: gate_up tiles, then down tiles, then BLOCK_M; the best configuration and its ms."""
-    x, topk_w, topk_ids, gate_up, down = row["_tensors"]
-    base = tuning.block_config(s["E"], s["F_"], s["D"], BF16, DEV, s["T"])
-    bms, gus, dns = candidates(s["role"])
-    best = {**base, "BLOCK_M": bms[0], "gate_up": gus[0], "down": dns[0]}
-
+def sweep(best: dict, options: dict, run, grad_to_none=None, what: str = "tuning") -> tuple[dict, float]:
+    """Coordinate sweep: for each key of ``options`` in turn, each of its values in place of ``best``'s, keeping
+    the fastest ``run()`` (timed under that configuration). A configuration that fails to run (e.g. out of shared
+    memory for its tile) counts as infinitely slow; the time guard ends the sweep early. (best, its ms)."""
     def measure(cfg):
         if left() < 20:
             raise TimeoutError("time guard")
         with triton_settings(configs=cfg):
             try:
-                return timeit(lambda: fused(x, topk_w, topk_ids, gate_up, down))
+                return timeit(run, grad_to_none=grad_to_none)
             except TimeUp:
                 raise
-            except Exception as exc:  # e.g. out of shared memory for this tile
-                log(f"    {json.dumps({k: cfg[k] for k in ('BLOCK_M', 'gate_up', 'down')})}: "
-                    f"{type(exc).__name__}: {str(exc)[:120]}")
+            except Exception as exc:
+                log(f"    {json.dumps({k: cfg[k] for k in options})}: {type(exc).__name__}: {str(exc)[:120]}")
                 return float("inf")
 
     best_ms = measure(best)
     try:
-        for key, options in (("gate_up", gus[1:]), ("down", dns[1:]), ("BLOCK_M", bms[1:])):
-            for opt in options:
-                cfg = {**best, key: opt}
+        for key, values in options.items():
+            for value in values:
+                cfg = {**best, key: value}
                 ms = measure(cfg)
                 if ms < best_ms:
                     best, best_ms = cfg, ms
     except TimeoutError:
-        log("  tuning stopped by the time guard")
+        log(f"  {what} stopped by the time guard")
+    return best, best_ms
+
+
+def tune(row, s) -> tuple[dict, float]:
+    """Coordinate sweep: gate_up tiles, then down tiles, then BLOCK_M; the best configuration and its ms."""
+    x, topk_w, topk_ids, gate_up, down = row["_tensors"]
+    base = tuning.block_config(s["E"], s["F_"], s["D"], BF16, DEV, s["T"])
+    bms, gus, dns = candidates(s["role"])
+    best, best_ms = sweep({**base, "BLOCK_M": bms[0], "gate_up": gus[0], "down": dns[0]},
+                          {"gate_up": gus[1:], "down": dns[1:], "BLOCK_M": bms[1:]},
+                          lambda: fused(x, topk_w, topk_ids, gate_up, down))
     log(f"  best {best_ms:.3f} ms: BLOCK_M={best['BLOCK_M']} gate_up={best['gate_up']} down={best['down']}")
     return best, best_ms
 
@@ -526,33 +534,12 @@ def tune_backward(row, s) -> tuple[Optional[dict], float]:
     leaves = [x, topk_w, gate_up, down]
     base = tuning.block_config(s["E"], s["F_"], s["D"], BF16, DEV, s["T"])
     cands = backward_candidates(base)
-    best = {k: v[0] for k, v in cands.items()}
 
     def step():
         fused(x, topk_w, topk_ids, gate_up, down).backward(g)
 
-    def measure(cfg):
-        if left() < 20:
-            raise TimeoutError("time guard")
-        with triton_settings(configs=cfg):
-            try:
-                return timeit(step, grad_to_none=leaves)
-            except TimeUp:
-                raise
-            except Exception as exc:  # e.g. out of shared memory for this tile
-                log(f"    {json.dumps(cfg)}: {type(exc).__name__}: {str(exc)[:120]}")
-                return float("inf")
-
-    best_ms = measure(best)
-    try:
-        for key, options in cands.items():
-            for opt in options[1:]:
-                cfg = {**best, key: opt}
-                ms = measure(cfg)
-                if ms < best_ms:
-                    best, best_ms = cfg, ms
-    except TimeoutError:
-        log("  backward tuning stopped by the time guard")
+    best, best_ms = sweep({k: v[0] for k, v in cands.items()}, {k: v[1:] for k, v in cands.items()}, step,
+                          grad_to_none=leaves, what="backward tuning")
     for t in leaves:
         t.grad = None
     with triton_settings(configs=best):
@@ -765,8 +752,9 @@ def main() -> int:
         print("\nForward + backward (bf16 SwiGLU, routing given; triton TFLOP/s counts 3x the forward FLOPs):")
         for b in bwd_rows:
             print(f"  {b['config']}: eager {fmt(b['eager_ms'])} ms | grouped_mm {fmt(b['grouped_mm_ms'])} ms | "
-                  f"triton {fmt(b['triton_ms'])} ms (backward tiles tuned: {fmt(b.get('tuned_ms'))} ms) | x eager {fmt(b['x_eager'], '.2f')} | x grouped_mm "
-                  f"{fmt(b['x_grouped_mm'], '.2f')} | {fmt(b['tflops_triton'], '.1f')} TFLOP/s | grads vs "
+                  f"triton {fmt(b['triton_ms'])} ms (backward tiles tuned: {fmt(b.get('tuned_ms'))} ms) | "
+                  f"x eager {fmt(b['x_eager'], '.2f')} | x grouped_mm {fmt(b['x_grouped_mm'], '.2f')} | "
+                  f"{fmt(b['tflops_triton'], '.1f')} TFLOP/s | grads vs "
                   f"grouped_mm {b['grad_errs_vs_grouped_mm']}")
     for r in rows:
         if "triton_atomic_ms" in r:
