@@ -65,6 +65,15 @@ def _streamed(monkeypatch) -> list:
     return seen
 
 
+def _inference_matches_reference(case: Case):
+    """fused_moe(impl="cpu") without grad equals the reference on the case's fresh inputs, which it returns."""
+    x, logits, kw = case.make()
+    with torch.no_grad():
+        out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
+    assert rel_err(out, moe_fuser.fused_moe(x, logits, **kw, impl="reference")) < 1e-5
+    return x, logits, kw
+
+
 @pytest.mark.parametrize("glu,bias", [("separate", False), ("concat", True), (None, True)])
 def test_inference_streams_expert_groups(monkeypatch, glu, bias):
     """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows,
@@ -72,11 +81,8 @@ def test_inference_streams_expert_groups(monkeypatch, glu, bias):
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
     monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)
     seen = _streamed(monkeypatch)
-    x, logits, kw = Case(T=60, D=24, F=20, E=7, k=2, dtype=torch.float32, glu=glu, bias=bias).make()
-    with torch.no_grad():
-        out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
-    ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
-    assert rel_err(out, ref) < 1e-5
+    _, logits, _ = _inference_matches_reference(Case(T=60, D=24, F=20, E=7, k=2, dtype=torch.float32, glu=glu,
+                                                     bias=bias))
     assert len(seen) > 1 and sum(n for _, _, n in seen) == 120 and not any(p for p, _, _ in seen)
     counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=7)
     assert max(n for _, _, n in seen) <= counts.max()
@@ -91,11 +97,8 @@ def test_padded_layout_streams_groups_of_experts(monkeypatch, glu, bias):
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
     monkeypatch.setattr(cpu, "PADDED_STREAM_BYTES", 40 * 24 * 4)  # 40 rows of D=24 fp32
     seen = _streamed(monkeypatch)
-    x, logits, kw = Case(T=61, D=24, F=20, E=9, k=2, dtype=torch.float32, glu=glu, bias=bias).make()
-    with torch.no_grad():
-        out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
-    ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
-    assert rel_err(out, ref) < 1e-5
+    x, logits, kw = _inference_matches_reference(Case(T=61, D=24, F=20, E=9, k=2, dtype=torch.float32, glu=glu,
+                                                      bias=bias))
     counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=9)
     per = max(1, 40 // int(counts.max()))
     assert all(p for p, _, _ in seen) and [e for _, e, _ in seen][:-1] == [per] * (len(seen) - 1) and len(seen) > 1

@@ -57,6 +57,30 @@ def _assert_fused(rec: FusedSpecs, spec: MoESpec, per_graph: int = 1):
         assert s == spec, f"\n got  {s}\n want {spec}"
 
 
+def _fused_eager_equal(blk, dtype: torch.dtype, spec: MoESpec, sizes=((2, 5), (3, 7))):
+    """The compiled block trains eager-equal at each (batch, seq) size, its MoE fused as ``spec``."""
+    rec = FusedSpecs()
+    compiled = _compile(blk, rec)
+    for B, S in sizes:
+        errs = block_step(blk, compiled, torch.randn(B, S, 32).to(dtype))
+        assert max(errs.values()) <= TOL[dtype], errs
+    _assert_fused(rec, spec)
+
+
+def _left_alone(blk, why: str):
+    """explain refuses the fp32 block's MoE with a reason containing ``why``; compiled, nothing is fused and the
+    block trains eager-equal."""
+    x = torch.randn(2, 5, 32)
+    report = moe_fuser.explain(blk, x)
+    assert report.num_fused == 0
+    reasons = [r.reason for r in report.rejected if r.pattern == "transformers.grouped_mm"]
+    assert reasons and why in reasons[0], report.rejected
+    rec = FusedSpecs()
+    errs = block_step(blk, _compile(blk, rec), x)
+    assert max(errs.values()) <= TOL[F32], errs
+    assert not rec.specs
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_whole_model_trains_eager_equal(family):
     """A whole *ForCausalLM (grouped_mm, its default): fused, logits/aux loss/router logits/grads eager-equal."""
@@ -79,13 +103,7 @@ def test_whole_model_trains_eager_equal(family):
 def test_block_matrix(family, impl, dtype):
     """Each family's MoE block through both implementations and both dtypes (bf16 graphs use torch._grouped_mm,
     fp32 ones transformers' grouped_mm_fallback)."""
-    blk = block(family, dtype, impl)
-    rec = FusedSpecs()
-    compiled = _compile(blk, rec)
-    for B, S in ((2, 5), (3, 7)):
-        errs = block_step(blk, compiled, torch.randn(B, S, 32).to(dtype))
-        assert max(errs.values()) <= TOL[dtype], errs
-    _assert_fused(rec, expected_spec(family, dtype))
+    _fused_eager_equal(block(family, dtype, impl), dtype, expected_spec(family, dtype))
 
 
 @pytest.mark.parametrize("family,overrides,expected", [
@@ -96,13 +114,8 @@ def test_block_matrix(family, impl, dtype):
 ])
 def test_config_variants(family, overrides, expected):
     """Config switches that change what the model computes change the spec accordingly."""
-    blk = block(family, F32, "grouped_mm", **overrides)
-    rec = FusedSpecs()
-    compiled = _compile(blk, rec)
-    for B, S in ((2, 5), (1, 9)):
-        errs = block_step(blk, compiled, torch.randn(B, S, 32))
-        assert max(errs.values()) <= TOL[F32], errs
-    _assert_fused(rec, expected_spec(family, **expected))
+    _fused_eager_equal(block(family, F32, "grouped_mm", **overrides), F32, expected_spec(family, **expected),
+                       sizes=((2, 5), (1, 9)))
 
 
 @pytest.mark.parametrize("impl,dtype", [("grouped_mm", F32), ("grouped_mm", BF16), ("batched_mm", F32)])
@@ -112,12 +125,7 @@ def test_expert_parallel_sentinel_masking_fuses(impl, dtype):
     top-k over E scores: fused, eager-equal."""
     blk = block("mixtral", dtype, impl)
     blk.experts._is_expert_parallel = True
-    rec = FusedSpecs()
-    compiled = _compile(blk, rec)
-    for B, S in ((2, 5), (3, 7)):
-        errs = block_step(blk, compiled, torch.randn(B, S, 32).to(dtype))
-        assert max(errs.values()) <= TOL[dtype], errs
-    _assert_fused(rec, expected_spec("mixtral", dtype))
+    _fused_eager_equal(blk, dtype, expected_spec("mixtral", dtype))
 
 
 def test_sentinel_masking_behind_an_unknown_router_is_left_alone():
@@ -131,29 +139,12 @@ def test_sentinel_masking_behind_an_unknown_router_is_left_alone():
         vals, ids = torch.topk(logits, self.top_k, dim=-1)
         return logits, torch.sigmoid(vals) * 0.5, ids
     blk.gate.forward = types.MethodType(route, blk.gate)
-    x = torch.randn(2, 5, 32)
-    report = moe_fuser.explain(blk, x)
-    assert report.num_fused == 0
-    reasons = [r.reason for r in report.rejected if r.pattern == "transformers.grouped_mm"]
-    assert reasons and "sentinel" in reasons[0], report.rejected
-    rec = FusedSpecs()
-    errs = block_step(blk, _compile(blk, rec), x)
-    assert max(errs.values()) <= TOL[F32], errs
-    assert not rec.specs
+    _left_alone(blk, "sentinel")
 
 
 def test_unsupported_activation_is_left_alone():
     """An expert activation the op does not have (tanh) is refused with the reason, and stays eager-equal."""
-    blk = block("mixtral", F32, "grouped_mm", hidden_act="tanh")
-    x = torch.randn(2, 5, 32)
-    report = moe_fuser.explain(blk, x)
-    assert report.num_fused == 0
-    reasons = [r.reason for r in report.rejected if r.pattern == "transformers.grouped_mm"]
-    assert reasons and "unsupported expert activation" in reasons[0], report.rejected
-    rec = FusedSpecs()
-    errs = block_step(blk, _compile(blk, rec), x)
-    assert max(errs.values()) <= TOL[F32], errs
-    assert not rec.specs
+    _left_alone(block("mixtral", F32, "grouped_mm", hidden_act="tanh"), "unsupported expert activation")
 
 
 def test_bare_block_eager_loop_is_reported_unfused():
