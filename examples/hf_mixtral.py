@@ -113,8 +113,8 @@ def main(argv=None) -> dict:
             print(f"logits, torch.compile (inductor) vs eager: relative error "
                   f"{_rel_err(inductor(input_ids=ids).logits, want):.1e}")
         rows["torch.compile (moe_fuser)"] = fused_ms
-        print(f"\nforward, {args.batch}x{args.tokens} tokens, {args.dtype}, {args.device}, mode {args.mode or 'default'}, "
-              f"median of {args.iters}:")
+        print(f"\nforward, {args.batch}x{args.tokens} tokens, {args.dtype}, {args.device}, "
+              f"mode {args.mode or 'default'}, median of {args.iters}:")
         for name, ms in rows.items():
             print(f"  {name:<27} {ms:9.2f} ms   {rows['eager'] / ms:5.2f}x vs eager")
     return {"report": report, "error": err, "grad_error": grad_err, "ms": rows}
