@@ -358,8 +358,7 @@ def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, s
 
 def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec, saved=None):
     """``_ffn`` over G's expert groups in turn (``_Grouping.groups``), so the temporaries are one group's instead
-    of all T*K rows': on CPU, fresh multi-MB temporaries also cost a page fault per 4 KB on first touch (the
-    whole-batch training forward ran 1.5x slower than streamed on the Switch layer, D=256 F=1024 fp32)."""
+    of all T*K rows'. With ``saved`` (training) each group writes its rows of the saved halves."""
     g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
     ws = (_transposed(w1), _transposed(w2), _transposed(w3), b1, b2, b3)
     out_TD = None

@@ -21,7 +21,8 @@ from _moe_cases import Case, leaves, rel_err  # noqa: E402
 def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
-    monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)  # the backward then streams several expert groups
+    # Forward and backward then stream several expert groups (each group writes / reads its rows of the saved h).
+    monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)
     monkeypatch.setattr(cpu, "PADDED_STREAM_BYTES", 1)
     used = []
     init = cpu._Grouping.__init__
