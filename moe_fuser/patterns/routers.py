@@ -229,8 +229,8 @@ def _group_mask(mask: fx.Node, select: fx.Node, walk: _Walk, E: int) -> dict:
     elif not is_op(node, "scatter"):
         raise _NoMatch(f"{node.name} is not a scatter of the selected groups")
     walk.take(node)
-    base, dim, gidx = node.args[0], node.args[1], node.args[2]
-    if scalar_arg(node, 3, "value", None) not in (1, 1.0, True) or len(node.args) < 4:
+    base, dim, gidx = node.args[0], arg(node, 1, "dim"), arg(node, 2, "index")
+    if scalar_arg(node, 3, "value", None) not in (1, 1.0, True):
         raise _NoMatch(f"{node.name} does not mark the selected groups with 1")
     if not (is_op(base, "zeros_like", "new_zeros", "zeros") and dim in (1, -1)):
         raise _NoMatch(f"the group mask {node.name} does not start from zeros")
@@ -350,7 +350,7 @@ def _recognise(w: fx.Node, ids: fx.Node) -> RouterMatch:
         kind = "topk-softmax"
     elif is_op(core, "gather"):
         walk.take(core)
-        src, dim, index = core.args[0], core.args[1], core.args[2]
+        src, dim, index = core.args[0], arg(core, 1, "dim"), arg(core, 2, "index")
         if dim not in (1, -1) or walk.strip_casts(index, allow_int=True) is not ids_core:
             raise _NoMatch(f"{core.name} does not gather the scores at the selected experts")
         scores = walk.strip_casts(src)

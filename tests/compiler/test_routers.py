@@ -52,6 +52,13 @@ def r_deepseek(x, w, b):
     return wts / (wts.sum(dim=-1, keepdim=True) + 1e-20) * 2.5, ids
 
 
+def r_sigmoid_bias_kwargs(x, w, b):                   # AFMoE's router: keyword gather, no groups, route scale
+    scores = torch.sigmoid(F.linear(x, w).to(torch.float32))
+    _, ids = torch.topk(scores + b, k=2, dim=1)
+    wts = scores.gather(dim=1, index=ids)
+    return wts / (wts.sum(dim=-1, keepdim=True) + 1e-20) * 1.5, ids
+
+
 def r_sigmoid_weights(x, w, b):                       # sigmoid of the top-k logits: not a modelled router
     v, i = torch.topk(F.linear(x, w), 2, dim=-1)
     return torch.sigmoid(v), i
@@ -78,6 +85,8 @@ CASES = [
     (r_max, dict(top_k=1, renormalize=False), True),
     (r_deepseek, dict(scoring="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum",
                       selection_bias=True, scaling_factor=2.5, renormalize=True), True),
+    (r_sigmoid_bias_kwargs, dict(scoring="sigmoid", selection_bias=True, scaling_factor=1.5, renormalize=True),
+     True),
     (r_sigmoid_weights, {}, False),
     (r_masked_zero, {}, False),
     (r_inplace_surprise, {}, False),
