@@ -26,6 +26,7 @@ Expert semantics (one expert e, row x; W weights in nn.Linear layout ``[out, in]
     glu="separate":    y = W2 (act(W1 x + b1) * (W3 x + b3)) + b2
     glu="concat":      W1 holds [gate; up] stacked along its output dim (transformers' gate_up_proj)
     glu="interleaved": W1 rows alternate gate, up (GPT-OSS)
+    activation="relu2": act(h) = relu(h)^2 (squared ReLU: Nemotron-H, Primer)
     activation="gpt_oss": g = min(gate, limit); u = clamp(up, -limit, limit); a = (u + 1) * g * sigmoid(alpha g)
 """
 
@@ -48,7 +49,7 @@ __all__ = [
     "SharedExpertSpec",
 ]
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "gpt_oss")
 GLU_LAYOUTS = (None, "separate", "concat", "interleaved")
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -137,7 +138,7 @@ class SharedExpertSpec:
 
     def __post_init__(self) -> None:
         _check(self.activation in ACTIVATIONS and self.activation != "gpt_oss",
-               f"shared activation={self.activation!r} is unsupported; use silu, gelu, gelu_tanh or relu")
+               f"shared activation={self.activation!r} is unsupported; use silu, gelu, gelu_tanh, relu or relu2")
 
 
 @dataclass(frozen=True)

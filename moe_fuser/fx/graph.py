@@ -33,6 +33,7 @@ __all__ = [
     "op",
     "param_path",
     "scalar_arg",
+    "squared_relu",
     "val",
 ]
 
@@ -42,6 +43,7 @@ _OPERATORS = {
     operator.mul: "mul", operator.imul: "imul", operator.truediv: "div", operator.itruediv: "itruediv",
     operator.sub: "sub", operator.eq: "eq", operator.floordiv: "floordiv", operator.neg: "neg",
     operator.matmul: "matmul", operator.lt: "lt", operator.ge: "ge", operator.le: "le", operator.gt: "gt",
+    operator.pow: "pow",
 }
 # The same operators as tensor methods: older dynamo (torch 2.11) records `ids == e` as call_method "__eq__".
 _DUNDERS = {f"__{fn.__name__}__": name for fn, name in _OPERATORS.items()}
@@ -86,6 +88,20 @@ def scalar_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any
     """Like ``arg`` but only for plain Python scalars; a Node (a traced SymInt) yields ``default``."""
     a = arg(node, index, name, default)
     return default if isinstance(a, fx.Node) else a
+
+
+def squared_relu(node: Any) -> Optional[fx.Node]:
+    """The ``relu`` node whose square ``node`` computes (``square(r)``, ``r ** 2``, ``r * r``; transformers'
+    ``relu2`` activation), or None. The relu must be out of place and read by nothing else."""
+    if is_op(node, "square") or (is_op(node, "pow") and scalar_arg(node, 1, "exponent") == 2):
+        r = node.args[0]
+    elif is_op(node, "mul") and len(node.args) == 2 and node.args[0] is node.args[1]:
+        r = node.args[0]
+    else:
+        return None
+    if not is_op(r, "relu") or arg(r, 1, "inplace", False) is True or len(r.users) != 1:
+        return None
+    return r
 
 
 def val(node: Any) -> Any:

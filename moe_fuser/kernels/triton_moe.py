@@ -145,6 +145,9 @@ def _act(x, ACT: tl.constexpr):
     elif ACT == "gelu_tanh":
         # 0.5 * (1 + tanh(z)) == sigmoid(2z)
         y = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    elif ACT == "relu2":
+        r = tl.maximum(x, 0.0)
+        y = r * r
     else:  # relu
         y = tl.maximum(x, 0.0)
     return y
@@ -161,6 +164,8 @@ def _act_grad(x, ACT: tl.constexpr):
     elif ACT == "gelu_tanh":
         s = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
         d = s + x * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * x * x)
+    elif ACT == "relu2":
+        d = 2.0 * tl.maximum(x, 0.0)
     else:  # relu
         d = tl.where(x > 0.0, 1.0, 0.0)
     return d

@@ -1,4 +1,5 @@
-"""Expert activations shared by every lowering: plain, GLU in three weight layouts, GPT-OSS's clamped SwiGLU.
+"""Expert activations shared by every lowering: plain (silu, gelu, gelu_tanh, relu, relu2 = squared ReLU), GLU in
+three weight layouts, GPT-OSS's clamped SwiGLU.
 
 ``expert_activation(h_NH, spec)`` maps the first projection's output (``H = F`` plain, ``2F`` gated, laid out as
 ``[gate | up]`` for ``glu in ("separate", "concat")`` and as alternating columns for ``"interleaved"``) to the
@@ -29,7 +30,9 @@ def act_fn(name: str, h: torch.Tensor) -> torch.Tensor:
         return F.gelu(h, approximate="tanh")
     if name == "relu":
         return F.relu(h)
-    raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh or relu")
+    if name == "relu2":
+        return torch.square(F.relu(h))
+    raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh, relu or relu2")
 
 
 def split_gate_up(h_NH: torch.Tensor, glu: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +68,9 @@ def act_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor
         return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
     if name == "relu":
         return torch.ops.aten.threshold_backward(grad, h, 0)
-    raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh or relu")
+    if name == "relu2":
+        return F.relu(h).mul_(2).mul_(grad)
+    raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh, relu or relu2")
 
 
 def _join_gate_up(d_gate: torch.Tensor, d_up: torch.Tensor, glu: str) -> torch.Tensor:

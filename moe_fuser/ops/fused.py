@@ -220,7 +220,8 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
     ``scoring="sigmoid"`` with ``selection_bias``, ``num_groups``/``topk_groups``/``group_score`` and
     ``routed_scaling_factor`` is DeepSeek-V3's; ``topk_weights``/``topk_ids`` (router_logits=None) bypass
     routing for any router at all; ``router_dtype=None`` routes in the logits' own dtype.
-    Experts: ``activation`` in silu, gelu, gelu_tanh, relu, gpt_oss (clamped SwiGLU with ``alpha``, ``limit``);
+    Experts: ``activation`` in silu, gelu, gelu_tanh, relu, relu2 (squared ReLU), gpt_oss (clamped SwiGLU with
+    ``alpha``, ``limit``);
     ``gate_up="concat"``/``"interleaved"``: w1 holds gate and up fused; ``b1``/``b2``/``b3`` per-expert biases.
     ``capacity``: each expert takes at most that many pairs per token group (``capacity_groups`` equal groups),
     first come first served; dropped pairs contribute zero or, with ``dropped="passthrough"``, weight * x.

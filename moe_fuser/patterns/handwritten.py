@@ -18,7 +18,7 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
     FFN       Linear -> act (also in place) -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear (SwiGLU/GeGLU module),
               Linear -> chunk(2) -> act(gate) * up -> Linear (fused gate_up); eval-mode dropout is skipped.
               Weights are the ModuleList's own parameters (a list per role: never stacked) or ``W[e]`` rows of a
-              stacked parameter. Activations: silu, gelu, gelu(tanh), relu.
+              stacked parameter. Activations: silu, gelu, gelu(tanh), relu, squared relu (``relu(h) ** 2``).
     GATHER    x[tok] | x[None, tok].reshape(-1, D) | x.index_select(0, tok)
     DISPATCH  torch.where(ids == e) -> (tok, slot)  |  torch.where(one_hot(ids, E).permute(2, 1, 0)[e]) ->
               (slot, tok) (``permute(2, 0, 1)`` gives (tok, slot))  |  (ids == e).nonzero() -> [:, 0], [:, 1]
@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from ..fx.dag import mutated_arg
-from ..fx.graph import arg, common_prefix, is_op, module_path, op, scalar_arg, val
+from ..fx.graph import arg, common_prefix, is_op, module_path, op, scalar_arg, squared_relu, val
 from ..spec import ExpertSpec, MoESpec, MoEWeights
 from .base import Match, MatchContext, Rejection, register_pattern
 from .routers import recognise_router
@@ -234,10 +234,20 @@ def _skip_dropout(node: fx.Node, walk: _Walk) -> fx.Node:
     return node
 
 
+def _is_activation(node: Any) -> bool:
+    return is_op(node, *_ACTIVATIONS) or squared_relu(node) is not None
+
+
 def _activation(node: fx.Node, walk: _Walk) -> tuple[str, fx.Node]:
+    relu = squared_relu(node)
+    if relu is not None:  # relu(h) ** 2
+        walk.take(node)
+        walk.take(relu)
+        return "relu2", relu.args[0]
     name = op(node)
     if name not in _ACTIVATIONS:
-        raise _NoMatch(f"{node.name} ({name}) is not a supported activation (silu, gelu, gelu-tanh, relu)")
+        raise _NoMatch(f"{node.name} ({name}) is not a supported activation (silu, gelu, gelu-tanh, relu, relu "
+                       "squared)")
     if arg(node, 1 if name != "gelu" else 99, "inplace", False) is True and len(node.args[0].users) != 1:
         # nn.SiLU(inplace=True) overwrites its input: fine for a temporary nothing else reads
         raise _NoMatch(f"{node.name} overwrites {node.args[0].name}, which other nodes read")
@@ -259,7 +269,7 @@ def _ffn(f: fx.Node, e: int, walk: _Walk) -> tuple[fx.Node, dict, str, Optional[
     if is_op(h, "mul") and len(h.args) == 2:
         walk.take(h)
         for a, b in (h.args, h.args[::-1]):
-            if is_op(a, *_ACTIVATIONS):
+            if _is_activation(a):
                 break
         else:
             raise _NoMatch(f"{h.name} multiplies two branches, neither of them an activation")

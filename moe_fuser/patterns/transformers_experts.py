@@ -30,7 +30,7 @@ layout is nn.Linear's ``[E, out, in]``), which the rewrite inserts.
 Expert gates (``self._apply_gate`` / ``self.act_fn``):
 
     concat      g, u = h.chunk(2, -1);  act(g) * u                                  (default; act in silu, gelu,
-                                                                                     gelu_tanh, relu)
+                                                                                     gelu_tanh, relu, relu2)
     interleaved g, u = h[..., ::2], h[..., 1::2];  g = g.clamp(max=L);  u = u.clamp(-L, L)
                 (u + 1) * (g * sigmoid(g * alpha))                                  (GPT-OSS: activation gpt_oss)
     plain       act(h)                                                              (``has_gate=False``)
@@ -226,14 +226,37 @@ def _plain_act(node: fx.Node) -> Optional[str]:
     return name
 
 
+def _act_from_input(first: fx.Node) -> Optional[tuple[str, fx.Node, list]]:
+    """The activation that starts at node ``first``: (ExpertSpec name, its output node, its nodes), or None.
+    ``relu`` then a square of it is ``relu2``."""
+    name = _plain_act(first)
+    if name is None:
+        return None
+    if name == "relu" and len(first.users) == 1:
+        sq = next(iter(first.users))
+        if fxg.squared_relu(sq) is first:
+            return "relu2", sq, [first, sq]
+    return name, first, [first]
+
+
+def _act_from_output(out) -> Optional[tuple[str, fx.Node, list]]:
+    """The activation that ends at node ``out``: (ExpertSpec name, its input, its nodes), or None."""
+    r = fxg.squared_relu(out)
+    if r is not None and _plain_act(r) == "relu":
+        return "relu2", r.args[0], [out, r]
+    name = _plain_act(out) if isinstance(out, fx.Node) else None
+    return (name, out.args[0], [out]) if name else None
+
+
 def _match_gate(h: fx.Node, users: list, region: set) -> _Gate:
     """Recognise the gate applied to the first projection's output ``h`` (see the module docstring)."""
     _want(len(users) in (1, 2), f"{h.name}: the first projection's output has {len(users)} users; expected a gate")
     if len(users) == 1 and _is(users[0], "chunk"):
         return _concat_gate(users[0], region)
-    if len(users) == 1 and _plain_act(users[0]) is not None:
-        region.add(users[0])
-        return _Gate(_plain_act(users[0]), None, users[0])
+    if len(users) == 1 and _act_from_input(users[0]) is not None:
+        name, out, nodes = _act_from_input(users[0])
+        region.update(nodes)
+        return _Gate(name, None, out)
     if len(users) == 2 and all(_is(u, "getitem") for u in users):
         return _interleaved_gate(h, users, region)
     raise _Miss(f"{h.name}: unrecognised expert gate starting at {', '.join(_describe(u) for u in users)}")
@@ -248,10 +271,11 @@ def _concat_gate(chunk: fx.Node, region: set) -> _Gate:
     gate, up = parts[0], parts[1]
     region.update((gate, up))
     act = _only_user(gate, region, "the activation")
-    name = _plain_act(act)
-    _want(name is not None, f"unsupported expert activation {_describe(act)}; supported: silu, gelu, gelu_tanh, "
-                            "relu")
-    region.add(act)
+    found = _act_from_input(act)
+    _want(found is not None, f"unsupported expert activation {_describe(act)}; supported: silu, gelu, gelu_tanh, "
+                             "relu, relu2")
+    name, act, nodes = found
+    region.update(nodes)
     mul = _only_user(act, region, "the gate product")
     _want(_is(mul, "mul") and set(mul.args) == {act, up} and list(up.users) == [mul],
           f"{mul.name}: expected act(gate) * up, found {_describe(mul)}")
@@ -569,13 +593,16 @@ def _shared_mlp(node, inp_ok) -> Optional[tuple]:
     h = node.args[0]
     if _is(h, "mul") and len(h.args) == 2:
         for act, up in (h.args, h.args[::-1]):
-            if isinstance(act, fx.Node) and _plain_act(act) and _linear_of(act.args[0], inp_ok) is not None \
-                    and _linear_of(up, inp_ok) is not None:
-                return (_plain_act(act), True, _linear_of(act.args[0], inp_ok), w2, _linear_of(up, inp_ok),
-                        [node, h, act, act.args[0], up])
+            found = _act_from_output(act)
+            if found is not None and _linear_of(found[1], inp_ok) is not None and _linear_of(up, inp_ok) is not None:
+                name, gate, act_nodes = found
+                return (name, True, _linear_of(gate, inp_ok), w2, _linear_of(up, inp_ok),
+                        [node, h, *act_nodes, gate, up])
         return None
-    if isinstance(h, fx.Node) and _plain_act(h) and _linear_of(h.args[0], inp_ok) is not None:
-        return _plain_act(h), False, _linear_of(h.args[0], inp_ok), w2, None, [node, h, h.args[0]]
+    found = _act_from_output(h)
+    if found is not None and _linear_of(found[1], inp_ok) is not None:
+        name, up, act_nodes = found
+        return name, False, _linear_of(up, inp_ok), w2, None, [node, *act_nodes, up]
     return None
 
 

@@ -29,7 +29,7 @@ ROUTERS = ("softmax_topk_renorm", "softmax_topk", "mixtral_f32", "topk_softmax",
 LOOPS = ("where", "one_hot_210", "one_hot_201", "nonzero")
 COMBINES = ("index_add_", "scatter_add_", "iadd", "index_put_", "functional")
 FFNS = ("sequential", "swiglu", "concat", "stacked")
-ACTS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 TWISTS = (None, "extra_scale", "skip_expert", "train_dropout")
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -61,7 +61,7 @@ class Variant:
 
 def _act(name: str) -> Callable:
     return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[name]
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu2": lambda t: F.relu(t) ** 2}[name]
 
 
 class SwiGLU(nn.Module):

@@ -16,7 +16,7 @@ from _moe_cases import Case, leaves, rel_err  # noqa: E402
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("glu,act,bias", [("separate", "silu", False), ("separate", "gelu", True),
                                           ("concat", "gelu_tanh", True), ("interleaved", "gpt_oss", False),
-                                          (None, "relu", True)])
+                                          (None, "relu", True), ("concat", "relu2", False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)

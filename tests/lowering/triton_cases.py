@@ -81,6 +81,7 @@ CASES = [
     Case(T=23, D=32, F=40, E=3, k=2, dtype=torch.bfloat16, glu="interleaved", activation="gpt_oss", bias=True),
     Case(T=31, D=24, F=40, E=6, k=3, dtype=torch.float32, glu=None, activation="gelu_tanh", as_list=True),
     Case(T=26, D=32, F=20, E=4, k=1, dtype=torch.float16, glu=None, activation="relu"),
+    Case(T=27, D=16, F=24, E=4, k=2, dtype=torch.float32, glu=None, activation="relu2", bias=True),
     Case(T=21, D=16, F=32, E=4, k=2, dtype=torch.float32, glu="separate", activation="gelu_tanh", bias=True),
 ]
 

@@ -67,7 +67,7 @@ def random_cases(n: int, seed: int, dtypes=(torch.float32, torch.bfloat16)) -> l
     for _ in range(n):
         E = rng.choice([1, 2, 3, 5, 8, 16, 33, 64, 128])
         glu = rng.choice([None, "separate", "concat", "interleaved"])
-        act = rng.choice(["silu", "gelu", "gelu_tanh", "relu"] + (["gpt_oss"] if glu else []))
+        act = rng.choice(["silu", "gelu", "gelu_tanh", "relu", "relu2"] + (["gpt_oss"] if glu else []))
         cases.append(Case(T=rng.choice([0, 1, 7, 33, 97]), D=rng.choice([12, 40, 72]), F=rng.choice([20, 36, 56]),
                           E=E, k=rng.randint(1, min(E, 8)), dtype=rng.choice(dtypes), glu=glu, activation=act,
                           bias=rng.random() < 0.3, as_list=rng.random() < 0.25))

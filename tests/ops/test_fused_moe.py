@@ -103,7 +103,7 @@ def test_activation_backward_matches_autograd():
     from moe_fuser.spec import ExpertSpec
 
     for glu in (None, "separate", "concat", "interleaved"):
-        for act in ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss"):
+        for act in ("silu", "gelu", "gelu_tanh", "relu", "relu2", "gpt_oss"):
             if act == "gpt_oss" and glu is None:
                 continue
             spec = ExpertSpec(num_experts=1, activation=act, glu=glu, limit=1.5)

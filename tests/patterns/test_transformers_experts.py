@@ -1,5 +1,5 @@
-"""The transformers v5 experts family: Mixtral, Qwen2-MoE, DeepSeek-V3 and GPT-OSS, built from tiny configs, are
-fused (count and exact MoESpec asserted) and train eager-equal at two token counts, through ``grouped_mm`` and
+"""The transformers v5 experts family: Mixtral, Qwen2-MoE, DeepSeek-V3, GPT-OSS and Nemotron-H, built from tiny
+configs, are fused (count and exact MoESpec asserted) and train eager-equal at two token counts, through ``grouped_mm`` and
 ``batched_mm``, fp32 and bf16; what the family must not model is left alone, eager-equal, with a reason."""
 
 import types
@@ -41,6 +41,12 @@ def expected_spec(family: str, dtype: torch.dtype = F32, **cfg) -> MoESpec:
         # per-expert biases, clamped SwiGLU (alpha 1.702, limit 7).
         return MoESpec(RouterSpec(top_k=2, topk_first=True, renormalize=False, dtype=F32 if dtype == F32 else None),
                        ExpertSpec(8, activation="gpt_oss", glu="interleaved", bias=True, alpha=1.702, limit=7.0))
+    if family == "nemotron_h":
+        # DeepSeek-V3's router; plain (not gated) relu2 experts and a relu2 shared MLP on the unflattened input.
+        return MoESpec(RouterSpec(top_k=2, scoring="sigmoid", renormalize=True, num_groups=4, topk_groups=2,
+                                  group_score="top2_sum", scaling_factor=2.5, selection_bias=True, dtype=F32),
+                       ExpertSpec(8, activation="relu2"),
+                       shared=SharedExpertSpec("relu2", glu=False, gated=False))
     raise AssertionError(family)
 
 
@@ -81,7 +87,7 @@ def _left_alone(blk, why: str):
     assert not rec.specs
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "nemotron_h"])
 def test_whole_model_trains_eager_equal(family):
     """A whole *ForCausalLM (grouped_mm, its default): fused, logits/aux loss/router logits/grads eager-equal."""
     layers = 2 if family == "mixtral" else 1
@@ -99,7 +105,7 @@ def test_whole_model_trains_eager_equal(family):
 
 
 @pytest.mark.parametrize("impl,dtype", [("grouped_mm", BF16), ("batched_mm", F32), ("batched_mm", BF16)])
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "nemotron_h"])
 def test_block_matrix(family, impl, dtype):
     """Each family's MoE block through both implementations and both dtypes (bf16 graphs use torch._grouped_mm,
     fp32 ones transformers' grouped_mm_fallback)."""
@@ -109,6 +115,7 @@ def test_block_matrix(family, impl, dtype):
 @pytest.mark.parametrize("family,overrides,expected", [
     ("mixtral", {"hidden_act": "gelu"}, {"act": "gelu"}),
     ("mixtral", {"hidden_act": "gelu_pytorch_tanh"}, {"act": "gelu_tanh"}),
+    ("mixtral", {"hidden_act": "relu2"}, {"act": "relu2"}),
     ("qwen2_moe", {"norm_topk_prob": True}, {"norm": True}),
     ("deepseek_v3", {"n_group": 1, "topk_group": 1, "norm_topk_prob": False}, {"groups": (1, 1), "norm": False}),
 ])

@@ -20,7 +20,7 @@ import torch
 import transformers
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss")
+FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "nemotron_h")
 _COMMON = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, vocab_size=64, num_hidden_layers=1,
                max_position_embeddings=64)
 
@@ -43,6 +43,15 @@ def config(family: str, **overrides):
     elif family == "gpt_oss":
         c.update(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=16)
         cls = transformers.GptOssConfig
+    elif family == "nemotron_h":
+        # Layers come from layers_block_type: each of num_hidden_layers becomes an attention + MoE pair (no Mamba
+        # mixer). The experts are plain relu2 MLPs; the router is DeepSeek-V3's.
+        pairs = overrides.pop("num_hidden_layers", c.pop("num_hidden_layers"))
+        c.update(head_dim=16, layers_block_type=["full_attention", "moe"] * pairs, n_routed_experts=8,
+                 num_experts_per_tok=2, moe_intermediate_size=24,
+                 moe_shared_expert_intermediate_size=40, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                 norm_topk_prob=True)
+        cls = transformers.NemotronHConfig
     else:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     c.update(overrides)
@@ -50,7 +59,8 @@ def config(family: str, **overrides):
 
 
 _MODELS = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-           "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+           "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+           "nemotron_h": "NemotronHForCausalLM"}
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -77,7 +87,8 @@ def build(family: str, dtype: torch.dtype = torch.float32, impl: str = "grouped_
 
 
 _BLOCKS = {"mixtral": ("mixtral", "MixtralSparseMoeBlock"), "qwen2_moe": ("qwen2_moe", "Qwen2MoeSparseMoeBlock"),
-           "deepseek_v3": ("deepseek_v3", "DeepseekV3MoE"), "gpt_oss": ("gpt_oss", "GptOssMLP")}
+           "deepseek_v3": ("deepseek_v3", "DeepseekV3MoE"), "gpt_oss": ("gpt_oss", "GptOssMLP"),
+           "nemotron_h": ("nemotron_h", "NemotronHMoE")}
 
 
 def block(family: str, dtype: torch.dtype = torch.float32, impl=None, **overrides):
