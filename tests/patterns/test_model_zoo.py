@@ -1,0 +1,53 @@
+"""More transformers MoE models than the five families test_transformers_experts.py checks spec by spec: each is
+built from a tiny config (one generic shrink), and every MoE layer fuses and trains eager-equal.
+
+Most MoE models in transformers 5 route their experts through ``integrations/moe.py``, so they differ in the
+router and around the experts (shared experts, gates, dense first layers). A model whose config the installed
+transformers does not have is skipped; the fused count is each model's MoE layers out of two (AFMoE and
+ERNIE-4.5 keep their first layer dense by default). PhiMoE's router samples experts in training (Gumbel noise,
+which compiled code draws differently from eager), so it runs in eval mode: the router stays as written
+(external) and the experts fuse. The inner compiler is aot_eager: the fusion is the same as under inductor
+(which the family tests use), at a fraction of the compile time.
+"""
+
+import pytest
+import torch
+import transformers
+
+import moe_fuser
+from tiny_hf import TOL, randomize, train_step
+
+SHRINK = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64, max_position_embeddings=64,
+              num_experts=8, n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2, first_k_dense_replace=0,
+              shared_expert_intermediate_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
+
+# model_type: MoE layers fused out of two
+ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm4_moe": 2, "afmoe": 1,
+       "ernie4_5_moe": 1, "hunyuan_v1_moe": 2, "minimax": 2, "cohere2_moe": 2, "phimoe": 2}
+
+
+def tiny_model(model_type: str) -> torch.nn.Module:
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    cls = transformers.CONFIG_MAPPING[model_type]
+    default = cls()
+    kw = {k: v for k, v in SHRINK.items() if hasattr(default, k)}
+    if hasattr(default, "qk_rope_head_dim"):   # multi-head latent attention (DeepSeek-V2, GLM-4.5 style)
+        kw.update(MLA)
+    torch.manual_seed(0)
+    return randomize(transformers.AutoModelForCausalLM.from_config(cls(**kw)))
+
+
+@pytest.mark.parametrize("model_type", sorted(ZOO))
+def test_model_fuses_and_trains_eager_equal(model_type):
+    model = tiny_model(model_type).train(model_type != "phimoe")
+    ids = torch.randint(0, 64, (2, 7))
+    report = moe_fuser.explain(model, input_ids=ids)
+    assert report.num_fused == ZOO[model_type], report
+    assert not [r for r in report.rejected if r.family == "transformers"], report
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager"})
+    errs = train_step(model, compiled, ids)
+    assert max(errs.values()) <= TOL[torch.float32], errs
