@@ -59,8 +59,10 @@ class FusedRow:
     def of(cls, m: Match) -> "FusedRow":
         e = m.spec.experts
         act = e.activation + ("-glu" if e.gated else "")
+        clamp = e.limit is not None and e.activation != "gpt_oss"
         extras = [x for x, on in (("bias", e.bias), ("shared", m.spec.shared is not None),
-                                  ("capacity", m.spec.capacity is not None)) if on]
+                                  ("capacity", m.spec.capacity is not None),
+                                  (f"clamp {e.limit:g}" if clamp else "", clamp)) if on]
         if extras:
             act += f" [{', '.join(extras)}]"
         return cls(m.module_path or "<root>", m.family, m.pattern, router_kind(m.spec), e.num_experts,

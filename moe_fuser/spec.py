@@ -28,11 +28,15 @@ Expert semantics (one expert e, row x; W weights in nn.Linear layout ``[out, in]
     glu="interleaved": W1 rows alternate gate, up (GPT-OSS)
     activation="relu2": act(h) = relu(h)^2 (squared ReLU: Nemotron-H, Primer)
     activation="gpt_oss": g = min(gate, limit); u = clamp(up, -limit, limit); a = (u + 1) * g * sigmoid(alpha g)
+                          (limit defaults to GPT-OSS's 7)
+    other gated activations with a limit (DeepSeek-V4's swiglu_limit): a = act(min(gate, limit)) * clamp(up,
+                          -limit, limit); without one (the default) nothing is clamped
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -112,9 +116,11 @@ class ExpertSpec:
     glu: Optional[str] = None
     bias: bool = False
     alpha: float = 1.702
-    limit: float = 7.0
+    limit: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.activation == "gpt_oss" and self.limit is None:
+            object.__setattr__(self, "limit", 7.0)
         _check(isinstance(self.num_experts, int) and self.num_experts >= 1,
                f"num_experts must be a positive int, got {self.num_experts!r}")
         _check(self.activation in ACTIVATIONS,
@@ -122,10 +128,24 @@ class ExpertSpec:
         _check(self.glu in GLU_LAYOUTS, f"glu={self.glu!r} is unknown; use one of {GLU_LAYOUTS}")
         _check(self.activation != "gpt_oss" or self.glu is not None,
                "activation='gpt_oss' is a gated (GLU) activation; give w3 or a fused gate_up layout")
+        _check(self.limit is None or self.glu is not None,
+               f"limit={self.limit} clamps the gate and up halves of a gated (GLU) expert; this one has no up "
+               "projection: drop limit or give w3 / a fused gate_up layout")
+        _check(self.limit is None or (isinstance(self.limit, (int, float)) and self.limit > 0),
+               f"limit={self.limit!r} must be a positive number (or None: no clamp)")
 
     @property
     def gated(self) -> bool:
         return self.glu is not None
+
+    @property
+    def op_limit(self) -> float:
+        """``limit`` as the custom ops' float argument: infinity for none (``from_op_limit`` reverses it)."""
+        return math.inf if self.limit is None else float(self.limit)
+
+    @staticmethod
+    def from_op_limit(limit: float) -> Optional[float]:
+        return None if math.isinf(limit) else limit
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def _local_spec(num_local: int, activation, glu, alpha, limit, has_bias) -> Opti
     if num_local == 0:
         return None
     return ExpertSpec(num_experts=num_local, activation=activation, glu=glu or None, bias=has_bias, alpha=alpha,
-                      limit=limit)
+                      limit=ExpertSpec.from_op_limit(limit))
 
 
 def _num_local(w1: list[torch.Tensor]) -> int:
@@ -289,7 +289,7 @@ def ep_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: t
     out = _ep_experts_op(
         x_TD, topk_weights_TK, topk_ids_TK, *packed, _owner_tensor(placement), int(ranks_per_node),
         int(chunks or 0), float(timeout_s), group.group_name, spec.activation, spec.glu or "", float(spec.alpha),
-        float(spec.limit), name, save)
+        spec.op_limit, name, save)
     return out[0]
 
 

@@ -46,6 +46,7 @@ N = T*K pairs, B blocks, G = E + 1 groups (E experts + dropped).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -172,33 +173,45 @@ def _act_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _glu(gate, up, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
-    """The second projection's input from the first projection's output (fp32)."""
+def _glu(gate, up, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr, CLAMP: tl.constexpr):
+    """The second projection's input from the first projection's output (fp32). CLAMP (GPT-OSS, DeepSeek-V4):
+    the gate is read at most limit, the up half within +-limit."""
     if GATED:
-        if ACT == "gpt_oss":
+        if CLAMP:
             g = tl.minimum(gate, limit)
             u = tl.minimum(tl.maximum(up, -limit), limit)
+        else:
+            g = gate
+            u = up
+        if ACT == "gpt_oss":
             a = (u + 1.0) * g * tl.sigmoid(alpha * g)
         else:
-            a = _act(gate, ACT) * up
+            a = _act(g, ACT) * u
     else:
         a = _act(gate, ACT)
     return a
 
 
 @triton.jit
-def _glu_grad(gate, up, dA, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr):
-    """(d gate, d up) from d a (fp32); d up is unused when not GATED."""
+def _glu_grad(gate, up, dA, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr, CLAMP: tl.constexpr):
+    """(d gate, d up) from d a (fp32); d up is unused when not GATED. A clamped value passes no gradient."""
     if GATED:
-        if ACT == "gpt_oss":
+        if CLAMP:
             g = tl.minimum(gate, limit)
             u = tl.minimum(tl.maximum(up, -limit), limit)
-            s = tl.sigmoid(alpha * g)
-            d_up = tl.where((up >= -limit) & (up <= limit), dA * g * s, 0.0)
-            d_gate = tl.where(gate <= limit, dA * (u + 1.0) * (s + alpha * g * s * (1.0 - s)), 0.0)
         else:
-            d_up = dA * _act(gate, ACT)
-            d_gate = dA * up * _act_grad(gate, ACT)
+            g = gate
+            u = up
+        if ACT == "gpt_oss":
+            s = tl.sigmoid(alpha * g)
+            d_up = dA * g * s
+            d_gate = dA * (u + 1.0) * (s + alpha * g * s * (1.0 - s))
+        else:
+            d_up = dA * _act(g, ACT)
+            d_gate = dA * u * _act_grad(g, ACT)
+        if CLAMP:
+            d_up = tl.where((up >= -limit) & (up <= limit), d_up, 0.0)
+            d_gate = tl.where(gate <= limit, d_gate, 0.0)
     else:
         d_gate = dA * _act_grad(gate, ACT)
         d_up = d_gate
@@ -268,7 +281,7 @@ def _gate_up_kernel(
         D, F, E, NUM_BLOCKS, TOPK,
         stride_xt, stride_xd, stride_w1e, stride_w1f, stride_w1d, stride_w3e, stride_w3f, stride_w3d,
         stride_b1e, stride_b3e, stride_hn, stride_an, alpha, limit,
-        GLU: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B3: tl.constexpr,
+        GLU: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, HAS_B1: tl.constexpr, HAS_B3: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         CAST_F32: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (B * cdiv(F, BLOCK_N),): program (block b, slab j) computes, for the rows of block b and the columns
@@ -331,7 +344,7 @@ def _gate_up_kernel(
     hu = acc_u.to(h_ptr.dtype.element_ty)
     if GLU != 0:
         tl.store(h_rows + col_u[None, :], hu, mask=mask)
-    a = _glu(hg.to(tl.float32), hu.to(tl.float32), alpha, limit, ACT, GLU != 0)
+    a = _glu(hg.to(tl.float32), hu.to(tl.float32), alpha, limit, ACT, GLU != 0, CLAMP)
     tl.store(a_ptr + rows[:, None] * stride_an + offs_f[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
@@ -401,7 +414,7 @@ def _down_bwd_kernel(
         dy_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, order_ptr, blocks_ptr, dh_ptr, a_ptr, dg_ptr,
         D, F, E, N, NUM_BLOCKS, TOPK,
         stride_dyt, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_hn, stride_an, alpha, limit,
-        GLU: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_A: tl.constexpr,
+        GLU: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_A: tl.constexpr,
         NEED_DG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         CAST_F32: tl.constexpr, PRECISION: tl.constexpr):
@@ -446,7 +459,7 @@ def _down_bwd_kernel(
     else:
         hu = hg
     if NEED_DG or STORE_A:
-        a = _glu(hg, hu, alpha, limit, ACT, GLU != 0)
+        a = _glu(hg, hu, alpha, limit, ACT, GLU != 0, CLAMP)
         a = a.to(a_ptr.dtype.element_ty).to(tl.float32)
         if NEED_DG:
             part = tl.sum(tl.where(mask, acc * a, 0.0), 1)
@@ -457,7 +470,7 @@ def _down_bwd_kernel(
             tl.store(a_ptr + rows[:, None] * stride_an + offs_f[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
     gw = tl.load(g_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
     dA = (acc * gw[:, None]).to(dh_ptr.dtype.element_ty).to(tl.float32)
-    d_gate, d_up = _glu_grad(hg, hu, dA, alpha, limit, ACT, GLU != 0)
+    d_gate, d_up = _glu_grad(hg, hu, dA, alpha, limit, ACT, GLU != 0, CLAMP)
     dh_rows = dh_ptr + rows[:, None] * stride_hn
     tl.store(dh_rows + col_g[None, :], d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
     if GLU != 0:
@@ -618,7 +631,8 @@ def experts_forward(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, 
         x_TD, w1, w3_, x_TD if b1 is None else b1, x_TD if b3 is None else b3, h_NH, a_NF, al.order_N, al.blocks_3B,
         D, F_, E, B, K, x_TD.stride(0), x_TD.stride(1), *w1.stride(), *w3_.stride(),
         0 if b1 is None else b1.stride(0), 0 if b3 is None else b3.stride(0), h_NH.stride(0), a_NF.stride(0),
-        float(alpha), float(limit), GLU=GLU_CODES[glu], ACT=activation, HAS_B1=b1 is not None,
+        float(alpha), float(limit), GLU=GLU_CODES[glu], ACT=activation, CLAMP=math.isfinite(limit),
+        HAS_B1=b1 is not None,
         HAS_B3=b3 is not None, BLOCK_M=bm, CAST_F32=cast, PRECISION=prec, **_tiles(c1))
 
     g_N = topk_weights_TK.flatten().contiguous()
@@ -659,8 +673,8 @@ def experts_backward(grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, w1, w2, 
             grad_TD, w2, x_TD if b2 is None else b2, h_NH, g_N, al.order_N, al.blocks_3B, dh_NH, a_NF, dg_JN,
             D, F_, E, N, B, K, grad_TD.stride(0), *w2.stride(), 0 if b2 is None else b2.stride(0),
             h_NH.stride(0), a_NF.stride(0), float(alpha), float(limit), GLU=GLU_CODES[glu], ACT=activation,
-            HAS_BIAS=b2 is not None, STORE_A=need_w, NEED_DG=need_weights, BLOCK_M=bm, CAST_F32=cast,
-            PRECISION=prec, **_tiles(c))
+            CLAMP=math.isfinite(limit), HAS_BIAS=b2 is not None, STORE_A=need_w, NEED_DG=need_weights, BLOCK_M=bm,
+            CAST_F32=cast, PRECISION=prec, **_tiles(c))
     dweights_TK = dg_JN.sum(0).view(T, K).to(topk_weights_TK.dtype) if need_weights else None
 
     dx_TD = None

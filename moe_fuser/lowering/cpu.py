@@ -48,8 +48,8 @@ from typing import Optional
 
 import torch
 
-from ..ops.activations import (act_fn, expert_activation, expert_activation_backward, gated_activation,
-                               gated_activation_backward, split_gate_up)
+from ..ops.activations import (act_fn, clamp_gate_up, expert_activation, expert_activation_backward,
+                               gated_activation, gated_activation_backward, split_gate_up)
 from ..spec import ExpertSpec
 
 __all__ = ["CpuLowering", "sort_by_expert"]
@@ -434,7 +434,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved, w1, w2, w3, b2, spec:
     parts = tuple(G.from_sorted(h[G.start:G.start + G.n]) for h in saved)
     act_gate = None  # act(gate) of a GLU: needed for a and again for d_up, computed once
     if spec.gated and spec.activation != "gpt_oss":
-        gate, up = parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)
+        gate, up = clamp_gate_up(*(parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)), spec)
         act_gate = act_fn(spec.activation, gate)
         a = act_gate * up
     else:

@@ -108,7 +108,7 @@ class TritonLowering:
         E, D, F_ = w2_.shape[0], w2_.shape[1], w2_.shape[2]
         config = block_config(E, F_, D, x_TD.dtype, x_TD.device, T, self.configs)
         atomic = self.combine == "atomic" and not torch.are_deterministic_algorithms_enabled()
-        kw = dict(glu=spec.glu, activation=spec.activation, alpha=spec.alpha, limit=spec.limit, config=config,
+        kw = dict(glu=spec.glu, activation=spec.activation, alpha=spec.alpha, limit=spec.op_limit, config=config,
                   atomic=atomic)
         return (w1_, w2_, w3_, _bias(b1), _bias(b2), _bias(b3)), kw
 

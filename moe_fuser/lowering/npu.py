@@ -175,9 +175,10 @@ def expert_constraints(spec: ExpertSpec, dtype: torch.dtype, hidden_size: int, f
 
 
 def _activation_note(spec: ExpertSpec) -> Optional[str]:
-    if spec.activation == "silu" and spec.glu in ("separate", "concat"):
+    if spec.activation == "silu" and spec.glu in ("separate", "concat") and spec.limit is None:
         return None
     return (f"activation {spec.activation}{'-glu' if spec.gated else ''}"
+            f"{' clamped at ' + repr(spec.limit) if spec.limit is not None and spec.activation != 'gpt_oss' else ''}"
             f"{' (' + spec.glu + ' gate/up)' if spec.glu == 'interleaved' else ''} runs as ATen ops between the "
             "grouped matmuls (npu_swiglu covers SiLU-GLU with gate and up halves)")
 
@@ -978,7 +979,7 @@ def npu_expert_parallel(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3=None, b1=
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weights_TK, *sum(packed, [])))
     owner = placement if isinstance(placement, torch.Tensor) else torch.tensor(placement.owner, dtype=torch.int64)
     out = _npu_ep_op(x_TD, topk_weights_TK, topk_ids_TK, *packed, owner, group.group_name, spec.activation,
-                     spec.glu or "", float(spec.alpha), float(spec.limit), float(timeout_s), save)
+                     spec.glu or "", float(spec.alpha), spec.op_limit, float(timeout_s), save)
     return out[0]
 
 

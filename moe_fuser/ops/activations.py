@@ -1,5 +1,5 @@
 """Expert activations shared by every lowering: plain (silu, gelu, gelu_tanh, relu, relu2 = squared ReLU), GLU in
-three weight layouts, GPT-OSS's clamped SwiGLU.
+three weight layouts, GPT-OSS's clamped SwiGLU, and DeepSeek-V4's clamp of gate and up before any GLU.
 
 ``expert_activation(h_NH, spec)`` maps the first projection's output (``H = F`` plain, ``2F`` gated, laid out as
 ``[gate | up]`` for ``glu in ("separate", "concat")`` and as alternating columns for ``"interleaved"``) to the
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from ..spec import ExpertSpec
 
-__all__ = ["act_backward", "act_fn", "expert_activation", "expert_activation_backward", "gated_activation",
-           "gated_activation_backward", "split_gate_up"]
+__all__ = ["act_backward", "act_fn", "clamp_gate_up", "expert_activation", "expert_activation_backward",
+           "gated_activation", "gated_activation_backward", "split_gate_up"]
 
 
 def act_fn(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -42,10 +42,17 @@ def split_gate_up(h_NH: torch.Tensor, glu: str) -> tuple[torch.Tensor, torch.Ten
     return gate, up
 
 
+def clamp_gate_up(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate and up as the activation reads them: gate at most ``spec.limit``, up within +-limit (GPT-OSS,
+    DeepSeek-V4), or unchanged when the spec has no limit."""
+    if spec.limit is None:
+        return gate, up
+    return gate.clamp(max=spec.limit), up.clamp(min=-spec.limit, max=spec.limit)
+
+
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    gate, up = clamp_gate_up(gate, up, spec)
     if spec.activation == "gpt_oss":
-        gate = gate.clamp(max=spec.limit)
-        up = up.clamp(min=-spec.limit, max=spec.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * spec.alpha))
     a = act_fn(spec.activation, gate)
     if torch.is_grad_enabled() and (a.requires_grad or up.requires_grad):
@@ -81,17 +88,19 @@ def _join_gate_up(d_gate: torch.Tensor, d_up: torch.Tensor, glu: str) -> torch.T
 
 def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dA_NF: torch.Tensor, spec: ExpertSpec,
                               act_gate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_gate, d_up). ``act_gate``: ``act_fn(spec.activation, gate)`` when the caller already has it (not for
-    gpt_oss), so it is not computed again."""
+    """(d_gate, d_up). ``act_gate``: ``act_fn(spec.activation, g)`` of the clamped gate ``g``
+    (``clamp_gate_up``) when the caller already has it (not for gpt_oss), so it is not computed again."""
+    g, u = clamp_gate_up(gate, up, spec)
     if spec.activation == "gpt_oss":
-        g = gate.clamp(max=spec.limit)
-        u = up.clamp(min=-spec.limit, max=spec.limit)
         sig = torch.sigmoid(g * spec.alpha)
-        d_up = dA_NF * (g * sig) * ((up >= -spec.limit) & (up <= spec.limit))
-        d_gate = dA_NF * (u + 1) * (sig + spec.alpha * g * sig * (1 - sig)) * (gate <= spec.limit)
+        d_up = dA_NF * (g * sig)
+        d_gate = dA_NF * (u + 1) * (sig + spec.alpha * g * sig * (1 - sig))
     else:
-        d_up = dA_NF * (act_fn(spec.activation, gate) if act_gate is None else act_gate)
-        d_gate = act_backward(spec.activation, dA_NF * up, gate)
+        d_up = dA_NF * (act_fn(spec.activation, g) if act_gate is None else act_gate)
+        d_gate = act_backward(spec.activation, dA_NF * u, g)
+    if spec.limit is not None:  # a clamped value passes no gradient
+        d_up = d_up * ((up >= -spec.limit) & (up <= spec.limit))
+        d_gate = d_gate * (gate <= spec.limit)
     return d_gate, d_up
 
 

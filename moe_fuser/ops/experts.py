@@ -53,7 +53,7 @@ def _unpack_all(w1, w2, w3, b1, b2, b3):
 
 def _spec(num_experts: int, activation: str, glu: str, has_bias: bool, alpha: float, limit: float) -> ExpertSpec:
     return ExpertSpec(num_experts=num_experts, activation=activation, glu=glu or None, bias=has_bias,
-                      alpha=alpha, limit=limit)
+                      alpha=alpha, limit=ExpertSpec.from_op_limit(limit))
 
 
 @torch.library.custom_op("moe_fuser::grouped_experts", mutates_args=())
@@ -211,5 +211,5 @@ def grouped_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weights_TK, *sum(packed, [])))
     out, _, _ = _grouped_experts_op(
         x_TD, topk_weights_TK, topk_ids_TK, *packed, spec.num_experts, spec.activation, spec.glu or "",
-        float(spec.alpha), float(spec.limit), name, save)
+        float(spec.alpha), spec.op_limit, name, save)
     return out

@@ -202,7 +202,7 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
               capacity: Optional[int] = None, dropped: str = "zero", capacity_groups: int = 1,
               shared_w1: Optional[torch.Tensor] = None, shared_w2: Optional[torch.Tensor] = None,
               shared_w3: Optional[torch.Tensor] = None, shared_gate: Optional[torch.Tensor] = None,
-              shared_activation: Optional[str] = None, alpha: float = 1.702, limit: float = 7.0,
+              shared_activation: Optional[str] = None, alpha: float = 1.702, limit: Optional[float] = None,
               return_router_stats: bool = False, ep_group=None, expert_placement=None,
               overlap_chunks: Optional[int] = None, ranks_per_node: Optional[int] = None,
               ep_timeout: Optional[float] = None) -> Union[torch.Tensor, tuple[torch.Tensor, RouterStats]]:
@@ -221,7 +221,8 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
     ``routed_scaling_factor`` is DeepSeek-V3's; ``topk_weights``/``topk_ids`` (router_logits=None) bypass
     routing for any router at all; ``router_dtype=None`` routes in the logits' own dtype.
     Experts: ``activation`` in silu, gelu, gelu_tanh, relu, relu2 (squared ReLU), gpt_oss (clamped SwiGLU with
-    ``alpha``, ``limit``);
+    ``alpha``, ``limit``, default 7); ``limit`` with another gated activation clamps as DeepSeek-V4's
+    ``swiglu_limit``: act(min(gate, limit)) * clamp(up, -limit, limit);
     ``gate_up="concat"``/``"interleaved"``: w1 holds gate and up fused; ``b1``/``b2``/``b3`` per-expert biases.
     ``capacity``: each expert takes at most that many pairs per token group (``capacity_groups`` equal groups),
     first come first served; dropped pairs contribute zero or, with ``dropped="passthrough"``, weight * x.

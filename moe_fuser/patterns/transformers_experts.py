@@ -31,6 +31,7 @@ Expert gates (``self._apply_gate`` / ``self.act_fn``):
 
     concat      g, u = h.chunk(2, -1);  act(g) * u                                  (default; act in silu, gelu,
                                                                                      gelu_tanh, relu, relu2)
+                [g = g.clamp(max=L);  u = u.clamp(-L, L) before that]               (DeepSeek-V4: ExpertSpec limit)
     interleaved g, u = h[..., ::2], h[..., 1::2];  g = g.clamp(max=L);  u = u.clamp(-L, L)
                 (u + 1) * (g * sigmoid(g * alpha))                                  (GPT-OSS: activation gpt_oss)
     plain       act(h)                                                              (``has_gate=False``)
@@ -212,7 +213,7 @@ class _Gate:
     glu: Optional[str]
     out: fx.Node
     alpha: float = 1.702
-    limit: float = 7.0
+    limit: Optional[float] = None   # gate/up clamp (GPT-OSS, DeepSeek-V4)
 
 
 def _plain_act(node: fx.Node) -> Optional[str]:
@@ -271,6 +272,10 @@ def _concat_gate(chunk: fx.Node, region: set) -> _Gate:
     gate, up = parts[0], parts[1]
     region.update((gate, up))
     act = _only_user(gate, region, "the activation")
+    limit = None
+    if _is(act, "clamp", "clamp_max"):  # DeepSeek-V4: gate.clamp(max=L), up.clamp(-L, L), then act(gate) * up
+        gate, up, limit = _clamped(gate, _only_user(up, region, "the up clamp"), region)
+        act = _only_user(gate, region, "the activation")
     found = _act_from_input(act)
     _want(found is not None, f"unsupported expert activation {_describe(act)}; supported: silu, gelu, gelu_tanh, "
                              "relu, relu2")
@@ -280,11 +285,28 @@ def _concat_gate(chunk: fx.Node, region: set) -> _Gate:
     _want(_is(mul, "mul") and set(mul.args) == {act, up} and list(up.users) == [mul],
           f"{mul.name}: expected act(gate) * up, found {_describe(mul)}")
     region.add(mul)
-    return _Gate(name, "concat", mul)
+    return _Gate(name, "concat", mul, limit=limit)
 
 
 def _const(node, default=None):
     return node if isinstance(node, (int, float)) and not isinstance(node, bool) else default
+
+
+def _clamped(gate: fx.Node, uc: fx.Node, region: set) -> tuple[fx.Node, fx.Node, float]:
+    """The clamps of GPT-OSS and DeepSeek-V4 on the gate half (``gate``'s only user: from above) and the up half
+    (``uc``: to [-L, L]): (clamped gate, clamped up, L)."""
+    gc = _expect(_only_user(gate, region, "a clamp"), ("clamp", "clamp_max"), "the gate clamp")
+    _expect(uc, ("clamp",), "the up clamp")
+    bound = fxg.arg(gc, 2, "max") if _is(gc, "clamp") else fxg.arg(gc, 1, "max")
+    _want(not isinstance(bound, fx.Node), f"{gc.name}: the clamp limit is a traced value, not a constant (dynamo "
+                                          "makes a float attribute a graph input once it changed between calls)")
+    limit = _const(bound)
+    _want(limit is not None and limit > 0 and (not _is(gc, "clamp") or fxg.arg(gc, 1, "min") is None),
+          f"{gc.name}: the gate should be clamped from above only, by a positive constant")
+    _want(_const(fxg.arg(uc, 1, "min")) == -limit and _const(fxg.arg(uc, 2, "max")) == limit,
+          f"{uc.name}: the up half should be clamped to [-{limit}, {limit}]")
+    region.update((gc, uc))
+    return gc, uc, float(limit)
 
 
 def _interleaved_gate(h: fx.Node, users: list, region: set) -> _Gate:
@@ -300,14 +322,7 @@ def _interleaved_gate(h: fx.Node, users: list, region: set) -> _Gate:
                                                       "h[..., ::2] and h[..., 1::2]")
     gate, up = steps[(0, None, 2)], steps[(1, None, 2)]
     region.update((gate, up))
-    gc = _expect(_only_user(gate, region, "a clamp"), ("clamp", "clamp_max"), "the gate clamp")
-    uc = _expect(_only_user(up, region, "a clamp"), ("clamp",), "the up clamp")
-    limit = _const(fxg.arg(gc, 2, "max")) if _is(gc, "clamp") else _const(fxg.arg(gc, 1, "max"))
-    _want(limit is not None and (not _is(gc, "clamp") or fxg.arg(gc, 1, "min") is None),
-          f"{gc.name}: the gate should be clamped from above only")
-    _want(_const(fxg.arg(uc, 1, "min")) == -limit and _const(fxg.arg(uc, 2, "max")) == limit,
-          f"{uc.name}: the up half should be clamped to [-{limit}, {limit}]")
-    region.update((gc, uc))
+    gc, uc, limit = _clamped(gate, _only_user(up, region, "a clamp"), region)
     gusers = _users(gc, region)
     _want(len(gusers) == 2, f"{gc.name}: the clamped gate should feed gate*alpha and the product")
     scale = next((u for u in gusers if _is(u, "mul") and _const(u.args[1]) is not None), None)
@@ -323,7 +338,7 @@ def _interleaved_gate(h: fx.Node, users: list, region: set) -> _Gate:
     _want(_is(out, "mul") and set(out.args) == {add1, glu} and _only_user(glu, region, "the product") is out,
           f"{out.name}: expected (up + 1) * glu")
     region.add(out)
-    return _Gate("gpt_oss", "interleaved", out, alpha=alpha, limit=float(limit))
+    return _Gate("gpt_oss", "interleaved", out, alpha=alpha, limit=limit)
 
 
 # ------------------------------------------------------------------------------------------- the combine tail

@@ -82,13 +82,14 @@ CASES = [
     Case(T=31, D=24, F=40, E=6, k=3, dtype=torch.float32, glu=None, activation="gelu_tanh", as_list=True),
     Case(T=26, D=32, F=20, E=4, k=1, dtype=torch.float16, glu=None, activation="relu"),
     Case(T=27, D=16, F=24, E=4, k=2, dtype=torch.float32, glu=None, activation="relu2", bias=True),
+    Case(T=25, D=32, F=24, E=4, k=2, dtype=torch.bfloat16, glu="concat", activation="silu", limit=1.0),
     Case(T=21, D=16, F=32, E=4, k=2, dtype=torch.float32, glu="separate", activation="gelu_tanh", bias=True),
 ]
 
 
 def _name(c):
     return (f"{str(c.dtype)[6:]}-{c.glu}-{c.activation}-E{c.E}k{c.k}" + ("-bias" if c.bias else "")
-            + ("-list" if c.as_list else ""))
+            + ("-list" if c.as_list else "") + (f"-limit{c.limit}" if c.limit is not None else ""))
 
 
 def _check_grads(out, ref, ins, dtype):

@@ -20,6 +20,7 @@ class Case:
     activation: str = "silu"
     bias: bool = False
     as_list: bool = False
+    limit: float | None = None  # gate/up clamp of a gated activation (GPT-OSS's, DeepSeek-V4's)
 
     def make(self, requires_grad: bool = False):
         """(hidden_states, router_logits, kwargs for fused_moe) on fresh random data."""
@@ -38,6 +39,8 @@ class Case:
         logits = rnd(self.T, self.E)
         kw = dict(w1=experts(H, self.D, scale_in), w2=experts(self.D, self.F, scale_hidden), top_k=self.k,
                   activation=self.activation)
+        if self.limit is not None:
+            kw["limit"] = self.limit
         if self.glu == "separate":
             kw["w3"] = experts(self.F, self.D, scale_in)
         elif self.glu is not None:
@@ -70,7 +73,8 @@ def random_cases(n: int, seed: int, dtypes=(torch.float32, torch.bfloat16)) -> l
         act = rng.choice(["silu", "gelu", "gelu_tanh", "relu", "relu2"] + (["gpt_oss"] if glu else []))
         cases.append(Case(T=rng.choice([0, 1, 7, 33, 97]), D=rng.choice([12, 40, 72]), F=rng.choice([20, 36, 56]),
                           E=E, k=rng.randint(1, min(E, 8)), dtype=rng.choice(dtypes), glu=glu, activation=act,
-                          bias=rng.random() < 0.3, as_list=rng.random() < 0.25))
+                          bias=rng.random() < 0.3, as_list=rng.random() < 0.25,
+                          limit=1.0 if glu and rng.random() < 0.3 else None))  # h ~ N(0, 1): some clamped
     return cases
 
 

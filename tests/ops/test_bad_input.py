@@ -28,6 +28,8 @@ def _args(**over):
     (dict(router_logits=torch.full((9, 4), float("nan"))), r"router_logits contain NaN.*check"),
     (dict(activation="swish"), r"activation='swish' is unknown; use one of"),
     (dict(num_groups=3), r"cannot be split into num_groups=3"),
+    (dict(w3=None, limit=5.0), r"limit=5.0 clamps the gate and up halves of a gated \(GLU\) expert.*drop limit"),
+    (dict(limit=-1.0), r"limit=-1.0 must be a positive number"),
 ])
 def test_bad_input_raises_with_fix(over, match):
     with pytest.raises(ValueError, match=match):

@@ -117,7 +117,10 @@ def train_step(model, compiled, ids: torch.Tensor) -> dict:
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out, grads))
     (ref, g_ref), (got, g_got) = results
-    assert g_ref.keys() == g_got.keys(), sorted(set(g_ref) ^ set(g_got))
+    # Compiled autograd returns zeros where eager leaves a parameter that did not take part without a .grad
+    # (plain torch.compile does the same: DeepSeek-V4's unused attention compressor).
+    extra = set(g_got) - set(g_ref)
+    assert set(g_ref) <= set(g_got) and not any(g_got[n].any() for n in extra), sorted(set(g_ref) ^ set(g_got))
     errs = {"logits": rel_err(got.logits, ref.logits),
             "grads": max(rel_err(g_got[n], g_ref[n]) for n in g_ref),
             "router_logits": max(rel_err(a, b) for a, b in zip(got.router_logits, ref.router_logits)),
