@@ -26,13 +26,22 @@ MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_d
 # Per-model settings the generic shrink cannot guess. DeepSeek-V4: its own attention sizes, and learned routers in
 # both layers (a hash layer's token-to-expert table is an all-zero buffer here: constant routing weights, so its
 # router gets no gradient worth comparing). Its clamp limit is made small enough to clamp.
+# Hybrid models (linear attention or Mamba next to attention) get attention-only layers: the MoE is what is
+# tested, and the linear-attention fallbacks are slow.
+ATTENTION = dict(layer_types=["full_attention", "full_attention"])
 OVERRIDES = {"deepseek_v4": dict(q_lora_rank=16, o_lora_rank=16, o_groups=2, index_n_heads=2, index_head_dim=16,
                                  index_topk=8, qk_rope_head_dim=8, head_dim=16, mlp_layer_types=["moe", "moe"],
-                                 swiglu_limit=1.0)}
+                                 swiglu_limit=1.0),
+             "qwen3_next": ATTENTION,
+             "kimi_linear": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"]),
+             "bailing_hybrid": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"], n_group=2, topk_group=1),
+             "lfm2_moe": dict(ATTENTION, num_dense_layers=0),
+             "jamba": dict(attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0)}
 
 # model_type: MoE layers fused out of two
 ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm4_moe": 2, "afmoe": 1,
-       "ernie4_5_moe": 1, "hunyuan_v1_moe": 2, "minimax": 2, "cohere2_moe": 2, "phimoe": 2, "deepseek_v4": 2}
+       "ernie4_5_moe": 1, "hunyuan_v1_moe": 2, "minimax": 2, "cohere2_moe": 2, "phimoe": 2, "deepseek_v4": 2,
+       "qwen3_next": 2, "kimi_linear": 2, "bailing_hybrid": 2, "lfm2_moe": 2, "jamba": 2}
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
