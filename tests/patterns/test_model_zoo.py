@@ -33,6 +33,7 @@ OVERRIDES = {"deepseek_v4": dict(q_lora_rank=16, o_lora_rank=16, o_groups=2, ind
                                  index_topk=8, qk_rope_head_dim=8, head_dim=16, mlp_layer_types=["moe", "moe"],
                                  swiglu_limit=1.0),
              "qwen3_next": ATTENTION,
+             "qwen3_5_moe_text": ATTENTION,
              "kimi_linear": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"]),
              "bailing_hybrid": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"], n_group=2, topk_group=1),
              "lfm2_moe": dict(ATTENTION, num_dense_layers=0),
@@ -41,7 +42,7 @@ OVERRIDES = {"deepseek_v4": dict(q_lora_rank=16, o_lora_rank=16, o_groups=2, ind
 # model_type: MoE layers fused out of two
 ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm4_moe": 2, "afmoe": 1,
        "ernie4_5_moe": 1, "hunyuan_v1_moe": 2, "minimax": 2, "cohere2_moe": 2, "phimoe": 2, "deepseek_v4": 2,
-       "qwen3_next": 2, "kimi_linear": 2, "bailing_hybrid": 2, "lfm2_moe": 2, "jamba": 2}
+       "qwen3_next": 2, "qwen3_5_moe_text": 2, "kimi_linear": 2, "bailing_hybrid": 2, "lfm2_moe": 2, "jamba": 2}
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
