@@ -37,12 +37,14 @@ OVERRIDES = {"deepseek_v4": dict(q_lora_rank=16, o_lora_rank=16, o_groups=2, ind
              "kimi_linear": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"]),
              "bailing_hybrid": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"], n_group=2, topk_group=1),
              "lfm2_moe": dict(ATTENTION, num_dense_layers=0),
+             "granitemoehybrid": dict(ATTENTION, mamba_n_heads=4, mamba_d_head=16, mamba_expand=2),
              "jamba": dict(attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0)}
 
 # model_type: MoE layers fused out of two
 ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm4_moe": 2, "afmoe": 1,
        "ernie4_5_moe": 1, "hunyuan_v1_moe": 2, "minimax": 2, "cohere2_moe": 2, "phimoe": 2, "deepseek_v4": 2,
-       "qwen3_next": 2, "qwen3_5_moe_text": 2, "kimi_linear": 2, "bailing_hybrid": 2, "lfm2_moe": 2, "jamba": 2}
+       "qwen3_next": 2, "qwen3_5_moe_text": 2, "kimi_linear": 2, "bailing_hybrid": 2, "lfm2_moe": 2, "jamba": 2,
+       "granitemoehybrid": 2}
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
