@@ -94,8 +94,9 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
 # ---------------------------------------------------------------- COMBINE: buffer writes -> (tok, contribution)
 
 def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]:
-    """Every accumulation into ``buf``: (writer, tok, y, nodes). Raises _NoMatch on any other write."""
-    writes = []
+    """Every accumulation into ``buf``: (writer, tok, y, nodes). Raises _NoMatch on any other write next to them;
+    a buffer only other writes touch (a recurrent state filled by ``copy_``) is no MoE output: no writes."""
+    writes, other = [], []
     for u in buf.users:
         if mutated_arg(u) is not buf:
             continue
@@ -130,7 +131,9 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
                 raise _NoMatch(f"{u.name} does not add to out[tok]")
             writes.append((u, tok, y, {u, rhs, old}))
         else:
-            raise _NoMatch(f"{u.name} ({name}) writes into the output buffer {buf.name} in a way not modelled")
+            other.append(f"{u.name} ({name}) writes into the output buffer {buf.name} in a way not modelled")
+    if writes and other:
+        raise _NoMatch(other[0])
     return writes
 
 

@@ -4,6 +4,8 @@ token counts; departures it must not model are left alone and still eager-equal.
 import pytest
 import torch
 
+import moe_fuser
+
 from moe_models import (ACTS, COMBINES, FFNS, LOOPS, ROUTERS, TOL, LoopMoE, MixtralV4Block, Recorder, Variant,
                         check_train_step, load_example)
 
@@ -94,6 +96,19 @@ def test_active_dropout_is_not_fused():
     # In eval mode the dropout is an identity: fused. (Static shapes: with dynamic=True dynamo first traces the
     # dropout probability as a graph input, then restarts and specialises it.)
     _run(model, torch.float32, dynamic=None)
+
+
+def test_buffer_only_copied_into_is_no_candidate():
+    """A zeros buffer that only ``copy_`` writes (a recurrent state, as in Mamba mixers) is no MoE output: explain
+    neither fuses nor lists it."""
+    class State(torch.nn.Module):
+        def forward(self, x):
+            state = torch.zeros_like(x)
+            state.copy_(x * 2)
+            return state + 1
+
+    report = moe_fuser.explain(State(), torch.randn(4, 8))
+    assert report.num_fused == 0 and not report.rejected, report
 
 
 def test_no_recompile_per_batch_size():
