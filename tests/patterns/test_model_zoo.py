@@ -26,12 +26,16 @@ MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_d
 # Per-model settings the generic shrink cannot guess. DeepSeek-V4: its own attention sizes, and learned routers in
 # both layers (a hash layer's token-to-expert table is an all-zero buffer here: constant routing weights, so its
 # router gets no gradient worth comparing). Its clamp limit is made small enough to clamp.
+# DeepSeek sparse attention (DeepSeek-V3.2, GLM-5, HY-V4): MLA plus a lightning indexer.
+DSA = dict(MLA, q_lora_rank=16, qk_head_dim=16, num_key_value_heads=2, index_topk=4, index_head_dim=16,
+           index_n_heads=2, n_group=2, topk_group=1)
 # Hybrid models (linear attention or Mamba next to attention) get attention-only layers: the MoE is what is
 # tested, and the linear-attention fallbacks are slow.
 ATTENTION = dict(layer_types=["full_attention", "full_attention"])
 OVERRIDES = {"deepseek_v4": dict(q_lora_rank=16, o_lora_rank=16, o_groups=2, index_n_heads=2, index_head_dim=16,
                                  index_topk=8, qk_rope_head_dim=8, head_dim=16, mlp_layer_types=["moe", "moe"],
                                  swiglu_limit=1.0),
+             "deepseek_v32": DSA, "glm_moe_dsa": DSA, "hy_v4": DSA,
              "qwen3_next": ATTENTION,
              "qwen3_5_moe_text": ATTENTION,
              "kimi_linear": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"]),
@@ -44,7 +48,7 @@ OVERRIDES = {"deepseek_v4": dict(q_lora_rank=16, o_lora_rank=16, o_groups=2, ind
 ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm4_moe": 2, "afmoe": 1,
        "ernie4_5_moe": 1, "hunyuan_v1_moe": 2, "minimax": 2, "cohere2_moe": 2, "phimoe": 2, "deepseek_v4": 2,
        "qwen3_next": 2, "qwen3_5_moe_text": 2, "kimi_linear": 2, "bailing_hybrid": 2, "lfm2_moe": 2, "jamba": 2,
-       "granitemoehybrid": 2}
+       "granitemoehybrid": 2, "deepseek_v32": 2, "glm_moe_dsa": 2, "hy_v4": 1}
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
@@ -55,7 +59,7 @@ def tiny_model(model_type: str) -> torch.nn.Module:
     kw = {k: v for k, v in SHRINK.items() if hasattr(default, k)}
     if hasattr(default, "kv_lora_rank"):   # multi-head latent attention (DeepSeek-V2 style)
         kw.update(MLA)
-    kw.update(OVERRIDES.get(model_type, {}))
+    kw.update({k: v for k, v in OVERRIDES.get(model_type, {}).items() if hasattr(default, k)})
     torch.manual_seed(0)
     return randomize(transformers.AutoModelForCausalLM.from_config(cls(**kw)))
 
