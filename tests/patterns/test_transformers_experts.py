@@ -98,7 +98,8 @@ def test_whole_model_trains_eager_equal(family):
         errs = train_step(model, compiled, torch.randint(0, 64, (2, T)))
         assert max(errs.values()) <= TOL[F32], errs
         # The first layer's router logits (returned for the aux loss) come from code the rewrite leaves alone.
-        assert errs["first_router_logits"] == 0.0, "the router logits returned for the aux loss changed"
+        if "first_router_logits" in errs:   # models that return router logits
+            assert errs["first_router_logits"] == 0.0, "the router logits returned for the aux loss changed"
     _assert_fused(rec, expected_spec(family), per_graph=layers)
     # Two token counts cost dynamo's usual one recompile, no more.
     assert len([g for g in rec.per_graph if g]) == 2
