@@ -20,7 +20,7 @@ import moe_fuser
 from tiny_hf import TOL, randomize, train_step
 
 SHRINK = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
-              num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64, max_position_embeddings=64,
+              num_attention_heads=2, num_key_value_heads=2, head_dim=16, vocab_size=64, max_position_embeddings=64,
               num_experts=8, n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2, first_k_dense_replace=0,
               shared_expert_intermediate_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
@@ -28,7 +28,7 @@ MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_d
 # both layers (a hash layer's token-to-expert table is an all-zero buffer here: constant routing weights, so its
 # router gets no gradient worth comparing). Its clamp limit is made small enough to clamp.
 # DeepSeek sparse attention (DeepSeek-V3.2, GLM-5, HY-V4): MLA plus a lightning indexer.
-DSA = dict(MLA, q_lora_rank=16, qk_head_dim=16, num_key_value_heads=2, index_topk=4, index_head_dim=16,
+DSA = dict(MLA, q_lora_rank=16, qk_head_dim=16, index_topk=4, index_head_dim=16,
            index_n_heads=2, n_group=2, topk_group=1)
 # Hybrid models (linear attention or Mamba next to attention) get attention-only layers: the MoE is what is
 # tested, and the linear-attention fallbacks are slow.
