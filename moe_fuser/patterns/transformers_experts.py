@@ -271,6 +271,7 @@ def _concat_gate(chunk: fx.Node, region: set) -> _Gate:
     _want(set(parts) == {0, 1} and len(chunk.users) == 2, f"{chunk.name}: expected the gate and up halves")
     gate, up = parts[0], parts[1]
     region.update((gate, up))
+    gate, up = _same_dtype_cast(gate, region, "gate"), _same_dtype_cast(up, region, "up")
     act = _only_user(gate, region, "the activation")
     limit = None
     if _is(act, "clamp", "clamp_max"):  # DeepSeek-V4: gate.clamp(max=L), up.clamp(-L, L), then act(gate) * up
@@ -285,7 +286,21 @@ def _concat_gate(chunk: fx.Node, region: set) -> _Gate:
     _want(_is(mul, "mul") and set(mul.args) == {act, up} and list(up.users) == [mul],
           f"{mul.name}: expected act(gate) * up, found {_describe(mul)}")
     region.add(mul)
-    return _Gate(name, "concat", mul, limit=limit)
+    return _Gate(name, "concat", mul, limit=limit)   # casts after it: the down projection strips them
+
+
+def _same_dtype_cast(node: fx.Node, region: set, what: str) -> fx.Node:
+    """``node``'s only user when it is a cast that keeps the dtype (Beam's ``gate.float()`` in an fp32 model),
+    added to the region; else ``node``. A cast that changes the dtype is refused: the GLU would be computed in
+    another precision than the fused op's."""
+    users = _users(node, region)
+    if len(users) != 1 or not _is(users[0], *_CASTS):
+        return node
+    cast, src, dst = users[0], getattr(fxg.val(node), "dtype", None), getattr(fxg.val(users[0]), "dtype", None)
+    _want(src is not None and src == dst, f"{cast.name}: the {what} is cast from {src} to {dst} inside the gate; the "
+                                          f"fused op computes the gate in the experts' dtype, which rounds differently")
+    region.add(cast)
+    return cast
 
 
 def _const(node, default=None):

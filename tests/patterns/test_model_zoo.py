@@ -17,7 +17,7 @@ import torch
 import transformers
 
 import moe_fuser
-from tiny_hf import TOL, randomize, train_step
+from tiny_hf import TOL, randomize, rel_err, train_step
 
 SHRINK = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
               num_attention_heads=2, num_key_value_heads=2, head_dim=16, vocab_size=64, max_position_embeddings=64,
@@ -43,6 +43,7 @@ OVERRIDES = {"deepseek_v4": dict(q_lora_rank=16, o_lora_rank=16, o_groups=2, ind
              "bailing_hybrid": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"], n_group=2, topk_group=1),
              "lfm2_moe": dict(ATTENTION, num_dense_layers=0),
              "granitemoehybrid": dict(ATTENTION, mamba_n_heads=4, mamba_d_head=16, mamba_expand=2),
+             "beam": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"], n_group=2, topk_group=1),
              "jamba": dict(attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0)}
 
 IDS = (2, 7)   # batch, tokens
@@ -54,7 +55,8 @@ GRAD_TOL = {"deepseek_v4": 1e-3}
 ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm4_moe": 2, "afmoe": 1,
        "ernie4_5_moe": 1, "hunyuan_v1_moe": 2, "minimax": 2, "cohere2_moe": 2, "phimoe": 2, "deepseek_v4": 2,
        "qwen3_next": 2, "qwen3_5_moe_text": 2, "kimi_linear": 2, "bailing_hybrid": 2, "lfm2_moe": 2, "jamba": 2,
-       "granitemoehybrid": 2, "deepseek_v32": 2, "glm_moe_dsa": 2, "hy_v4": 1}
+       "granitemoehybrid": 2, "deepseek_v32": 2, "glm_moe_dsa": 2, "hy_v4": 1,
+       "beam": 2}
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
@@ -92,3 +94,19 @@ def test_model_fuses_and_trains_eager_equal(model_type):
     grads = errs.pop("grads")
     assert max(errs.values()) <= TOL[torch.float32] and grads <= GRAD_TOL.get(model_type, TOL[torch.float32]), \
         (errs, grads)
+
+
+def test_gate_computed_in_fp32_inside_a_bf16_model_is_refused():
+    """Beam's gate runs ``act(gate.float()) * up.float()``: a no-op in an fp32 model (fused above), a precision
+    change in a bf16 one, where the fused op would round differently: refused with the reason, nothing fused, the
+    compiled model equals eager."""
+    model = tiny_model("beam").to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, IDS)
+    report = moe_fuser.explain(model, input_ids=ids)
+    assert report.num_fused == 0
+    assert any("cast from torch.bfloat16 to torch.float32" in r.reason for r in report.rejected), report
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager"})(ids).logits
+        want = model(ids).logits
+    assert rel_err(got, want) <= TOL[torch.bfloat16]
