@@ -4,12 +4,12 @@ from a tiny config (one generic shrink), and every MoE layer fuses and trains ea
 Most MoE models in transformers 5 route their experts through ``integrations/moe.py``, so they differ in the router
 and around the experts (shared experts, gates, dense first layers). A model whose config the installed transformers
 does not have, or that does not run from the tiny config in eager (another transformers version may want other
-fields), is skipped with the reason; the fused count is each model's MoE layers out of two (AFMoE and ERNIE-4.5
-keep their first layer dense by default). PhiMoE's router samples experts in training (Gumbel noise, which compiled
-code draws differently from eager), so it runs in eval mode: the router stays as written (external) and the experts
-fuse. DeepSeek-V4's experts clamp gate and up (``swiglu_limit``, ExpertSpec ``limit``); its sqrt-softplus router
-stays as written. The inner compiler is aot_eager: the fusion is the same as under inductor (which the family tests
-use), at a fraction of the compile time.
+fields), is skipped with the reason; the fused count is each model's MoE layers out of two (AFMoE, ERNIE-4.5,
+HY-V3/V4, Laguna and glm4_moe_lite keep their first layer dense by default). PhiMoE's router samples experts in
+training (Gumbel noise, which compiled code draws differently from eager), so it runs in eval mode: the router
+stays as written (external) and the experts fuse. DeepSeek-V4's experts clamp gate and up (``swiglu_limit``,
+ExpertSpec ``limit``); its sqrt-softplus router stays as written. The inner compiler is aot_eager: the fusion is
+the same as under inductor (which the family tests use), at a fraction of the compile time.
 """
 
 import pytest
@@ -56,7 +56,8 @@ ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm
        "ernie4_5_moe": 1, "hunyuan_v1_moe": 2, "minimax": 2, "cohere2_moe": 2, "phimoe": 2, "deepseek_v4": 2,
        "qwen3_next": 2, "qwen3_5_moe_text": 2, "kimi_linear": 2, "bailing_hybrid": 2, "lfm2_moe": 2, "jamba": 2,
        "granitemoehybrid": 2, "deepseek_v32": 2, "glm_moe_dsa": 2, "hy_v4": 1,
-       "beam": 2}
+       "beam": 2, "exaone_moe": 2, "flex_olmo": 2, "solar_open": 2, "mellum": 2, "minimax_m2": 2, "laguna": 1,
+       "kolibri1": 2, "hy_v3": 1, "granitemoe": 2, "granitemoe_swa": 2, "glm4_moe_lite": 1}
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
