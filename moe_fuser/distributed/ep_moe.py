@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .. import lowering
-from ..ops.experts import _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd
+from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd
 from ..ops.fused import _shared_expert, validate
 from ..ops.routing import route, router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
@@ -99,10 +99,7 @@ def _config_crc(activation: str, glu: str, alpha: float, limit: float, biases: S
 
 
 def _local_spec(num_local: int, activation, glu, alpha, limit, has_bias) -> Optional[ExpertSpec]:
-    if num_local == 0:
-        return None
-    return ExpertSpec(num_experts=num_local, activation=activation, glu=glu or None, bias=has_bias, alpha=alpha,
-                      limit=ExpertSpec.from_op_limit(limit))
+    return None if num_local == 0 else _spec(num_local, activation, glu, has_bias, alpha, limit)
 
 
 def _num_local(w1: list[torch.Tensor]) -> int:

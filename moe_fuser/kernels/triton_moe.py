@@ -173,16 +173,23 @@ def _act_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _clamp_gate_up(gate, up, limit, CLAMP: tl.constexpr):
+    """gate and up as the GLU reads them: with CLAMP (GPT-OSS, DeepSeek-V4) the gate at most limit, the up half
+    within +-limit."""
+    if CLAMP:
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+    else:
+        g = gate
+        u = up
+    return g, u
+
+
+@triton.jit
 def _glu(gate, up, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr, CLAMP: tl.constexpr):
-    """The second projection's input from the first projection's output (fp32). CLAMP (GPT-OSS, DeepSeek-V4):
-    the gate is read at most limit, the up half within +-limit."""
+    """The second projection's input from the first projection's output (fp32)."""
     if GATED:
-        if CLAMP:
-            g = tl.minimum(gate, limit)
-            u = tl.minimum(tl.maximum(up, -limit), limit)
-        else:
-            g = gate
-            u = up
+        g, u = _clamp_gate_up(gate, up, limit, CLAMP)
         if ACT == "gpt_oss":
             a = (u + 1.0) * g * tl.sigmoid(alpha * g)
         else:
@@ -196,12 +203,7 @@ def _glu(gate, up, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr, CLAMP: 
 def _glu_grad(gate, up, dA, alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr, CLAMP: tl.constexpr):
     """(d gate, d up) from d a (fp32); d up is unused when not GATED. A clamped value passes no gradient."""
     if GATED:
-        if CLAMP:
-            g = tl.minimum(gate, limit)
-            u = tl.minimum(tl.maximum(up, -limit), limit)
-        else:
-            g = gate
-            u = up
+        g, u = _clamp_gate_up(gate, up, limit, CLAMP)
         if ACT == "gpt_oss":
             s = tl.sigmoid(alpha * g)
             d_up = dA * g * s
@@ -632,8 +634,7 @@ def experts_forward(x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, 
         D, F_, E, B, K, x_TD.stride(0), x_TD.stride(1), *w1.stride(), *w3_.stride(),
         0 if b1 is None else b1.stride(0), 0 if b3 is None else b3.stride(0), h_NH.stride(0), a_NF.stride(0),
         float(alpha), float(limit), GLU=GLU_CODES[glu], ACT=activation, CLAMP=math.isfinite(limit),
-        HAS_B1=b1 is not None,
-        HAS_B3=b3 is not None, BLOCK_M=bm, CAST_F32=cast, PRECISION=prec, **_tiles(c1))
+        HAS_B1=b1 is not None, HAS_B3=b3 is not None, BLOCK_M=bm, CAST_F32=cast, PRECISION=prec, **_tiles(c1))
 
     g_N = topk_weights_TK.flatten().contiguous()
     y_ND, out32 = _row_outputs(N, D, T, dt, dev, atomic)

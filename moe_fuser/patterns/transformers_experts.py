@@ -243,7 +243,7 @@ def _act_from_input(first: fx.Node) -> Optional[tuple[str, fx.Node, list]]:
 def _act_from_output(out) -> Optional[tuple[str, fx.Node, list]]:
     """The activation that ends at node ``out``: (ExpertSpec name, its input, its nodes), or None."""
     r = fxg.squared_relu(out)
-    if r is not None and _plain_act(r) == "relu":
+    if r is not None:
         return "relu2", r.args[0], [out, r]
     name = _plain_act(out) if isinstance(out, fx.Node) else None
     return (name, out.args[0], [out]) if name else None
