@@ -26,7 +26,8 @@ experts per ``bmm`` whose gathered rows fill at most ``PADDED_STREAM_BYTES``, so
 a Python round per tiny expert.
 
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
-holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order.
+holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order; with
+per-expert weight lists, ``h`` in one tensor per range of experts, let go of during the backward (``CpuLowering``).
 Backward rebuilds the same grouping and streams the same expert groups; per group it recomputes the activation
 from ``h`` (elementwise), and runs
 ``dA = dy @ W2``, routing-weight grads as ``rowsum(dA * a) (+ dy . b2)`` (so ``y`` is never kept),
@@ -75,6 +76,9 @@ STREAM_MIN_ROWS = 128
 # take at most this many bytes (at least one expert): smaller groups cost a few ATen calls each (measured: E=128
 # k=8 D=512 bf16 inference ran ~10% slower in groups of 512 or 2048 padded rows than whole).
 PADDED_STREAM_BYTES = 4 << 20
+# The most tensors a training forward with per-expert weight lists saves its first-projection output in (one per
+# range of experts, see ``CpuLowering``): one per expert for up to this many experts.
+MAX_SAVE_CHUNKS = 8
 
 
 def sort_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
@@ -332,14 +336,14 @@ def _pair_weights(G: _Grouping, topk_weights_TK: torch.Tensor, dtype: torch.dtyp
     return topk_weights_TK.flatten()[G.order_n].to(dtype)
 
 
-def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, saved=None, out=None):
-    """The experts on G's rows: gather, first projection (also written to ``saved`` halves when given),
-    activation, routing weight ``g_n`` (folded into the smaller operand), second projection, combine -> [T, D]
-    (added into ``out`` when given). ``w*t``: per-expert [in, out] views (``_transposed``)."""
+def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, saved_rows=None, out=None):
+    """The experts on G's rows: gather, first projection (also written to ``saved_rows``, G's rows of the saved
+    halves, when given), activation, routing weight ``g_n`` (folded into the smaller operand), second projection,
+    combine -> [T, D] (added into ``out`` when given). ``w*t``: per-expert [in, out] views (``_transposed``)."""
     D = x_TD.shape[1]
     F_ = w2t[0].shape[0]
     xs = G.gather(x_TD)
-    save = (None, None) if saved is None else tuple(h[G.start:G.start + G.n] for h in saved)
+    save = (None, None) if saved_rows is None else saved_rows
     parts = (G.mm(xs, w1t, b1, save_to=save[0]),)
     if spec.glu == "separate":
         parts += (G.mm(xs, w3t, b3, save_to=save[1]),)
@@ -358,30 +362,92 @@ def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, s
 
 def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec, saved=None):
     """``_ffn`` over G's expert groups in turn (``_Grouping.groups``), so the temporaries are one group's instead
-    of all T*K rows'. With ``saved`` (training) each group writes its rows of the saved halves."""
+    of all T*K rows'. With ``saved`` (training: ``(part, h)`` pairs, see ``_saved_parts``) each group writes its
+    rows of its part's saved tensor."""
     g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
     ws = (_transposed(w1), _transposed(w2), _transposed(w3), b1, b2, b3)
+    row_bytes = x_TD.shape[1] * x_TD.element_size()
     out_TD = None
-    for sub in G.groups(x_TD.shape[1] * x_TD.element_size()):
-        out_TD = _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, saved=saved, out=out_TD)
+    for part, h in saved if saved is not None else [(G, None)]:
+        halves = None if h is None else _saved_halves(h, spec)
+        for sub in part.groups(row_bytes):
+            rows = None if h is None else _rows_of(halves, sub, part)
+            out_TD = _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, saved_rows=rows, out=out_TD)
     return x_TD.new_zeros(x_TD.shape) if out_TD is None else out_TD
 
 
+def _rows_of(halves, sub: _Grouping, part: _Grouping) -> tuple[torch.Tensor, ...]:
+    """``sub``'s rows of the saved halves of ``part`` (which holds rows from ``part.start`` on)."""
+    off = sub.start - part.start
+    return tuple(h[off:off + sub.n] for h in halves)
+
+
+def expert_chunks(num_experts: int, chunks: int) -> list[tuple[int, int]]:
+    """The expert ranges ``[lo, hi)`` whose rows the saved first-projection output is split into (``chunks``
+    near-equal ranges of consecutive experts)."""
+    return [(c * num_experts // chunks, (c + 1) * num_experts // chunks) for c in range(chunks)]
+
+
+def _saved_parts(G: _Grouping, chunks: int) -> list[Optional[_Grouping]]:
+    """G split along ``expert_chunks``: one sub-grouping per chunk, None for a chunk whose experts got no rows."""
+    parts = []
+    for lo, hi in expert_chunks(G.E, chunks):
+        segs = [s for s in G.segs if lo <= s[0] < hi]
+        parts.append(G._sub(segs) if segs else None)
+    return parts
+
+
+def _release(t: torch.Tensor) -> None:
+    """Drop this tensor object's hold on its storage (see ``CpuLowering``): the memory goes back as soon as no
+    other tensor shares it, and a reader of any other tensor on it still sees its data."""
+    t.set_()
+
+
 class CpuLowering:
+    """The ATen lowering.
+
+    Saving for backward in chunks: with per-expert weight lists (``nn.ModuleList`` models) the eager loop's
+    backward frees each expert's saved activations as it goes while the per-expert weight gradients appear one
+    by one, so its peak is about the gradients plus one expert's temporaries. A single saved ``h [T*K, H]`` would
+    stay alive, whole, until the backward op returns, next to all the gradients. So for such weights on CPU
+    (``save_chunks``) the forward saves ``h`` as one tensor per range of experts (``expert_chunks``), and the
+    backward visits the chunks largest first, allocates each expert's weight gradients when it reaches that
+    expert, and lets go of each chunk as soon as its activation backward is done, when autograd will not run
+    this backward again (no ``retain_graph``; autograd then holds saved tensors only for this one use, and the
+    op wrapper's backward and AOTAutograd's compiled backward both clear their own references first). Letting
+    go is ``Tensor.set_()`` on the op's own argument: memory is freed only if nothing else shares it, so a caller
+    that kept the forward's outputs still reads them intact. A backward handed a chunk already let go of raises.
+    """
+
     name = "cpu"
 
     def available(self, device: torch.device):
         return None
 
-    def forward(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
+    @staticmethod
+    def save_chunks(device: torch.device, stacked: bool, num_experts: int) -> int:
+        """How many tensors the training forward saves ``h`` in (see the class docstring)."""
+        return 1 if stacked or device.type != "cpu" else min(num_experts, MAX_SAVE_CHUNKS)
+
+    def forward(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec,
+                chunks: int = 1):
+        """-> (out, h, order): ``h`` one ``[T*K, H]`` tensor (rows past the kept pairs zero) or, for
+        ``chunks > 1``, a list of that many tensors holding the rows of each of ``expert_chunks``."""
         T, K = topk_ids_TK.shape
         F_ = w2[0].shape[-1]
+        H = 2 * F_ if spec.gated else F_
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3))
-        h_NH = _empty((T * K, 2 * F_ if spec.gated else F_), x_TD)
-        saved = _saved_halves(h_NH, spec)
-        for h in saved:
-            h[G.n:].zero_()
-        return _streamed_ffn(G, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec, saved), h_NH, G.order_N
+        if chunks == 1:
+            h_NH = _empty((T * K, H), x_TD)
+            for h in _saved_halves(h_NH, spec):
+                h[G.n:].zero_()
+            saved = [(G, h_NH)]
+        else:
+            parts = _saved_parts(G, chunks)
+            h_NH = [_empty((0 if p is None else p.n, H), x_TD) for p in parts]
+            saved = [(p, h) for p, h in zip(parts, h_NH) if p is not None]
+        out = _streamed_ffn(G, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec, saved)
+        return out, h_NH, G.order_N
 
     def forward_inference(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
         """Forward that keeps nothing for backward."""
@@ -393,6 +459,16 @@ class CpuLowering:
         need_x, need_weights, need_w = needs_input_grad
         T, K = topk_ids_TK.shape
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3), order_N=order_N)
+        if isinstance(h_NH, torch.Tensor):
+            saved, release = [(G, h_NH)], False
+        else:
+            parts = _saved_parts(G, len(h_NH))
+            if any(h.shape[0] != (0 if p is None else p.n) for p, h in zip(parts, h_NH)):
+                raise RuntimeError("moe_fuser: this MoE layer's saved activations were already released by a "
+                                   "backward pass through it; to backpropagate through the graph again, run "
+                                   "the earlier backward with retain_graph=True")
+            saved = sorted(((p, h) for p, h in zip(parts, h_NH) if p is not None), key=lambda ph: -ph[0].n)
+            release = x_TD.device.type == "cpu" and not torch._C._autograd._get_current_graph_task_keep_graph()
         dx_TD = x_TD.new_zeros(x_TD.shape) if need_x else None
         dweights_N = topk_weights_TK.new_zeros(T * K) if need_weights else None
         grads_w = [None] * 6
@@ -402,36 +478,66 @@ class CpuLowering:
         # Like the forward, backward streams expert groups, so only one group's temporaries are alive next to the
         # gradients (the eager loop's backward frees its per-expert activations as it goes, too).
         g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
-        saved = _saved_halves(h_NH, spec)
-        for sub in G.groups(x_TD.shape[1] * x_TD.element_size()):
-            _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], saved, w1, w2, w3, b2, spec,
-                          dx_TD, dweights_N, grads_w)
+        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        for part, h in saved:
+            halves = _saved_halves(h, spec)
+            subs = list(part.groups(row_bytes))
+            for i, sub in enumerate(subs):
+                done = (lambda h=h: _release(h)) if release and i == len(subs) - 1 else None
+                _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], _rows_of(halves, sub, part),
+                              w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done)
+            del halves
+        grads_w = [g.finish() if isinstance(g, _ExpertGrads) else g for g in grads_w]
         return (dx_TD, None if dweights_N is None else dweights_N.view(T, K), *grads_w)
 
 
+class _ExpertGrads:
+    """Per-expert gradients of a weight list, each allocated when the backward first reaches its expert (so the
+    gradients grow while the saved activations shrink, as in the eager loop), zero for experts with no rows."""
+
+    def __init__(self, ws, zero: bool):
+        self.ws, self.zero = ws, zero
+        self.grads: list[Optional[torch.Tensor]] = [None] * len(ws)
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        if self.grads[e] is None:
+            w = self.ws[e]
+            self.grads[e] = w.new_zeros(w.shape) if self.zero else _empty(w.shape, w)
+        return self.grads[e]
+
+    def finish(self) -> list[torch.Tensor]:
+        return [g if g is not None else w.new_zeros(w.shape) for g, w in zip(self.grads, self.ws)]
+
+
 def _grad_buffer(ws, counts: list[int], zero: bool = False):
-    """A contiguous gradient buffer shaped like ``ws`` (stacked or a list): zeroed, or uninitialised except the
-    slices of experts that got no rows (the GEMMs write every other slice)."""
+    """A gradient buffer shaped like ``ws``: for a stacked tensor, one contiguous buffer, zeroed, or
+    uninitialised except the slices of experts that got no rows (the GEMMs write every other slice); for a list,
+    ``_ExpertGrads``."""
     if ws is None:
         return None
+    if not isinstance(ws, torch.Tensor):
+        return _ExpertGrads(ws, zero)
     if zero:
-        return ws.new_zeros(ws.shape) if isinstance(ws, torch.Tensor) else [w.new_zeros(w.shape) for w in ws]
-    out = _empty(ws.shape, ws) if isinstance(ws, torch.Tensor) else [_empty(w.shape, w) for w in ws]
+        return ws.new_zeros(ws.shape)
+    out = _empty(ws.shape, ws)
     for e, c in enumerate(counts):
         if not c:
             out[e].zero_()
     return out
 
 
-def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved, w1, w2, w3, b2, spec: ExpertSpec,
-                  dx_TD, dweights_N, grads_w) -> None:
-    """Backward of ``_ffn`` on G's rows (routing weights ``g_n``, as in ``_ffn``), accumulating into the given
-    gradient buffers (None: not needed). Temporaries are dropped as soon as their last use is done."""
+def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, spec: ExpertSpec,
+                  dx_TD, dweights_N, grads_w, saved_done=None) -> None:
+    """Backward of ``_ffn`` on G's rows (routing weights ``g_n``, saved halves' rows ``saved_rows``, as in
+    ``_ffn``), accumulating into the given gradient buffers (None: not needed). Temporaries are dropped as soon as
+    their last use is done, and ``saved_done`` (if given) is called once the saved rows are no longer read: the
+    activation's backward comes before the weight gradients so that the saved rows can go before any of G's
+    gradients is allocated."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
     dy = G.gather(grad_TD)  # unweighted
     dA = G.mm(dy, w2)
-    parts = tuple(G.from_sorted(h[G.start:G.start + G.n]) for h in saved)
+    parts = tuple(G.from_sorted(h) for h in saved_rows)
     act_gate = None  # act(gate) of a GLU: needed for a and again for d_up, computed once
     if spec.gated and spec.activation != "gpt_oss":
         gate, up = clamp_gate_up(*(parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)), spec)
@@ -444,18 +550,20 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved, w1, w2, w3, b2, spec:
         if b2 is not None:
             dg = dg + (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32)
         dweights_N.index_copy_(0, G.order_n, G.to_sorted(dg).to(dweights_N.dtype))
+    dA.mul_(g)
+    if spec.glu == "separate":
+        dh_parts = gated_activation_backward(parts[0], parts[1], dA, spec, act_gate)
+    else:
+        dh_parts = (expert_activation_backward(parts[0], dA, spec, act_gate),)
+    del dA, parts, act_gate, saved_rows
+    if saved_done is not None:
+        saved_done()
     dy.mul_(g)
     if dw2 is not None:
         G.wgrad(dy, a, dw2)
         if db2 is not None:
             G.segment_sum(dy, db2)
     del a, dy
-    dA.mul_(g)
-    if spec.glu == "separate":
-        dh_parts = gated_activation_backward(parts[0], parts[1], dA, spec, act_gate)
-    else:
-        dh_parts = (expert_activation_backward(parts[0], dA, spec, act_gate),)
-    del dA, parts, act_gate
     if dx_TD is not None:
         dxs = G.mm(dh_parts[0], w1)
         if spec.glu == "separate":

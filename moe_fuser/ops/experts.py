@@ -11,9 +11,11 @@ per-expert tensors (ModuleList models: never stacked or copied). An empty list m
 configuration travels as scalar arguments (from ``ExpertSpec``), and ``impl`` names the lowering
 (``moe_fuser.lowering``) that runs both directions.
 
-Outputs: ``out [T, D]`` plus ``h [T*K, H]`` and ``order [T*K]`` saved for backward (see ``moe_fuser.lowering``).
-With ``save=False`` (no gradient can flow: the wrapper decides) ``h`` and ``order`` are empty and the lowering's
-``forward_inference`` (if it has one) runs instead, keeping less alive.
+Outputs: ``out [T, D]`` plus ``h`` and ``order [T*K]`` saved for backward (see ``moe_fuser.lowering``). ``h`` is
+a ``Tensor[]`` of ``save`` tensors: one ``[T*K, H]``, or, where the lowering saves in chunks (``save_chunks``:
+the CPU lowering with per-expert weight lists), one tensor per range of experts, whose row counts depend on the
+routing. With ``save=0`` (no gradient can flow: the wrapper decides) ``h`` is empty, ``order`` too, and the
+lowering's ``forward_inference`` (if it has one) runs instead, keeping less alive.
 """
 
 from __future__ import annotations
@@ -61,16 +63,18 @@ def _grouped_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: t
                         w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
                         b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
                         num_experts: int, activation: str, glu: str, alpha: float, limit: float,
-                        impl: str, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        impl: str, save: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
     low = lowering.select(impl, x.device)
     weights = _unpack_all(w1, w2, w3, b1, b2, b3)
     if save:
-        return low.forward(x, topk_weights, topk_ids, *weights, spec)
+        chunked = {"chunks": save} if save > 1 else {}   # only a lowering with save_chunks is asked for chunks
+        out, h, order = low.forward(x, topk_weights, topk_ids, *weights, spec, **chunked)
+        return out, list(h) if chunked else [h], order
     infer = getattr(low, "forward_inference", None)
     out = infer(x, topk_weights, topk_ids, *weights, spec) if infer else \
         low.forward(x, topk_weights, topk_ids, *weights, spec)[0]
-    return out, x.new_empty((0, _hidden_width(w2, glu))), topk_ids.new_empty((0,), dtype=torch.int64)
+    return out, [], topk_ids.new_empty((0,), dtype=torch.int64)
 
 
 def _hidden_width(w2: list[torch.Tensor], glu: str) -> int:
@@ -81,15 +85,19 @@ def _hidden_width(w2: list[torch.Tensor], glu: str) -> int:
 @_grouped_experts_op.register_fake
 def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl, save):
     T, K = topk_ids.shape
-    N = T * K if save else 0
-    return (x.new_empty(x.shape), x.new_empty((N, _hidden_width(w2, glu))),
-            topk_ids.new_empty((N,), dtype=torch.int64))
+    H = _hidden_width(w2, glu)
+    if save > 1:
+        ctx = torch.library.get_ctx()
+        h = [x.new_empty((ctx.new_dynamic_size(), H)) for _ in range(save)]
+    else:
+        h = [x.new_empty((T * K, H))] if save else []
+    return x.new_empty(x.shape), h, topk_ids.new_empty((T * K if save else 0,), dtype=torch.int64)
 
 
 @torch.library.custom_op("moe_fuser::grouped_experts_backward", mutates_args=())
 def _grouped_experts_backward_op(
         grad: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-        h: torch.Tensor, order: torch.Tensor,
+        h: list[torch.Tensor], order: torch.Tensor,
         w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
         b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
         num_experts: int, activation: str, glu: str, alpha: float, limit: float, impl: str,
@@ -98,7 +106,8 @@ def _grouped_experts_backward_op(
                                                list[torch.Tensor]]:
     spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
     low = lowering.select(impl, x.device)
-    dx, dweights, *dws = low.backward(grad, x, topk_weights, topk_ids, h, order,
+    # one saved tensor goes to the lowering as it came; chunks (see the module docstring) as the list
+    dx, dweights, *dws = low.backward(grad, x, topk_weights, topk_ids, h[0] if len(h) == 1 else h, order,
                                       *_unpack_all(w1, w2, w3, b1, b2, b3), spec, tuple(needs_input_grad))
     # Custom ops may not return None or alias inputs: absent grads become empty tensors / lists.
     dx = x.new_zeros(0) if dx is None else dx
@@ -174,17 +183,18 @@ def _setup_context(ctx, inputs, output):
     (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl,
      save) = inputs
     _, h, order = output
-    save_with_weights(ctx, (x, topk_weights, topk_ids, h, order), (w1, w2, w3, b1, b2, b3))
+    save_with_weights(ctx, (x, topk_weights, topk_ids, order, *h), (w1, w2, w3, b1, b2, b3))
     ctx.config = (num_experts, activation, glu, alpha, limit, impl)
-    ctx.saved_h = save
+    ctx.save = save
 
 
 def _backward(ctx, grad_out, grad_h, grad_order):
-    (x, topk_weights, topk_ids, h, order), lists = saved_with_weights(ctx)
+    (x, topk_weights, topk_ids, order, *h), lists = saved_with_weights(ctx)
+    ctx.maybe_clear_saved_tensors()  # unless retain_graph: the lowering may let go of h as it goes
     need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_w = weights_need_grad(ctx)
-    if not ctx.saved_h:  # forward ran without saving (no grad was expected then): recompute h, as checkpointing
-        _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *lists, *ctx.config, True)
+    if not ctx.save:  # forward ran without saving (no grad was expected then): recompute h, as checkpointing
+        _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *lists, *ctx.config, 1)
     dx, dweights, *dws = _grouped_experts_backward_op(
         grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *lists, *ctx.config,
         [need_x, need_weights, need_w])
@@ -201,6 +211,14 @@ def _lowering_name(impl: Optional[str], device_type: str) -> str:
     return lowering.select(impl, torch.device(device_type)).name
 
 
+@torch.compiler.assume_constant_result
+def _save_chunks(name: str, device_type: str, stacked: bool, num_experts: int) -> int:
+    """How many tensors lowering ``name`` saves ``h`` in for backward (``save_chunks``; default one)."""
+    device = torch.device(device_type)
+    chunks = getattr(lowering.select(name, device), "save_chunks", None)
+    return 1 if chunks is None else chunks(device, stacked, num_experts)
+
+
 def grouped_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                     w1: Weights, w2: Weights, w3: Weights = None, b1: Weights = None, b2: Weights = None,
                     b3: Weights = None, *, spec: ExpertSpec, impl: Optional[str] = None) -> torch.Tensor:
@@ -208,7 +226,10 @@ def grouped_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     name = _lowering_name(impl, x_TD.device.type)
     packed = [pack_weights(w) for w in (w1, w2, w3, b1, b2, b3)]
     # Keep h for backward only when a gradient can flow; inference runs the lowering's leaner forward.
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weights_TK, *sum(packed, [])))
+    save = 0
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weights_TK, *sum(packed, []))):
+        stacked = isinstance(w1, torch.Tensor)   # else a list of E tensors: E is static, the list's length
+        save = _save_chunks(name, x_TD.device.type, stacked, 1 if stacked else len(packed[0]))
     out, _, _ = _grouped_experts_op(
         x_TD, topk_weights_TK, topk_ids_TK, *packed, spec.num_experts, spec.activation, spec.glu or "",
         float(spec.alpha), spec.op_limit, name, save)

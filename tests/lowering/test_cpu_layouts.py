@@ -8,6 +8,7 @@ import torch
 
 import moe_fuser
 from moe_fuser.lowering import cpu
+from moe_fuser.ops.experts import _spec
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "ops"))
 from _moe_cases import Case, leaves, rel_err  # noqa: E402
@@ -116,3 +117,92 @@ def test_padded_layout_streams_groups_of_experts(monkeypatch, glu, bias):
     for g, w in zip(torch.autograd.grad(out, ins, grad), torch.autograd.grad(ref, ins, grad)):
         assert rel_err(g, w) < 1e-5
     assert len(seen) > 1 and all(p for p, _, _ in seen)  # the backward streamed padded groups
+
+
+def _training_step_matches_reference(x, logits, kw, retain: bool = False):
+    """Forward + backward of fused_moe(impl="cpu") equal to the reference's; with ``retain``, two backward passes
+    through the same graph, both equal."""
+    out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
+    ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
+    assert rel_err(out, ref) < 1e-5
+    grad = torch.randn_like(out)
+    ins = leaves(x, logits, kw)
+    want = torch.autograd.grad(ref, ins, grad)
+    for _ in range(2 if retain else 1):
+        for g, w in zip(torch.autograd.grad(out, ins, grad, retain_graph=retain), want):
+            assert rel_err(g, w) < 1e-5
+    return out, grad, ins
+
+
+@pytest.mark.parametrize("glu,act,bias", [("separate", "silu", False), ("concat", "gelu", True),
+                                          (None, "relu", True)])
+def test_weight_lists_save_in_chunks_and_let_go(monkeypatch, glu, act, bias):
+    """Per-expert weight lists: the training forward saves h as one tensor per range of experts (some empty:
+    idle experts), the backward lets go of each once used, unless the graph is retained; gradients equal the
+    reference's either way, and a backward through an already released graph says what to do."""
+    saved, released = [], []
+    forward, release = cpu.CpuLowering.forward, cpu._release
+
+    def spy_forward(self, *args, chunks=1, **kwargs):
+        out = forward(self, *args, chunks=chunks, **kwargs)
+        saved.append([h.shape[0] for h in out[1]] if chunks > 1 else None)
+        return out
+
+    monkeypatch.setattr(cpu.CpuLowering, "forward", spy_forward)
+    monkeypatch.setattr(cpu, "_release", lambda t: (released.append(t.shape[0]), release(t)))
+    case = Case(T=9, D=24, F=20, E=11, k=2, dtype=torch.float32, glu=glu, activation=act, bias=bias,
+                as_list=True)
+    x, logits, kw = case.make(requires_grad=True)
+    _training_step_matches_reference(x, logits, kw, retain=True)
+    assert released == []  # retained: every chunk stays for the next backward
+    ids = logits.softmax(-1).topk(2).indices.flatten()
+    counts = torch.bincount(ids, minlength=11).tolist()
+    want = [sum(counts[lo:hi]) for lo, hi in cpu.expert_chunks(11, cpu.MAX_SAVE_CHUNKS)]
+    assert len(want) == 8 and 0 in want
+    assert saved[0] == want
+    _training_step_matches_reference(x, logits, kw)
+    assert sorted(released, reverse=True) == released == sorted([n for n in want if n], reverse=True)
+    # The lowering's backward handed a chunk already let go of says what to do.
+    low, spec = cpu.CpuLowering(), _spec(11, act, glu or "", bias, 1.702, float("inf"))
+    weights, ids = logits.detach().softmax(-1).topk(2)
+    ws = [kw.get(name) for name in ("w1", "w2", "w3", "b1", "b2", "b3")]
+    with torch.no_grad():
+        out, hs, order = low.forward(x, weights, ids, *ws, spec, chunks=8)
+        cpu._release(hs[want.index(max(want))])
+        with pytest.raises(RuntimeError, match="retain_graph=True"):
+            low.backward(torch.randn_like(out), x, weights, ids, hs, order, *ws, spec, (True, True, True))
+
+
+def _peak_bytes(fn) -> int:
+    """Most CPU bytes live at once during ``fn()`` beyond those live before (the profiler's allocation events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cpu_dev = torch._C._autograd.DeviceType.CPU
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == cpu_dev)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_weight_lists_training_peak_memory(monkeypatch):
+    """Saving h per expert and letting go of it during the backward keeps a ModuleList-style training step's peak
+    near its gradients: below the same step with h saved whole, by most of h."""
+    case = Case(T=256, D=64, F=256, E=8, k=2, dtype=torch.float32, glu=None, as_list=True)
+    x, logits, kw = case.make(requires_grad=True)
+    ins = leaves(x, logits, kw)
+
+    def step():
+        moe_fuser.fused_moe(x, logits, **kw, impl="cpu").sum().backward()
+        for t in ins:
+            t.grad = None
+
+    step()
+    chunked = _peak_bytes(step)
+    monkeypatch.setattr(cpu, "MAX_SAVE_CHUNKS", 1)
+    step()
+    whole = _peak_bytes(step)
+    h_bytes = case.T * case.k * case.F * 4
+    assert chunked < whole - 0.6 * h_bytes, (chunked, whole, h_bytes)

@@ -10,7 +10,7 @@ from moe_fuser.ops.experts import _grouped_experts_op
 from _moe_cases import Case, leaves, rel_err
 
 
-def _op_args(T, glu="separate", as_list=False, bias=False, save=True):
+def _op_args(T, glu="separate", as_list=False, bias=False, save=1):
     x, logits, kw = Case(T=T, D=16, F=24, E=4, k=2, dtype=torch.float32, glu=glu, as_list=as_list,
                          bias=bias).make(requires_grad=True)
     weights, ids = logits.detach().softmax(-1).topk(2)
@@ -25,7 +25,7 @@ def _op_args(T, glu="separate", as_list=False, bias=False, save=True):
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(glu=None, bias=True), dict(as_list=True), dict(glu="concat"),
-                                     dict(save=False)])
+                                     dict(save=0), dict(as_list=True, save=3), dict(as_list=True, save=4, bias=True)])
 def test_opcheck(variant):
     torch.library.opcheck(_grouped_experts_op, _op_args(T=7, **variant))
 
