@@ -167,9 +167,13 @@ def register_ep_autograd(op, backward_op) -> None:
     def setup_context(ctx, inputs, output):
         (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config) = inputs
         save_with_weights(ctx, (x, topk_weights, topk_ids, *output[1:], owner), (w1, w2, w3, b1, b2, b3))
+        ctx.mark_non_differentiable(*output[1:])   # kept for the backward only, as in grouped_experts
+        ctx.set_materialize_grads(False)
         ctx.config = tuple(config[:-1])   # without ``save``
 
     def backward(ctx, grad_out, *_unused):
+        if grad_out is None:   # no gradient reached the output (none is materialised)
+            return (None, None, None, *weight_grads([[]] * 6, ctx.lengths), None, *([None] * (len(ctx.config) + 1)))
         (x, topk_weights, topk_ids, *kept, owner), lists = saved_with_weights(ctx)
         dx, dweights, *dws = backward_op(grad_out, x, topk_weights, topk_ids, *kept, *lists, owner, *ctx.config,
                                          weights_need_grad(ctx))
@@ -184,11 +188,17 @@ def _setup_context(ctx, inputs, output):
      save) = inputs
     _, h, order = output
     save_with_weights(ctx, (x, topk_weights, topk_ids, order, *h), (w1, w2, w3, b1, b2, b3))
+    # h and order exist only for the backward: no gradient flows into them, and none is materialised (zeros the
+    # size of h, allocated and filled on every eager backward otherwise)
+    ctx.mark_non_differentiable(*h, order)
+    ctx.set_materialize_grads(False)
     ctx.config = (num_experts, activation, glu, alpha, limit, impl)
     ctx.save = save
 
 
 def _backward(ctx, grad_out, grad_h, grad_order):
+    if grad_out is None:   # no gradient reached the output (grads are not materialised, see _setup_context)
+        return (None, None, None, *weight_grads([[]] * 6, ctx.lengths), *([None] * 7))
     (x, topk_weights, topk_ids, order, *h), lists = saved_with_weights(ctx)
     ctx.maybe_clear_saved_tensors()  # unless retain_graph: the lowering may let go of h as it goes
     need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
