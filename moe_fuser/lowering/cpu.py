@@ -369,17 +369,17 @@ def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, s
     row_bytes = x_TD.shape[1] * x_TD.element_size()
     out_TD = None
     for part, h in saved if saved is not None else [(G, None)]:
-        halves = None if h is None else _saved_halves(h, spec)
         for sub in part.groups(row_bytes):
-            rows = None if h is None else _rows_of(halves, sub, part)
+            rows = None if h is None else _rows_of(h, spec, sub, part)
             out_TD = _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, saved_rows=rows, out=out_TD)
     return x_TD.new_zeros(x_TD.shape) if out_TD is None else out_TD
 
 
-def _rows_of(halves, sub: _Grouping, part: _Grouping) -> tuple[torch.Tensor, ...]:
-    """``sub``'s rows of the saved halves of ``part`` (which holds rows from ``part.start`` on)."""
+def _rows_of(h: torch.Tensor, spec: ExpertSpec, sub: _Grouping, part: _Grouping) -> tuple[torch.Tensor, ...]:
+    """``sub``'s rows of the saved halves in ``h``, which holds ``part``'s rows (from ``part.start`` on). Views:
+    while one is alive, letting go of ``h`` frees nothing."""
     off = sub.start - part.start
-    return tuple(h[off:off + sub.n] for h in halves)
+    return tuple(half[off:off + sub.n] for half in _saved_halves(h, spec))
 
 
 def expert_chunks(num_experts: int, chunks: int) -> list[tuple[int, int]]:
@@ -480,13 +480,11 @@ class CpuLowering:
         g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         for part, h in saved:
-            halves = _saved_halves(h, spec)
             subs = list(part.groups(row_bytes))
             for i, sub in enumerate(subs):
                 done = (lambda h=h: _release(h)) if release and i == len(subs) - 1 else None
-                _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], _rows_of(halves, sub, part),
+                _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], _rows_of(h, spec, sub, part),
                               w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done)
-            del halves
         grads_w = [g.finish() if isinstance(g, _ExpertGrads) else g for g in grads_w]
         return (dx_TD, None if dweights_N is None else dweights_N.view(T, K), *grads_w)
 
@@ -543,6 +541,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
         gate, up = clamp_gate_up(*(parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)), spec)
         act_gate = act_fn(spec.activation, gate)
         a = act_gate * up
+        del gate, up   # views of the saved rows (see saved_done below)
     else:
         a = _activate(parts, spec)
     if dweights_N is not None:
@@ -572,10 +571,10 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
         del dxs
     if dw1 is not None:
         xs = G.gather(x_TD)
-        G.wgrad(dh_parts[0], xs, dw1)
-        if db1 is not None:
-            G.segment_sum(dh_parts[0], db1)
-        if spec.glu == "separate":
-            G.wgrad(dh_parts[1], xs, dw3)
-            if db3 is not None:
-                G.segment_sum(dh_parts[1], db3)
+        dh_parts = list(dh_parts)
+        for dw, db in ((dw1, db1), (dw3, db3))[:len(dh_parts)]:
+            dh = dh_parts.pop(0)   # dropped once used: dW3 is allocated with one [n, F] fewer alive
+            G.wgrad(dh, xs, dw)
+            if db is not None:
+                G.segment_sum(dh, db)
+            del dh
