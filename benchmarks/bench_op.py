@@ -12,6 +12,9 @@ Columns (each one MoE layer of SwiGLU experts, ``expert(x) = w2 @ (silu(w1 @ x) 
   non-bf16 under torch.compile or old torch); the path taken is printed and written to the CSV;
 - ``fused``: ``moe_fuser.fused_moe(x, logits, w1, w2, w3, top_k=K)`` with stacked ``w1, w3 [E, F, D]``,
   ``w2 [E, D, F]`` (separate gate and up), ``impl=None`` (the CPU lowering);
+- ``fused_list`` (``fusL``): the same call on the eager column's own ``ModuleList`` weights, as per-expert lists
+  (what the compiler hands the op for a model written that way): no copy, ragged layout only, and ``h`` saved per
+  expert and let go of during the backward (see ``moe_fuser.lowering.cpu``);
 - ``floor``: the GEMMs alone, on the same routed row counts: rows pre-gathered and contiguous per expert,
   everything arranged outside the timed region. Forward: ``x@w1^T, x@w3^T, a@w2^T`` per expert; training adds
   the six backward GEMMs per expert (``dA = dy@w2``, ``dW2 = dy^T a``, ``dx = dh1@w1 + dh3@w3`` (two),
@@ -90,7 +93,7 @@ CONFIGS = {c.name: c for c in (
 )}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd", "train")
-VARIANTS = ("eager", "hf", "fused")
+VARIANTS = ("eager", "hf", "fused", "fused_list")
 FLOORS = ("floor_mm", "floor_gmm", "floor_bmm")  # Floor's formulations; a cell's floor is the fastest
 SPEED_TOL = 1.10  # acceptance: fused within 1.10x of the GEMM floor
 QUIET_CORES = 0.3  # other processes' load under which the machine counts as quiet enough to time on
@@ -268,7 +271,12 @@ class Case:
             "eager": lambda x, lg: eager_moe(x, lg, self.experts, K),
             "hf": lambda x, lg: hf_moe(x, lg, self.hf, K),
             "fused": lambda x, lg: moe_fuser.fused_moe(x, lg, self.w1, self.w2, self.w3, top_k=K),
+            "fused_list": lambda x, lg: moe_fuser.fused_moe(x, lg, *self.expert_lists(), top_k=K),
         }
+
+    def expert_lists(self):
+        """The ModuleList experts' weights as per-expert lists (w1, w2, w3): the parameters themselves."""
+        return tuple([getattr(ex, name).weight for ex in self.experts] for name in ("w1", "w2", "w3"))
 
     def _leaves(self):
         return [self.x_TD, self.logits_TE, self.w1, self.w2, self.w3, *self.experts.parameters(),
@@ -300,7 +308,7 @@ class Case:
             ref = self.fns["eager"](self.x_TD, self.logits_TE).float()
             scale = ref.abs().max().clamp_min(1e-30)
             return {v: float((self.fns[v](self.x_TD, self.logits_TE).float() - ref).abs().max() / scale)
-                    for v in ("hf", "fused")}
+                    for v in ("hf", "fused", "fused_list")}
 
 
 def measure(case: Case, mode: str, args) -> dict:
@@ -322,24 +330,27 @@ def measure(case: Case, mode: str, args) -> dict:
     def paired(a: str, b: str) -> float:
         return ratio_quartiles(timed.times[a], timed.times[b])[1]
 
-    row["fused/eager"] = paired("fused", "eager")
-    row["fused/floor"] = paired("fused", best)
+    for v in ("fused", "fused_list"):
+        row[f"{v}/eager"] = paired(v, "eager")
+        row[f"{v}/floor"] = paired(v, best)
+        row[f"mem {v}/eager"] = row[f"{v}_mib"] / row["eager_mib"]
     row["hf/floor"] = paired("hf", best)
     row["eager/floor"] = paired("eager", best)
-    row["mem fused/eager"] = row["fused_mib"] / row["eager_mib"]
-    row["ok"] = _verdict(row)
+    row["ok"], row["ok_list"] = _verdict(row, "fused"), _verdict(row, "fused_list")
     return row
 
 
-def _verdict(row) -> str:
-    fails = []
-    if row["fused/eager"] > 1.0:
-        fails.append("slower than eager")
-    if row["fused/floor"] > SPEED_TOL:
-        fails.append(f">{SPEED_TOL:.2f}x floor")
-    if not math.isnan(row["mem fused/eager"]) and row["mem fused/eager"] > 1.0:
-        fails.append("more memory than eager")
-    return "yes" if not fails else "NO: " + ", ".join(fails)
+def _verdict(row, v: str) -> str:
+    """The acceptance of fused variant ``v`` in one cell: "yes", or "NO" and the failed targets (t: slower than
+    eager, f: over SPEED_TOL x the floor, m: more peak memory than eager)."""
+    fails = ""
+    if row[f"{v}/eager"] > 1.0:
+        fails += "t"
+    if row[f"{v}/floor"] > SPEED_TOL:
+        fails += "f"
+    if not math.isnan(row[f"mem {v}/eager"]) and row[f"mem {v}/eager"] > 1.0:
+        fails += "m"
+    return "yes" if not fails else "NO:" + fails
 
 
 def profile_cell(case: Case, mode: str, floor: str, rows: int = 15) -> None:
@@ -362,22 +373,24 @@ def print_table(rows: list[dict], env: dict) -> None:
     print(f"\ntorch {env['torch']}, transformers {env['transformers']}, moe_fuser {env['moe_fuser']} "
           f"({env['git']}); "
           f"CPU {env['cpu']}, {env['threads']} threads, {env['malloc']} malloc; medians in ms, peak MiB")
-    head = ["config", "dtype", "mode", "eager", "hf", "fused", "floor", "by", "fus/eag", "fus/flr", "eag/flr",
-            "hf/flr", "eagMiB", "hfMiB", "fusMiB", "mem f/e", "ok"]
-    fmt = "{:<7}{:<5}{:<6}" + "{:>9}" * 4 + "{:>4}" + "{:>8}" * 4 + "{:>8}" * 3 + "{:>8}  {}"
+    head = ["config", "dtype", "mode", "eager", "hf", "fused", "fusL", "floor", "by", "fus/eag", "fus/flr",
+            "fL/eag", "fL/flr", "eag/flr", "hf/flr", "eagMiB", "hfMiB", "fusMiB", "fLMiB", "ok", "okL"]
+    fmt = "{:<7}{:<6}{:<6}" + "{:>9}" * 5 + "{:>5}" + "{:>8}" * 10 + "  {:<7}{}"
     print(fmt.format(*head))
     for r in rows:
         print(fmt.format(r["config"], r["dtype"], r["mode"],
                          *(f"{r[f'{v}_ms']:.2f}" for v in VARIANTS + ("floor",)), r["floor_by"],
-                         *(f"{r[k]:.2f}" for k in ("fused/eager", "fused/floor", "eager/floor", "hf/floor")),
-                         *(f"{r[f'{v}_mib']:.1f}" for v in VARIANTS),
-                         f"{r['mem fused/eager']:.2f}", r["ok"]))
+                         *(f"{r[k]:.2f}" for k in ("fused/eager", "fused/floor", "fused_list/eager",
+                                                   "fused_list/floor", "eager/floor", "hf/floor")),
+                         *(f"{r[f'{v}_mib']:.1f}" for v in VARIANTS), r["ok"], r["ok_list"]))
     noisy = [f"{r['config']}/{r['dtype']}/{r['mode']}" for r in rows if not r["busy_elsewhere"] < QUIET_CORES]
     if noisy:
         print(f"NOISY: other processes kept >= {QUIET_CORES} cores busy while timing {', '.join(noisy)}; rerun on a "
               "quiet machine (--wait-quiet 600) or with --threads 1")
     n_ok = sum(r["ok"] == "yes" for r in rows)
-    print(f"acceptance (fused <= eager, <= {SPEED_TOL:.2f}x floor, peak <= eager): {n_ok}/{len(rows)} cells pass")
+    n_list = sum(r["ok_list"] == "yes" for r in rows)
+    print(f"acceptance (fused <= eager, <= {SPEED_TOL:.2f}x floor, peak <= eager; NO:t/f/m says which failed): "
+          f"fused {n_ok}/{len(rows)}, fusL {n_list}/{len(rows)} cells pass")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -390,10 +403,10 @@ def plot(rows: list[dict], path: Path) -> None:
               for r in rows]
     xs = range(len(rows))
     fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(rows)), 8), sharex=True)
-    width = 0.27
-    for i, v in enumerate(("eager", "hf", "fused")):
-        ax_t.bar([x + (i - 1) * width for x in xs], [r[f"{v}/floor"] for r in rows], width, label=v)
-        ax_m.bar([x + (i - 1) * width for x in xs], [r[f"{v}_mib"] / r["eager_mib"] for r in rows], width,
+    width = 0.2
+    for i, v in enumerate(VARIANTS):
+        ax_t.bar([x + (i - 1.5) * width for x in xs], [r[f"{v}/floor"] for r in rows], width, label=v)
+        ax_m.bar([x + (i - 1.5) * width for x in xs], [r[f"{v}_mib"] / r["eager_mib"] for r in rows], width,
                  label=v)
     ax_t.axhline(1.0, color="k", lw=0.8)
     ax_t.axhline(SPEED_TOL, color="r", ls="--", lw=0.8, label=f"{SPEED_TOL:.2f}x floor")
@@ -406,7 +419,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_m.set_ylabel("peak memory / eager")
     ax_m.set_xticks(list(xs))
     ax_m.set_xticklabels(labels, fontsize=7)
-    fig.suptitle("MoE layer on CPU: eager loop, transformers grouped_mm, moe_fuser.fused_moe")
+    fig.suptitle("MoE layer on CPU: eager loop, transformers grouped_mm, moe_fuser.fused_moe (stacked, lists)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -476,7 +489,8 @@ def main(argv=None) -> None:
                 row = {"config": cfg.name, "E": cfg.E, "K": cfg.K, "D": cfg.D, "F": cfg.F, "T": cfg.T,
                        "dtype": dt_name, "mode": mode, "experts_hit": case.experts_hit}
                 row.update(measure(case, mode, args))
-                row.update({"hf_err": err["hf"], "fused_err": err["fused"], "hf_path": case.hf_path})
+                row.update({"hf_err": err["hf"], "fused_err": err["fused"], "fused_list_err": err["fused_list"],
+                            "hf_path": case.hf_path})
                 rows.append(row)
                 print(f"[{time.perf_counter() - t_start:6.0f}s] {cfg.label()} {dt_name} {mode}: "
                       f"eager {row['eager_ms']:.2f} hf {row['hf_ms']:.2f} fused {row['fused_ms']:.2f} "
