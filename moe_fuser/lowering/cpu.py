@@ -524,12 +524,22 @@ def _grad_buffer(ws, counts: list[int], zero: bool = False):
     return out
 
 
+def _down_grads(G: _Grouping, dy, a, g, dw2, db2) -> None:
+    """The second projection's weight (and bias) gradients from the gathered output gradient ``dy`` (weighted by
+    the routing weight ``g`` here, in place) and the activation ``a``."""
+    dy.mul_(g)
+    if dw2 is not None:
+        G.wgrad(dy, a, dw2)
+        if db2 is not None:
+            G.segment_sum(dy, db2)
+
+
 def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, spec: ExpertSpec,
                   dx_TD, dweights_N, grads_w, saved_done=None) -> None:
     """Backward of ``_ffn`` on G's rows (routing weights ``g_n``, saved halves' rows ``saved_rows``, as in
     ``_ffn``), accumulating into the given gradient buffers (None: not needed). Temporaries are dropped as soon as
-    their last use is done, and ``saved_done`` (if given) is called once the saved rows are no longer read: the
-    activation's backward comes before the weight gradients so that the saved rows can go before any of G's
+    their last use is done, and ``saved_done`` (if given) is called once the saved rows are no longer read: then
+    the activation's backward comes before the weight gradients, so that the saved rows go before any of G's
     gradients is allocated."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
@@ -549,20 +559,19 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
         if b2 is not None:
             dg = dg + (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32)
         dweights_N.index_copy_(0, G.order_n, G.to_sorted(dg).to(dweights_N.dtype))
+    if saved_done is None:   # nothing to let go of: dW2 first, so that a and dy are gone before dh appears
+        _down_grads(G, dy, a, g, dw2, db2)
+        del a, dy
     dA.mul_(g)
     if spec.glu == "separate":
         dh_parts = gated_activation_backward(parts[0], parts[1], dA, spec, act_gate)
     else:
         dh_parts = (expert_activation_backward(parts[0], dA, spec, act_gate),)
     del dA, parts, act_gate, saved_rows
-    if saved_done is not None:
+    if saved_done is not None:   # the saved rows go before this group's first gradient is allocated
         saved_done()
-    dy.mul_(g)
-    if dw2 is not None:
-        G.wgrad(dy, a, dw2)
-        if db2 is not None:
-            G.segment_sum(dy, db2)
-    del a, dy
+        _down_grads(G, dy, a, g, dw2, db2)
+        del a, dy
     if dx_TD is not None:
         dxs = G.mm(dh_parts[0], w1)
         if spec.glu == "separate":
