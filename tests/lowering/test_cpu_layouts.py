@@ -11,6 +11,8 @@ from moe_fuser.lowering import cpu
 from moe_fuser.ops.experts import _spec
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "ops"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+from _common import peak_bytes  # noqa: E402  (the benchmarks' profiler-based peak of live CPU bytes)
 from _moe_cases import Case, leaves, rel_err  # noqa: E402
 
 
@@ -173,20 +175,6 @@ def test_weight_lists_save_in_chunks_and_let_go(monkeypatch, glu, act, bias):
             low.backward(torch.randn_like(out), x, weights, ids, hs, order, *ws, spec, (True, True, True))
 
 
-def _peak_bytes(fn) -> int:
-    """Most CPU bytes live at once during ``fn()`` beyond those live before (the profiler's allocation events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    cpu_dev = torch._C._autograd.DeviceType.CPU
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == cpu_dev)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("glu", [None, "separate"])
 def test_weight_lists_training_peak_memory(monkeypatch, glu):
     """Saving h per expert and letting go of it during the backward keeps a ModuleList-style training step's peak
@@ -201,9 +189,9 @@ def test_weight_lists_training_peak_memory(monkeypatch, glu):
             t.grad = None
 
     step()
-    chunked = _peak_bytes(step)
+    chunked = peak_bytes(step)
     monkeypatch.setattr(cpu, "MAX_SAVE_CHUNKS", 1)
     step()
-    whole = _peak_bytes(step)
+    whole = peak_bytes(step)
     h_bytes = case.T * case.k * case.F * (2 if glu else 1) * 4
     assert chunked < whole - 0.6 * h_bytes, (chunked, whole, h_bytes)
