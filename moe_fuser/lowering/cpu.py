@@ -397,6 +397,13 @@ def _saved_parts(G: _Grouping, chunks: int) -> list[Optional[_Grouping]]:
     return parts
 
 
+def _graph_kept() -> bool:
+    """Whether autograd may run the current backward again (``retain_graph``, also outside any backward); True
+    where this torch cannot tell (AOTAutograd asks the same private question)."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if kept is None else kept()
+
+
 def _release(t: torch.Tensor) -> None:
     """Drop this tensor object's hold on its storage (see ``CpuLowering``): the memory goes back as soon as no
     other tensor shares it, and a reader of any other tensor on it still sees its data."""
@@ -468,7 +475,7 @@ class CpuLowering:
                                    "backward pass through it; to backpropagate through the graph again, run "
                                    "the earlier backward with retain_graph=True")
             saved = sorted(((p, h) for p, h in zip(parts, h_NH) if p is not None), key=lambda ph: -ph[0].n)
-            release = x_TD.device.type == "cpu" and not torch._C._autograd._get_current_graph_task_keep_graph()
+            release = x_TD.device.type == "cpu" and not _graph_kept()
         dx_TD = x_TD.new_zeros(x_TD.shape) if need_x else None
         dweights_N = topk_weights_TK.new_zeros(T * K) if need_weights else None
         grads_w = [None] * 6
