@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import moe_fuser
 from moe_fuser.ops.routing import apply_capacity, route
 from moe_fuser.spec import CapacitySpec, RouterSpec
-from _moe_cases import Case, rel_err
+from _moe_cases import Case, leaves, rel_err
 
 
 def dense(weights_TK, ids_TK, E):
@@ -79,8 +79,9 @@ def test_capacity_matches_switch_priority():
 
 
 @pytest.mark.parametrize("dropped", ["zero", "passthrough"])
-def test_capacity_in_fused_moe(dropped):
-    x, logits, kw = Case(T=40, D=16, F=24, E=4, k=1, dtype=torch.float32).make(requires_grad=True)
+@pytest.mark.parametrize("as_list", [False, True])   # weight lists: the dropped pairs are in no saved chunk
+def test_capacity_in_fused_moe(dropped, as_list):
+    x, logits, kw = Case(T=40, D=16, F=24, E=4, k=1, dtype=torch.float32, as_list=as_list).make(requires_grad=True)
     out, stats = moe_fuser.fused_moe(x, logits, **kw, capacity=6, dropped=dropped, renormalize=False,
                                      return_router_stats=True)
     ref = moe_fuser.fused_moe(x, logits, **kw, capacity=6, dropped=dropped, renormalize=False, impl="reference")
@@ -92,8 +93,8 @@ def test_capacity_in_fused_moe(dropped):
     else:
         p = logits.detach().softmax(-1).max(-1).values
         assert torch.allclose(out[dropped_rows], p[dropped_rows, None] * x[dropped_rows], atol=1e-6)
-    grads = torch.autograd.grad(out.sum(), [x, logits, kw["w1"]])
-    want = torch.autograd.grad(ref.sum(), [x, logits, kw["w1"]])
+    grads = torch.autograd.grad(out.sum(), leaves(x, logits, kw))
+    want = torch.autograd.grad(ref.sum(), leaves(x, logits, kw))
     assert all(rel_err(g, w) < 1e-5 for g, w in zip(grads, want))
 
 
