@@ -27,8 +27,7 @@ import torch
 from .. import lowering
 from ..spec import ExpertSpec
 
-__all__ = ["fake_weight_grads", "grouped_experts", "pack_weights", "register_ep_autograd", "save_with_weights",
-           "saved_with_weights", "weight_grads", "weights_need_grad"]
+__all__ = ["fake_weight_grads", "grouped_experts", "pack_weights", "register_ep_autograd"]
 
 Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]
 
@@ -159,6 +158,14 @@ def weight_grads(dws: Sequence[list[torch.Tensor]], lengths: Sequence[int]) -> l
     return [list(g) if g else [None] * n for g, n in zip(dws, lengths)]
 
 
+def _input_grads(ctx, dx, dweights, dws: Sequence[list[torch.Tensor]], trailing: int) -> tuple:
+    """An experts op's gradients as autograd wants them for its inputs ``(x, topk_weights, topk_ids, w1, w2, w3,
+    b1, b2, b3, *trailing inputs without gradient)``: x's and the routing weights' only where asked for, the
+    weight lists per tensor (``weight_grads``; an empty list: none)."""
+    return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None,
+            *weight_grads(dws, ctx.lengths), *([None] * trailing))
+
+
 def register_ep_autograd(op, backward_op) -> None:
     """The autograd formula of an expert-parallel experts op (moe_fuser's exchange, the npu lowering's): inputs
     ``(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config, save)``, outputs ``(out, *kept)``, and
@@ -172,13 +179,13 @@ def register_ep_autograd(op, backward_op) -> None:
         ctx.config = tuple(config[:-1])   # without ``save``
 
     def backward(ctx, grad_out, *_unused):
+        trailing = 1 + len(ctx.config) + 1   # owner, the config, save
         if grad_out is None:   # no gradient reached the output (none is materialised)
-            return (None, None, None, *weight_grads([[]] * 6, ctx.lengths), None, *([None] * (len(ctx.config) + 1)))
+            return _input_grads(ctx, None, None, [[]] * 6, trailing)
         (x, topk_weights, topk_ids, *kept, owner), lists = saved_with_weights(ctx)
         dx, dweights, *dws = backward_op(grad_out, x, topk_weights, topk_ids, *kept, *lists, owner, *ctx.config,
                                          weights_need_grad(ctx))
-        return (dx if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None, None,
-                *weight_grads(dws, ctx.lengths), None, *([None] * (len(ctx.config) + 1)))
+        return _input_grads(ctx, dx, dweights, dws, trailing)
 
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -196,9 +203,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save = save
 
 
+_CONFIG_INPUTS = 7   # num_experts, activation, glu, alpha, limit, impl, save: no gradient
+
+
 def _backward(ctx, grad_out, grad_h, grad_order):
     if grad_out is None:   # no gradient reached the output (grads are not materialised, see _setup_context)
-        return (None, None, None, *weight_grads([[]] * 6, ctx.lengths), *([None] * 7))
+        return _input_grads(ctx, None, None, [[]] * 6, _CONFIG_INPUTS)
     (x, topk_weights, topk_ids, order, *h), lists = saved_with_weights(ctx)
     ctx.maybe_clear_saved_tensors()  # unless retain_graph: the lowering may let go of h as it goes
     need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -208,8 +218,7 @@ def _backward(ctx, grad_out, grad_h, grad_order):
     dx, dweights, *dws = _grouped_experts_backward_op(
         grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *lists, *ctx.config,
         [need_x, need_weights, need_w])
-    return (dx if need_x else None, dweights if need_weights else None, None, *weight_grads(dws, ctx.lengths),
-            None, None, None, None, None, None, None)
+    return _input_grads(ctx, dx, dweights, dws, _CONFIG_INPUTS)
 
 
 _grouped_experts_op.register_autograd(_backward, setup_context=_setup_context)
