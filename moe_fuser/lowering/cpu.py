@@ -20,10 +20,9 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 4. one ``index_add_`` combines into ``out [T, D]``: no ``[T, K, D]`` tensor, no per-token weight copy.
 
 Both forwards (``forward`` saving for backward, ``forward_inference`` keeping nothing) stream groups of
-consecutive experts through steps 3-4: ragged groups of at most the largest expert's rows (and at least
-``STREAM_MIN_ROWS``), so temporaries stay near one expert's, as in the eager loop; padded groups of several tiny
-experts per ``bmm`` whose gathered rows fill at most ``PADDED_STREAM_BYTES``, so temporaries stay bounded without
-a Python round per tiny expert.
+consecutive experts through steps 3-4: ragged groups of at most the largest expert's rows, so temporaries stay
+at one expert's, as in the eager loop; padded groups of several tiny experts per ``bmm`` whose gathered rows fill
+at most ``PADDED_STREAM_BYTES``, so temporaries stay bounded without a Python round per tiny expert.
 
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order; with
@@ -69,9 +68,6 @@ except (OSError, AttributeError):
 PADDED_MAX_MEAN_ROWS = 96
 # ... and the padding at most multiplies the rows by this.
 PADDED_MAX_WASTE = 2.0
-# Streaming (inference and backward, ragged layout) visits groups of consecutive experts of at most
-# max(largest expert's rows, this) rows: bounded temporaries without a Python round per tiny expert (decode).
-STREAM_MIN_ROWS = 128
 # The padded layout streams groups of consecutive experts whose gathered input rows (E_group * C * D elements)
 # take at most this many bytes (at least one expert): smaller groups cost a few ATen calls each (measured: E=128
 # k=8 D=512 bf16 inference ran ~10% slower in groups of 512 or 2048 padded rows than whole).
@@ -172,8 +168,8 @@ class _Grouping:
 
     def groups(self, row_bytes: int):
         """This grouping as consecutive expert groups to stream (itself when small): ragged groups of at most
-        max(C, ``STREAM_MIN_ROWS``) rows; padded groups whose gathered rows (``row_bytes`` each) fill at most
-        ``PADDED_STREAM_BYTES``."""
+        C rows (the largest expert's: the eager loop's temporaries are one expert's, and so are these); padded
+        groups whose gathered rows (``row_bytes`` each) fill at most ``PADDED_STREAM_BYTES``."""
         if self.padded:
             per = max(1, PADDED_STREAM_BYTES // (row_bytes * self.C))
             if per >= len(self.segs):
@@ -182,13 +178,12 @@ class _Grouping:
                 for i in range(0, len(self.segs), per):
                     yield self._sub(self.segs[i:i + per])
             return
-        max_rows = max(self.C, STREAM_MIN_ROWS)
-        if self.n <= max_rows:
+        if self.n <= self.C:
             yield self
             return
         first = 0
         for i, (_, start, stop) in enumerate(self.segs):
-            if i > first and stop - self.segs[first][1] > max_rows:
+            if i > first and stop - self.segs[first][1] > self.C:
                 yield self._sub(self.segs[first:i])
                 first = i
         if self.segs:

@@ -25,7 +25,6 @@ def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
     # Forward and backward then stream several expert groups (each group writes / reads its rows of the saved h).
-    monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)
     monkeypatch.setattr(cpu, "PADDED_STREAM_BYTES", 1)
     used = []
     init = cpu._Grouping.__init__
@@ -82,10 +81,8 @@ def _inference_matches_reference(case: Case):
 
 @pytest.mark.parametrize("glu,bias", [("separate", False), ("concat", True), (None, True)])
 def test_inference_streams_expert_groups(monkeypatch, glu, bias):
-    """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows,
-    with the minimum group size lowered to 1 here)."""
+    """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows)."""
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
-    monkeypatch.setattr(cpu, "STREAM_MIN_ROWS", 1)
     seen = _streamed(monkeypatch)
     _, logits, _ = _inference_matches_reference(Case(T=60, D=24, F=20, E=7, k=2, dtype=torch.float32, glu=glu,
                                                      bias=bias))
