@@ -20,9 +20,10 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 4. one ``index_add_`` combines into ``out [T, D]``: no ``[T, K, D]`` tensor, no per-token weight copy.
 
 Both forwards (``forward`` saving for backward, ``forward_inference`` keeping nothing) stream groups of
-consecutive experts through steps 3-4: ragged groups of at most the largest expert's rows, so temporaries stay
-at one expert's, as in the eager loop; padded groups of several tiny experts per ``bmm`` whose gathered rows fill
-at most ``PADDED_STREAM_BYTES``, so temporaries stay bounded without a Python round per tiny expert.
+consecutive experts through steps 3-4: ragged groups of at most the largest expert's rows (in training at least
+``TRAIN_STREAM_MIN_ROWS``), so temporaries stay at one expert's, as in the eager loop; padded groups of several
+tiny experts per ``bmm`` whose gathered rows fill at most ``PADDED_STREAM_BYTES``, so temporaries stay bounded
+without a Python round per tiny expert.
 
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order; with
@@ -68,6 +69,11 @@ except (OSError, AttributeError):
 PADDED_MAX_MEAN_ROWS = 96
 # ... and the padding at most multiplies the rows by this.
 PADDED_MAX_WASTE = 2.0
+# Training (forward and backward) streams ragged groups of at least this many rows, several tiny experts each: the
+# saved activations and weight gradients dwarf a group's temporaries there, and one Python round of ~25 ATen calls
+# per expert made a training step 22% slower (E=128 k=8 D=512 F=128 T=256 bf16, weight lists). Inference keeps
+# groups at one expert's rows.
+TRAIN_STREAM_MIN_ROWS = 128
 # The padded layout streams groups of consecutive experts whose gathered input rows (E_group * C * D elements)
 # take at most this many bytes (at least one expert): smaller groups cost a few ATen calls each (measured: E=128
 # k=8 D=512 bf16 inference ran ~10% slower in groups of 512 or 2048 padded rows than whole).
@@ -166,10 +172,10 @@ class _Grouping:
         self.ptok.index_copy_(0, self.prow_n, self.tok_n)
         self.ptok_gather = torch.full_like(self.ptok, self.T).index_copy_(0, self.prow_n, self.tok_n)
 
-    def groups(self, row_bytes: int):
+    def groups(self, row_bytes: int, min_rows: int = 0):
         """This grouping as consecutive expert groups to stream (itself when small): ragged groups of at most
-        C rows (the largest expert's: the eager loop's temporaries are one expert's, and so are these); padded
-        groups whose gathered rows (``row_bytes`` each) fill at most ``PADDED_STREAM_BYTES``."""
+        max(C, ``min_rows``) rows (C, the largest expert's: the eager loop's temporaries are one expert's, and so
+        are these); padded groups whose gathered rows (``row_bytes`` each) fill at most ``PADDED_STREAM_BYTES``."""
         if self.padded:
             per = max(1, PADDED_STREAM_BYTES // (row_bytes * self.C))
             if per >= len(self.segs):
@@ -178,12 +184,13 @@ class _Grouping:
                 for i in range(0, len(self.segs), per):
                     yield self._sub(self.segs[i:i + per])
             return
-        if self.n <= self.C:
+        max_rows = max(self.C, min_rows)
+        if self.n <= max_rows:
             yield self
             return
         first = 0
         for i, (_, start, stop) in enumerate(self.segs):
-            if i > first and stop - self.segs[first][1] > self.C:
+            if i > first and stop - self.segs[first][1] > max_rows:
                 yield self._sub(self.segs[first:i])
                 first = i
         if self.segs:
@@ -364,7 +371,7 @@ def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, s
     row_bytes = x_TD.shape[1] * x_TD.element_size()
     out_TD = None
     for part, h in saved if saved is not None else [(G, None)]:
-        for sub in part.groups(row_bytes):
+        for sub in part.groups(row_bytes, 0 if h is None else TRAIN_STREAM_MIN_ROWS):
             rows = None if h is None else _rows_of(h, spec, sub, part)
             out_TD = _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, saved_rows=rows, out=out_TD)
     return x_TD.new_zeros(x_TD.shape) if out_TD is None else out_TD
@@ -482,7 +489,7 @@ class CpuLowering:
         g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         for part, h in saved:
-            subs = list(part.groups(row_bytes))
+            subs = list(part.groups(row_bytes, TRAIN_STREAM_MIN_ROWS))
             for i, sub in enumerate(subs):
                 done = (lambda h=h: _release(h)) if release and i == len(subs) - 1 else None
                 _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], _rows_of(h, spec, sub, part),

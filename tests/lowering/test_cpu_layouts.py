@@ -25,6 +25,7 @@ def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
     # Forward and backward then stream several expert groups (each group writes / reads its rows of the saved h).
+    monkeypatch.setattr(cpu, "TRAIN_STREAM_MIN_ROWS", 1)
     monkeypatch.setattr(cpu, "PADDED_STREAM_BYTES", 1)
     used = []
     init = cpu._Grouping.__init__
@@ -61,8 +62,8 @@ def _streamed(monkeypatch) -> list:
     seen = []
     groups = cpu._Grouping.groups
 
-    def spy(self, row_bytes):
-        for sub in groups(self, row_bytes):
+    def spy(self, row_bytes, min_rows=0):
+        for sub in groups(self, row_bytes, min_rows):
             seen.append((sub.padded, len(sub.segs), sub.n))
             yield sub
 
