@@ -71,8 +71,8 @@ PADDED_MAX_MEAN_ROWS = 96
 PADDED_MAX_WASTE = 2.0
 # Training (forward and backward) streams ragged groups of at least this many rows, several tiny experts each: the
 # saved activations and weight gradients dwarf a group's temporaries there, and one Python round of ~25 ATen calls
-# per expert made a training step 22% slower (E=128 k=8 D=512 F=128 T=256 bf16, weight lists). Inference keeps
-# groups at one expert's rows.
+# per expert made a training step 22% slower (E=128 k=8 D=512 F=128 T=256 bf16, weight lists). Inference groups
+# stay within the output's size (``_streamed_ffn``): one expert's rows at decode, where rows are wide (2F = 7168).
 TRAIN_STREAM_MIN_ROWS = 128
 # The padded layout streams groups of consecutive experts whose gathered input rows (E_group * C * D elements)
 # take at most this many bytes (at least one expert): smaller groups cost a few ATen calls each (measured: E=128
@@ -368,10 +368,16 @@ def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, s
     rows of its part's saved tensor."""
     g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
     ws = (_transposed(w1), _transposed(w2), _transposed(w3), b1, b2, b3)
-    row_bytes = x_TD.shape[1] * x_TD.element_size()
+    T, D = x_TD.shape
+    row_bytes = D * x_TD.element_size()
+    if saved is None:   # inference: a group's temporaries (rows of xs, h, a, y) within one expert's or the output's
+        F_ = w2[0].shape[-1]
+        min_rows = T * D // (2 * D + (2 * F_ if spec.gated else F_) + F_)
+    else:
+        min_rows = TRAIN_STREAM_MIN_ROWS
     out_TD = None
     for part, h in saved if saved is not None else [(G, None)]:
-        for sub in part.groups(row_bytes, 0 if h is None else TRAIN_STREAM_MIN_ROWS):
+        for sub in part.groups(row_bytes, min_rows):
             rows = None if h is None else _rows_of(h, spec, sub, part)
             out_TD = _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, saved_rows=rows, out=out_TD)
     return x_TD.new_zeros(x_TD.shape) if out_TD is None else out_TD

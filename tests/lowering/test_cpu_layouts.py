@@ -92,6 +92,26 @@ def test_inference_streams_expert_groups(monkeypatch, glu, bias):
     assert max(n for _, _, n in seen) <= counts.max()
 
 
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_inference_groups_tiny_experts_within_the_output_size(monkeypatch, wide):
+    """Tiny experts with narrow rows share a group whose temporaries (rows of xs, h, a, y: 2D + 3F elements for a
+    GLU) fit in the [T, D] output; wide rows (decode: F >> D) go one expert at a time."""
+    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
+    seen = _streamed(monkeypatch)
+    T, D, F_, E = (6, 16, 96, 4) if wide else (64, 32, 8, 32)
+    _, logits, _ = _inference_matches_reference(Case(T=T, D=D, F=F_, E=E, k=2, dtype=torch.float32,
+                                                     glu="separate"))
+    counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=E)
+    budget_rows = T * D // (2 * D + 3 * F_)
+    assert sum(n for _, _, n in seen) == 2 * T
+    assert all(n <= max(int(counts.max()), budget_rows) for _, _, n in seen)
+    if wide:
+        assert budget_rows == 0 and len(seen) == int((counts > 0).sum())   # one group per active expert
+    else:
+        assert budget_rows > counts.max() and len(seen) > 1
+        assert max(n for _, _, n in seen) > counts.max()   # several experts per group, beyond the largest's rows
+
 @pytest.mark.parametrize("glu,bias", [("separate", True), ("concat", False), (None, True)])
 def test_padded_layout_streams_groups_of_experts(monkeypatch, glu, bias):
     """The padded layout runs several experts per bmm, in groups whose gathered rows fill at most
