@@ -20,10 +20,11 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 4. one ``index_add_`` combines into ``out [T, D]``: no ``[T, K, D]`` tensor, no per-token weight copy.
 
 Both forwards (``forward`` saving for backward, ``forward_inference`` keeping nothing) stream groups of
-consecutive experts through steps 3-4: ragged groups of at most the largest expert's rows (in training at least
-``TRAIN_STREAM_MIN_ROWS``), so temporaries stay at one expert's, as in the eager loop; padded groups of several
-tiny experts per ``bmm`` whose gathered rows fill at most ``PADDED_STREAM_BYTES``, so temporaries stay bounded
-without a Python round per tiny expert.
+consecutive experts through steps 3-4: ragged groups of the largest expert's rows (as the eager loop's
+temporaries are one expert's) or, for tiny experts, of as many rows as keep the temporaries within the size of the
+``[T, D]`` output (inference) or ``TRAIN_STREAM_MIN_ROWS`` (training); padded groups of several tiny experts per
+``bmm`` whose gathered rows fill at most ``PADDED_STREAM_BYTES``. Temporaries stay bounded without a Python round
+per tiny expert.
 
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order; with
