@@ -225,7 +225,8 @@ def _ep_experts_backward_op(
         if need_w:
             for acc, g in zip(grads_w, dws):
                 for a, gi in zip(acc, pack_weights(g)):
-                    a.add_(gi)
+                    if gi is not None:   # None: an expert that got no rows in this chunk
+                        a.add_(gi)
         return dx_RD, dweights_RS.reshape(-1)[slot_n].to(torch.float32)
 
     plan, back = disp.run(plan, lambda c: grad.index_select(0, plan.origin[c].tok_rows), compute)

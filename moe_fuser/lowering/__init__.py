@@ -13,10 +13,11 @@ The contract every lowering keeps (``ExpertsLowering``): ``forward`` returns ``(
 ``order_N`` is the stable argsort of the flattened expert ids (dropped slots, id -1, last) and ``h_NH`` (shape
 ``[T*K, H]``, the input's dtype) holds the first projection's output in that order, saved for backward; the
 layout of its columns (or storage) is private to the lowering, since only its own ``backward`` reads it.
-``backward`` returns the gradients in the op's order. A lowering may save ``h`` in several tensors instead: it
-then has ``save_chunks(device, stacked, num_experts) -> int``, and ``forward(..., chunks=n)`` for ``n > 1``
-returns a list of ``n`` tensors (row counts its own), which ``backward`` receives as that list (``cpu`` does, for
-per-expert weight lists; see ``CpuLowering``).
+``backward`` returns the gradients in the op's order; in a per-expert weight list's gradients, None marks an
+expert that got no rows (no gradient, as in an eager loop that skips it). A lowering may save ``h`` in several
+tensors instead: it then has ``save_chunks(device, stacked, num_experts) -> int``, and ``forward(..., chunks=n)``
+for ``n > 1`` returns a list of ``n`` tensors (row counts its own), which ``backward`` receives as that list
+(``cpu`` does, for per-expert weight lists; see ``CpuLowering``).
 
 Lowerings: ``cpu`` (``cpu.py``, ATen, any device), ``triton`` (``cuda.py``, Triton kernels in
 ``moe_fuser.kernels``), ``npu`` (``npu.py``, torch_npu's fused MoE ops).

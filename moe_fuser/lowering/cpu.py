@@ -33,9 +33,10 @@ Backward rebuilds the same grouping and streams the same expert groups; per grou
 from ``h`` (elementwise), and runs
 ``dA = dy @ W2``, routing-weight grads as ``rowsum(dA * a) (+ dy . b2)`` (so ``y`` is never kept),
 the activation's backward, ``dx``, ``dW1``/``dW3``, ``dW2`` and bias grads as grouped GEMMs and segment sums.
-Weight grads are allocated empty and written by the GEMMs (idle experts zeroed), never zero-filled first, and
-every large fresh buffer is advised for transparent huge pages (``_advise_huge_pages``): on CPU, first-touch page
-faults of fresh stacked weight gradients otherwise cost more than the elementwise work of the whole layer.
+Weight grads are allocated empty and written by the GEMMs (idle experts zeroed in a stacked buffer, None in a
+weight list), never zero-filled first, and every large fresh buffer is advised for transparent huge pages
+(``_advise_huge_pages``): on CPU, first-touch page faults of fresh stacked weight gradients otherwise cost more
+than the elementwise work of the whole layer.
 
 Legend: T tokens, D model dim, F expert hidden dim, H = F (plain) or 2F (gated), E experts, K top-k,
 N = T*K pairs, n kept pairs, C rows per expert in the padded layout, X any feature dim.
@@ -507,7 +508,8 @@ class CpuLowering:
 
 class _ExpertGrads:
     """Per-expert gradients of a weight list, each allocated when the backward first reaches its expert (so the
-    gradients grow while the saved activations shrink, as in the eager loop), zero for experts with no rows."""
+    gradients grow while the saved activations shrink, as in the eager loop), None for experts with no rows (the
+    eager loop never touches them; the op turns None into zeros where it must return a tensor)."""
 
     def __init__(self, ws, zero: bool):
         self.ws, self.zero = ws, zero
@@ -519,8 +521,8 @@ class _ExpertGrads:
             self.grads[e] = w.new_zeros(w.shape) if self.zero else _empty(w.shape, w)
         return self.grads[e]
 
-    def finish(self) -> list[torch.Tensor]:
-        return [g if g is not None else w.new_zeros(w.shape) for g, w in zip(self.grads, self.ws)]
+    def finish(self) -> list[Optional[torch.Tensor]]:
+        return self.grads
 
 
 def _grad_buffer(ws, counts: list[int], zero: bool = False):

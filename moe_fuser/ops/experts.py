@@ -20,9 +20,11 @@ lowering's ``forward_inference`` (if it has one) runs instead, keeping less aliv
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence, Union
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import lowering
 from ..spec import ExpertSpec
@@ -103,15 +105,35 @@ def _grouped_experts_backward_op(
         needs_input_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                                list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
                                                list[torch.Tensor]]:
+    dx, dweights, dws = _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3,
+                                          num_experts, activation, glu, alpha, limit, impl, needs_input_grad)
+    # Custom ops may not return None or alias inputs: absent grads become empty tensors / lists, and an expert
+    # without a gradient gets zeros.
+    dx = x.new_zeros(0) if dx is None else dx
+    dweights = topk_weights.new_zeros(0) if dweights is None else dweights
+    return (dx, dweights, *[[w.new_zeros(w.shape) if g is None else g for g, w in zip(gs, ws)]
+                            for gs, ws in zip(dws, (w1, w2, w3, b1, b2, b3))])
+
+
+def _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation,
+                      glu, alpha, limit, impl, needs_input_grad):
+    """What the backward op computes: ``(dx, dweights, six weight-gradient lists)``, None where not needed, and
+    None in a per-expert list for an expert that got no rows (``moe_fuser.lowering``)."""
     spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
     low = lowering.select(impl, x.device)
     # one saved tensor goes to the lowering as it came; chunks (see the module docstring) as the list
     dx, dweights, *dws = low.backward(grad, x, topk_weights, topk_ids, h[0] if len(h) == 1 else h, order,
                                       *_unpack_all(w1, w2, w3, b1, b2, b3), spec, tuple(needs_input_grad))
-    # Custom ops may not return None or alias inputs: absent grads become empty tensors / lists.
-    dx = x.new_zeros(0) if dx is None else dx
-    dweights = topk_weights.new_zeros(0) if dweights is None else dweights
-    return (dx, dweights, *[pack_weights(g) for g in dws])
+    return dx, dweights, [pack_weights(g) for g in dws]
+
+
+def _runs_eagerly(t: torch.Tensor) -> bool:
+    """Whether a backward runs on real tensors with no dispatch mode or compiled autograd watching, so that it may
+    return what depends on the data. Traced (AOTAutograd, compiled autograd, make_fx) it must return what the
+    backward op's fake kernel promises."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return not (is_fake(t) or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
+                or (ca is not None and ca.in_compiled_autograd_region))
 
 
 @_grouped_experts_backward_op.register_fake
@@ -215,9 +237,14 @@ def _backward(ctx, grad_out, grad_h, grad_order):
     need_w = weights_need_grad(ctx)
     if not ctx.save:  # forward ran without saving (no grad was expected then): recompute h, as checkpointing
         _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *lists, *ctx.config, 1)
-    dx, dweights, *dws = _grouped_experts_backward_op(
-        grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *lists, *ctx.config,
-        [need_x, need_weights, need_w])
+    args = (grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *lists, *ctx.config,
+            [need_x, need_weights, need_w])
+    if _runs_eagerly(grad_out):
+        # No graph to keep consistent: an expert that got no rows keeps no gradient (None, as in an eager loop
+        # that skips it; an optimizer then leaves it alone) instead of the zeros the op's fixed outputs force.
+        dx, dweights, dws = _experts_backward(*args)
+    else:
+        dx, dweights, *dws = _grouped_experts_backward_op(*args)
     return _input_grads(ctx, dx, dweights, dws, _CONFIG_INPUTS)
 
 
