@@ -307,8 +307,11 @@ class _Grouping:
         """A per-expert vector (a bias) broadcast to every row."""
         if self.padded:
             return self._mine(bs).unsqueeze(1)
-        stacked = bs if isinstance(bs, torch.Tensor) else torch.stack(list(bs))
-        return stacked[self.expert_n]
+        if isinstance(bs, torch.Tensor):
+            return bs[self.expert_n]
+        # a list: this grouping's experts only, each broadcast over its rows (no copy for a single expert)
+        rows = [bs[e].expand(stop - start, -1) for e, start, stop in self.segs]
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def _segments(counts: list[int]) -> list[tuple[int, int, int]]:

@@ -45,11 +45,14 @@ class Case:
             kw["w3"] = experts(self.F, self.D, scale_in)
         elif self.glu is not None:
             kw["gate_up"] = self.glu
-        if self.bias:
-            kw["b1"] = rnd(self.E, H, scale=0.1)
-            kw["b2"] = rnd(self.E, self.D, scale=0.1)
+        if self.bias:   # per-expert lists too with as_list (a ModuleList of biased Linears)
+            def biases(n):
+                return [rnd(n, scale=0.1) for _ in range(self.E)] if self.as_list else rnd(self.E, n, scale=0.1)
+
+            kw["b1"] = biases(H)
+            kw["b2"] = biases(self.D)
             if self.glu == "separate":
-                kw["b3"] = rnd(self.E, self.F, scale=0.1)
+                kw["b3"] = biases(self.F)
         return x, logits, kw
 
 
