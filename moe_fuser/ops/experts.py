@@ -239,9 +239,10 @@ def _backward(ctx, grad_out, grad_h, grad_order):
         _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *lists, *ctx.config, 1)
     args = (grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *lists, *ctx.config,
             [need_x, need_weights, need_w])
-    if _runs_eagerly(grad_out):
+    if _runs_eagerly(grad_out) and not torch.is_grad_enabled():
         # No graph to keep consistent: an expert that got no rows keeps no gradient (None, as in an eager loop
         # that skips it; an optimizer then leaves it alone) instead of the zeros the op's fixed outputs force.
+        # (Grad mode is on here only for create_graph=True: the backward op then says it has no derivative.)
         dx, dweights, dws = _experts_backward(*args)
     else:
         dx, dweights, *dws = _grouped_experts_backward_op(*args)

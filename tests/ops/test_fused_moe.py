@@ -79,6 +79,17 @@ def test_idle_experts_of_weight_lists_keep_no_gradient(compiled):
                 assert w.grad is None, f"{n}[{e}]"
 
 
+@pytest.mark.parametrize("as_list", [False, True])
+def test_double_backward_says_the_backward_has_no_derivative(as_list):
+    """create_graph=True builds the first gradient through the backward op, and backpropagating through that
+    gradient then fails naming the op, instead of failing inside the lowering or dropping the term silently."""
+    x, logits, kw = Case(T=7, D=12, F=20, E=4, k=2, dtype=torch.float32, as_list=as_list).make(requires_grad=True)
+    gx, = torch.autograd.grad(moe_fuser.fused_moe(x, logits, **kw).square().sum(), x, create_graph=True)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="grouped_experts_backward.*no autograd formula"):
+        gx.sum().backward()
+
+
 def test_per_expert_lists_are_not_copied():
     """ModuleList-style weights must reach the GEMMs as they are: no stack/cat of expert weights per call."""
     x, logits, kw = Case(T=9, D=16, F=24, E=4, k=2, dtype=torch.float32, as_list=True).make(requires_grad=True)
