@@ -198,6 +198,17 @@ def _ep_experts_backward_op(
         activation: str, glu: str, alpha: float, limit: float, impl: str, need_w: bool
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
            list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    dx_TD, dweights_TK, *grads_w = _ep_backward(
+        grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w2, w3, b1, b2, b3, owner,
+        ranks_per_node, chunks, timeout_s, group_name, activation, glu, alpha, limit, impl, need_w)
+    # a custom op returns tensors: a local expert that got no rows gets zeros
+    return (dx_TD, dweights_TK, *[[w.new_zeros(w.shape) if g is None else g for g, w in zip(gs, ws)]
+                                  for gs, ws in zip(grads_w, (w1, w2, w3, b1, b2, b3))])
+
+
+def _ep_backward(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w2, w3, b1, b2, b3, owner,
+                 ranks_per_node, chunks, timeout_s, group_name, activation, glu, alpha, limit, impl, need_w):
+    """What the backward op computes; a local weight whose experts got no rows has no gradient (None)."""
     disp, _, _ = _setup(group_name, owner, ranks_per_node, timeout_s, w1)
     T, K = topk_ids.shape
     D = x.shape[1]
@@ -206,7 +217,7 @@ def _ep_experts_backward_op(
     low = lowering.select(impl, x.device)
     plan = disp.restore(table, idx, wpair)
     grad = grad.contiguous()
-    grads_w = [[torch.zeros_like(w) for w in wl] if need_w else [] for wl in (w1, w2, w3, b1, b2, b3)]
+    grads_w = [[None] * len(wl) if need_w else [] for wl in (w1, w2, w3, b1, b2, b3)]
     H = 2 * w2[0].shape[-1] if glu else w2[0].shape[-1]
     offsets = {"rows": 0, "slots": 0}
 
@@ -222,11 +233,11 @@ def _ep_experts_backward_op(
         dx_RD, dweights_RS, *dws = low.backward(g_RD, xrows[r0:r0 + R], weights_RS, ids_RS,
                                                 h[s0 * H:(s0 + N) * H].view(N, H), order[s0:s0 + N], *ws, spec,
                                                 (True, True, need_w))
-        if need_w:
+        if need_w:   # the lowering's gradients are fresh: the first chunk's become the sums
             for acc, g in zip(grads_w, dws):
-                for a, gi in zip(acc, pack_weights(g)):
+                for e, gi in enumerate(pack_weights(g)):
                     if gi is not None:   # None: an expert that got no rows in this chunk
-                        a.add_(gi)
+                        acc[e] = gi if acc[e] is None else acc[e].add_(gi)
         return dx_RD, dweights_RS.reshape(-1)[slot_n].to(torch.float32)
 
     plan, back = disp.run(plan, lambda c: grad.index_select(0, plan.origin[c].tok_rows), compute)
@@ -245,7 +256,7 @@ def _(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w
             *fake_weight_grads((w1, w2, w3, b1, b2, b3), need_w))
 
 
-register_ep_autograd(_ep_experts_op, _ep_experts_backward_op)
+register_ep_autograd(_ep_experts_op, _ep_experts_backward_op, eager_backward=_ep_backward)
 
 
 Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]

@@ -127,13 +127,15 @@ def _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1,
     return dx, dweights, [pack_weights(g) for g in dws]
 
 
-def _runs_eagerly(t: torch.Tensor) -> bool:
-    """Whether a backward runs on real tensors with no dispatch mode or compiled autograd watching, so that it may
-    return what depends on the data. Traced (AOTAutograd, compiled autograd, make_fx) it must return what the
-    backward op's fake kernel promises."""
+def _runs_eagerly(grad: torch.Tensor) -> bool:
+    """Whether a backward (handed ``grad``) runs on real tensors with no dispatch mode or compiled autograd
+    watching, so that it may return what depends on the data; traced (AOTAutograd, compiled autograd, make_fx) it
+    must return what the backward op's fake kernel promises. Grad mode is on in a backward only for
+    ``create_graph=True``: then the backward op runs too, so that backpropagating through the gradients it gave
+    fails naming the op (it has no derivative) instead of deep inside a lowering."""
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
-    return not (is_fake(t) or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
-                or (ca is not None and ca.in_compiled_autograd_region))
+    return not (is_fake(grad) or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
+                or (ca is not None and ca.in_compiled_autograd_region) or torch.is_grad_enabled())
 
 
 @_grouped_experts_backward_op.register_fake
@@ -188,11 +190,12 @@ def _input_grads(ctx, dx, dweights, dws: Sequence[list[torch.Tensor]], trailing:
             *weight_grads(dws, ctx.lengths), *([None] * trailing))
 
 
-def register_ep_autograd(op, backward_op) -> None:
+def register_ep_autograd(op, backward_op, eager_backward=None) -> None:
     """The autograd formula of an expert-parallel experts op (moe_fuser's exchange, the npu lowering's): inputs
     ``(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config, save)``, outputs ``(out, *kept)``, and
     ``backward_op(grad, x, topk_weights, topk_ids, *kept, *weight lists, owner, *config, need_w)`` returning
-    ``(dx, dweights, *weight-gradient lists)``."""
+    ``(dx, dweights, *weight-gradient lists)``. ``eager_backward``, if given, computes the same with None for a
+    weight that got no gradient, and runs instead of the op where nothing traces (as in ``grouped_experts``)."""
     def setup_context(ctx, inputs, output):
         (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config) = inputs
         save_with_weights(ctx, (x, topk_weights, topk_ids, *output[1:], owner), (w1, w2, w3, b1, b2, b3))
@@ -205,8 +208,9 @@ def register_ep_autograd(op, backward_op) -> None:
         if grad_out is None:   # no gradient reached the output (none is materialised)
             return _input_grads(ctx, None, None, [[]] * 6, trailing)
         (x, topk_weights, topk_ids, *kept, owner), lists = saved_with_weights(ctx)
-        dx, dweights, *dws = backward_op(grad_out, x, topk_weights, topk_ids, *kept, *lists, owner, *ctx.config,
-                                         weights_need_grad(ctx))
+        args = (grad_out, x, topk_weights, topk_ids, *kept, *lists, owner, *ctx.config, weights_need_grad(ctx))
+        eager = eager_backward is not None and _runs_eagerly(grad_out)
+        dx, dweights, *dws = (eager_backward if eager else backward_op)(*args)
         return _input_grads(ctx, dx, dweights, dws, trailing)
 
     op.register_autograd(backward, setup_context=setup_context)
@@ -239,10 +243,9 @@ def _backward(ctx, grad_out, grad_h, grad_order):
         _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *lists, *ctx.config, 1)
     args = (grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *lists, *ctx.config,
             [need_x, need_weights, need_w])
-    if _runs_eagerly(grad_out) and not torch.is_grad_enabled():
+    if _runs_eagerly(grad_out):
         # No graph to keep consistent: an expert that got no rows keeps no gradient (None, as in an eager loop
         # that skips it; an optimizer then leaves it alone) instead of the zeros the op's fixed outputs force.
-        # (Grad mode is on here only for create_graph=True: the backward op then says it has no derivative.)
         dx, dweights, dws = _experts_backward(*args)
     else:
         dx, dweights, *dws = _grouped_experts_backward_op(*args)

@@ -106,6 +106,20 @@ def check_case(group, rank, world, E, K, owners=None, rpn=None, chunks=None, dty
     return errs
 
 
+def idle_expert_grads(group, rank, world):
+    """Per-expert weight lists in eager mode, expert 3 (rank 1's second) given no token: which local weights have
+    no gradient (``grad is None``), per weight list."""
+    w, xs, logits, grads = make_problem(world, 4, 2)
+    placement = ExpertPlacement.balanced(4, world)
+    local = list(placement.local_experts(rank))
+    mine = {k: [v[e].clone().requires_grad_() for e in local] for k, v in w.items()}
+    lg = logits[rank].clone()
+    lg[:, 3] = -1e4
+    out = call(xs[rank].clone().requires_grad_(), lg, mine, 2, "silu", ep_group=group, expert_placement=placement)
+    (out * grads[rank]).sum().backward()
+    return {k: [p.grad is None for p in v] for k, v in mine.items()}
+
+
 def inter_node_traffic(group, rank, world, E, K, rpn, owners=None):
     """Forward-only EP call; returns (measured inter-node bytes summed over ranks, bytes the dedup scheme must
     send: 2 rows per (token, other node) + 12 B per pair to another node, and what the seed's scheme sends:
@@ -276,6 +290,7 @@ def scenario_two(group, rank, world):
         "experts": mismatch(group, rank, world, E=6 + 2 * rank),
         "placement": mismatch(group, rank, world, owners=([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])[rank]),
     }
+    res["idle_grads"] = idle_expert_grads(group, rank, world)
     res["bad_inputs"] = bad_inputs(group, rank, world)
     res["compiled_seed"] = {"inplace": compiled_seed(group, rank, world, "inplace"),
                             # inductor: its generated code checks the op's fake output shapes

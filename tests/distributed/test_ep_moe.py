@@ -33,6 +33,13 @@ def test_two_ranks_equal_reference(two):
     _check_cases(two)
 
 
+def test_idle_local_experts_keep_no_gradient(two):
+    """Eager mode with per-expert lists: a local expert that got no token keeps grad None, as in the
+    single-process op and an eager loop; the others have gradients (their values: test_two_ranks_equal_reference)."""
+    assert two[0]["idle_grads"] == {k: [False, False] for k in ("w1", "w2", "w3")}
+    assert two[1]["idle_grads"] == {k: [False, True] for k in ("w1", "w2", "w3")}
+
+
 def test_config_mismatch_is_reported_on_every_rank(two):
     for res in two:
         msgs = res["mismatch"]
