@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .. import lowering
-from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd
+from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd, zero_filled
 from ..ops.fused import _shared_expert, validate
 from ..ops.routing import route, router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
@@ -201,9 +201,7 @@ def _ep_experts_backward_op(
     dx_TD, dweights_TK, *grads_w = _ep_backward(
         grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w2, w3, b1, b2, b3, owner,
         ranks_per_node, chunks, timeout_s, group_name, activation, glu, alpha, limit, impl, need_w)
-    # a custom op returns tensors: a local expert that got no rows gets zeros
-    return (dx_TD, dweights_TK, *[[w.new_zeros(w.shape) if g is None else g for g, w in zip(gs, ws)]
-                                  for gs, ws in zip(grads_w, (w1, w2, w3, b1, b2, b3))])
+    return (dx_TD, dweights_TK, *zero_filled(grads_w, (w1, w2, w3, b1, b2, b3)))
 
 
 def _ep_backward(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, order, w1, w2, w3, b1, b2, b3, owner,

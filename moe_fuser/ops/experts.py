@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import lowering
 from ..spec import ExpertSpec
 
-__all__ = ["fake_weight_grads", "grouped_experts", "pack_weights", "register_ep_autograd"]
+__all__ = ["fake_weight_grads", "grouped_experts", "pack_weights", "register_ep_autograd", "zero_filled"]
 
 Weights = Union[torch.Tensor, Sequence[torch.Tensor], None]
 
@@ -105,26 +105,30 @@ def _grouped_experts_backward_op(
         needs_input_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                                list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
                                                list[torch.Tensor]]:
-    dx, dweights, dws = _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3,
-                                          num_experts, activation, glu, alpha, limit, impl, needs_input_grad)
-    # Custom ops may not return None or alias inputs: absent grads become empty tensors / lists, and an expert
-    # without a gradient gets zeros.
+    dx, dweights, *dws = _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3,
+                                           num_experts, activation, glu, alpha, limit, impl, needs_input_grad)
+    # Custom ops may not return None or alias inputs: absent grads become empty tensors / lists
     dx = x.new_zeros(0) if dx is None else dx
     dweights = topk_weights.new_zeros(0) if dweights is None else dweights
-    return (dx, dweights, *[[w.new_zeros(w.shape) if g is None else g for g, w in zip(gs, ws)]
-                            for gs, ws in zip(dws, (w1, w2, w3, b1, b2, b3))])
+    return (dx, dweights, *zero_filled(dws, (w1, w2, w3, b1, b2, b3)))
 
 
 def _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation,
                       glu, alpha, limit, impl, needs_input_grad):
-    """What the backward op computes: ``(dx, dweights, six weight-gradient lists)``, None where not needed, and
+    """What the backward op computes: ``(dx, dweights, *six weight-gradient lists)``, None where not needed, and
     None in a per-expert list for an expert that got no rows (``moe_fuser.lowering``)."""
     spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
     low = lowering.select(impl, x.device)
     # one saved tensor goes to the lowering as it came; chunks (see the module docstring) as the list
     dx, dweights, *dws = low.backward(grad, x, topk_weights, topk_ids, h[0] if len(h) == 1 else h, order,
                                       *_unpack_all(w1, w2, w3, b1, b2, b3), spec, tuple(needs_input_grad))
-    return dx, dweights, [pack_weights(g) for g in dws]
+    return (dx, dweights, *[pack_weights(g) for g in dws])
+
+
+def zero_filled(grad_lists: Sequence[list], weight_lists: Sequence[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Weight-gradient lists as a backward op returns them: an expert without a gradient (None) gets zeros."""
+    return [[w.new_zeros(w.shape) if g is None else g for g, w in zip(gs, ws)]
+            for gs, ws in zip(grad_lists, weight_lists)]
 
 
 def _runs_eagerly(grad: torch.Tensor) -> bool:
@@ -243,12 +247,10 @@ def _backward(ctx, grad_out, grad_h, grad_order):
         _, h, order = _grouped_experts_op(x, topk_weights, topk_ids, *lists, *ctx.config, 1)
     args = (grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *lists, *ctx.config,
             [need_x, need_weights, need_w])
-    if _runs_eagerly(grad_out):
-        # No graph to keep consistent: an expert that got no rows keeps no gradient (None, as in an eager loop
-        # that skips it; an optimizer then leaves it alone) instead of the zeros the op's fixed outputs force.
-        dx, dweights, dws = _experts_backward(*args)
-    else:
-        dx, dweights, *dws = _grouped_experts_backward_op(*args)
+    # Where nothing traces, an expert that got no rows keeps no gradient (None, as in an eager loop that skips it;
+    # an optimizer then leaves it alone) instead of the zeros the op's fixed outputs force.
+    eager = _runs_eagerly(grad_out)
+    dx, dweights, *dws = (_experts_backward if eager else _grouped_experts_backward_op)(*args)
     return _input_grads(ctx, dx, dweights, dws, _CONFIG_INPUTS)
 
 
