@@ -272,9 +272,9 @@ class _Grouping:
         out = save_to if save_to is not None else _empty((self.n, X), rows)
         for e, start, stop in self.segs:
             if bias is None:
-                torch.mm(rows[start:stop], ws[e], out=out[start:stop])
+                torch.mm(_rows(rows, start, stop), ws[e], out=_rows(out, start, stop))
             else:
-                torch.addmm(bias[e], rows[start:stop], ws[e], out=out[start:stop])
+                torch.addmm(bias[e], _rows(rows, start, stop), ws[e], out=_rows(out, start, stop))
         return out
 
     def mm_add_(self, acc: torch.Tensor, rows: torch.Tensor, ws) -> torch.Tensor:
@@ -282,7 +282,7 @@ class _Grouping:
         if self.padded:
             return acc.baddbmm_(rows, self._mine(ws))
         for e, start, stop in self.segs:
-            acc[start:stop].addmm_(rows[start:stop], ws[e])
+            _rows(acc, start, stop).addmm_(_rows(rows, start, stop), ws[e])
         return acc
 
     def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, out) -> None:
@@ -291,7 +291,7 @@ class _Grouping:
             torch.bmm(a_rows.transpose(1, 2), b_rows, out=self._mine(out))
             return
         for e, start, stop in self.segs:
-            torch.mm(a_rows[start:stop].t(), b_rows[start:stop], out=out[e])
+            torch.mm(_rows(a_rows, start, stop).t(), _rows(b_rows, start, stop), out=out[e])
 
     def segment_sum(self, rows: torch.Tensor, out) -> None:
         """out[e] += sum of expert e's rows (bias grads; ``out`` zero-initialised, stacked or a list)."""
@@ -301,7 +301,7 @@ class _Grouping:
             out.index_add_(0, self.expert_n, rows)
         else:
             for e, start, stop in self.segs:
-                out[e].add_(rows[start:stop].sum(0))
+                out[e].add_(_rows(rows, start, stop).sum(0))
 
     def per_expert(self, bs) -> torch.Tensor:
         """A per-expert vector (a bias) broadcast to every row."""
@@ -312,6 +312,11 @@ class _Grouping:
         # a list: this grouping's experts only, each broadcast over its rows (no copy for a single expert)
         rows = [bs[e].expand(stop - start, -1) for e, start, stop in self.segs]
         return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of ``t``: ``t`` itself when that is all of it (a one-expert group: no slice op)."""
+    return t if start == 0 and stop == t.shape[0] else t[start:stop]
 
 
 def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
