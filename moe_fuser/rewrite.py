@@ -13,7 +13,9 @@ driver collects the pattern's Matches and Rejections, then for each match:
 
 Only then the region is replaced: one ``call_function`` node is inserted after the region's last node, the
 output's later readers are redirected to it, and the region's nodes are erased, except the pure ones the rest of
-the graph still reads (router probabilities for an auxiliary loss stay, unchanged). Every rewrite bumps
+the graph still reads (router probabilities for an auxiliary loss stay, unchanged). When those include part of a
+recognised router, the router's top-k weights and ids stay too and the op takes them instead of routing again
+(``_reuse_routing``). Every rewrite bumps
 ``FuseResult.num_fused`` (and the module counter ``counters``); every refusal is a ``Rejection`` with its reason.
 
 The inserted node's target is a small function made per match that closes over the ``MoESpec`` and calls
@@ -38,10 +40,10 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import lowering
 from .fx.graph import module_path, op, val
-from .fx.region import absorb_plumbing, check_region
+from .fx.region import absorb_plumbing, check_region, kept_closure
 from .ops.fused import moe_forward, validate
 from .patterns.base import Match, MatchContext, Rejection, patterns_for
-from .spec import MoESpec, MoEWeights
+from .spec import MoESpec, MoEWeights, RouterSpec
 
 __all__ = ["FuseResult", "RegionPicture", "counters", "fuse_graph"]
 
@@ -126,8 +128,10 @@ def _flatten_tokens(x, logits, topk_weights, topk_ids):
     return x.reshape(-1, x.shape[-1]), flat(logits), flat(topk_weights), flat(topk_ids)
 
 
-def _make_target(spec: MoESpec, impl: Optional[str], index: int, transposed=frozenset()):
-    """The function the new node calls; it closes over the spec (FX keeps it as a graph global)."""
+def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index: int, transposed=frozenset()):
+    """The function the new node calls; it closes over the op's ``spec`` (FX keeps it as a graph global). Its
+    ``spec`` attribute is the MoE as ``recognised`` (whose routing the call may take from the graph instead,
+    ``Match.reuse_routing``)."""
 
     def fused_moe_call(x, logits, topk_weights, topk_ids, capacity_groups, w1, w2, w3, b1, b2, b3,
                        selection_bias, shared_w1, shared_w2, shared_w3, shared_gate, op_kwargs):
@@ -142,8 +146,37 @@ def _make_target(spec: MoESpec, impl: Optional[str], index: int, transposed=froz
         return out.view(x_shape) if len(x_shape) != 2 else out
 
     fused_moe_call.__name__ = fused_moe_call.__qualname__ = f"moe_fuser_fused_moe_{index}"
-    fused_moe_call.spec = spec
+    fused_moe_call.spec = recognised
     return fused_moe_call
+
+
+def _op_inputs(m: Match) -> tuple[MoESpec, Optional[fx.Node], Optional[fx.Node], Optional[fx.Node], MoEWeights]:
+    """(spec, router logits, top-k weights, top-k ids, weights) the fused op is called with: the match's own, or,
+    when it reuses the graph's routing (``Match.reuse_routing``), an external router fed the recognised router's
+    top-k nodes (the op then neither routes nor reads a selection bias)."""
+    if not m.reuse_routing:
+        return m.spec, m.router_logits, m.topk_weights, m.topk_ids, m.weights
+    topk_weights, topk_ids = m.router_outputs
+    spec = m.spec.replace(router=RouterSpec(top_k=m.spec.top_k, external=True))
+    return spec, None, topk_weights, topk_ids, m.weights._replace(selection_bias=None)
+
+
+def _reuse_routing(ctx: MatchContext, m: Match, keep: frozenset) -> frozenset:
+    """When the rest of the graph keeps part of a recognised router anyway (an auxiliary loss reading its
+    probabilities or top-k ids), let the op take the router's own top-k weights and ids instead of routing again:
+    the same values, computed once. Sets ``m.reuse_routing`` and returns the nodes to keep (with the router's)."""
+    if m.spec.router.external or m.router_outputs is None:
+        return keep
+    router = kept_closure(ctx.dag, m.region, m.output, m.router_outputs)
+    if isinstance(router, str) or not router & keep:
+        return keep
+    m.reuse_routing = True
+    if _check_values(m, ctx) is not None:   # the op cannot take them as they are: it routes itself
+        m.reuse_routing = False
+        return keep
+    m.notes += ("the rest of the graph keeps the router's values: the op takes its top-k weights and ids "
+                "instead of routing again",)
+    return keep | router
 
 
 def _check_values(m: Match, ctx: MatchContext) -> Optional[str]:
@@ -154,10 +187,11 @@ def _check_values(m: Match, ctx: MatchContext) -> Optional[str]:
     if not isinstance(ov, torch.Tensor) or tuple(ov.shape) != tuple(xv.shape) or ov.dtype != xv.dtype:
         return (f"the MoE output {m.output.name} does not have the hidden states' shape and dtype "
                 f"({getattr(ov, 'shape', None)}, {getattr(ov, 'dtype', None)} vs {tuple(xv.shape)}, {xv.dtype})")
-    xv, lv, tw, ti = _flatten_tokens(xv, val(m.router_logits), val(m.topk_weights), val(m.topk_ids))
+    spec, logits, topk_weights, topk_ids, weights = _op_inputs(m)
+    xv, lv, tw, ti = _flatten_tokens(xv, val(logits), val(topk_weights), val(topk_ids))
     tw, ti = _to_2d(tw), _to_2d(ti)
     try:
-        validate(m.spec, xv, lv, _fake_weights(m.weights, m.transposed), tw, ti)
+        validate(spec, xv, lv, _fake_weights(weights, m.transposed), tw, ti)
     except ValueError as exc:
         return f"shape/dtype check failed: {exc}"
     except Exception as exc:  # a symbolic comparison that cannot be decided at compile time
@@ -178,9 +212,9 @@ def _rewrite(ctx: MatchContext, m: Match, keep: frozenset, last: fx.Node, impl: 
     inputs = m.input_nodes()
     users = [u for u in m.output.users if u not in region]
     result.before.append(_picture(region, keep, inputs, users))
-    w = m.weights
-    args = (m.x, m.router_logits, m.topk_weights, m.topk_ids, m.capacity_groups, *w, dict(m.op_kwargs))
-    target = _make_target(m.spec, None if impl in (None, "auto") else impl, index, m.transposed)
+    spec, logits, topk_weights, topk_ids, w = _op_inputs(m)
+    args = (m.x, logits, topk_weights, topk_ids, m.capacity_groups, *w, dict(m.op_kwargs))
+    target = _make_target(spec, m.spec, None if impl in (None, "auto") else impl, index, m.transposed)
     with graph.inserting_after(last):
         new = graph.call_function(target, args=tuple(
             list(a) if isinstance(a, (list, tuple)) else a for a in args))
@@ -232,6 +266,7 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
                 log.info("moe_fuser: not fusing %s (%s): %s", item.module_path or "<unnamed>", item.pattern, reason)
                 continue
             keep, last, lowering_name = reason
+            keep = _reuse_routing(ctx, item, keep)
             item.lowering = lowering_name
             item.dtype = val(item.x).dtype
             item.module_path = item.module_path or module_path(item.output)
@@ -267,7 +302,7 @@ def _npu_fallbacks(m: Match) -> list[str]:
     world, num_experts, even = ep or (None, None, True)
     tokens = val(m.x).shape[0] if val(m.x).dim() == 2 else None
     return lines + npu.explain_constraints(
-        m.spec, dtype=m.dtype, hidden_size=val(m.x).shape[-1], ffn_size=ffn,
+        _op_inputs(m)[0], dtype=m.dtype, hidden_size=val(m.x).shape[-1], ffn_size=ffn,
         weights_as_list=isinstance(w1, (list, tuple)), training=training, ep_world_size=world,
         tokens_per_rank=tokens if isinstance(tokens, int) else None, ep_num_experts=num_experts,
         ep_even_placement=even)

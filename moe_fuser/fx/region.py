@@ -34,7 +34,7 @@ import torch.fx as fx
 from .dag import mutated_arg, storage_key
 from .graph import val
 
-__all__ = ["RegionCheck", "absorb_plumbing", "check_region", "final_node", "is_tensor_node"]
+__all__ = ["RegionCheck", "absorb_plumbing", "check_region", "final_node", "is_tensor_node", "kept_closure"]
 
 
 def is_tensor_node(node: fx.Node) -> bool:
@@ -170,21 +170,33 @@ def check_region(dag: nx.DiGraph, position: dict, region: frozenset, output: fx.
             return _fail(f"{n.name} (outside the MoE) writes memory in the middle of the MoE region")
 
     # 4. Escapes.
-    out_key = storage_key(output)
     escaping = [n for n in region if n is not output and any(u not in region for u in n.users)]
     for u in output.users:
         if u not in region and position[u] < position[last]:
             return _fail(f"{u.name} reads the MoE output before the MoE has finished computing it")
+    keep = kept_closure(dag, region, output, escaping)
+    if isinstance(keep, str):
+        return _fail(keep)
+    return RegionCheck(True, keep=keep, last=last)
+
+
+def kept_closure(dag: nx.DiGraph, region: Iterable[fx.Node], output: fx.Node,
+                 nodes: Iterable[fx.Node]) -> frozenset | str:
+    """``nodes`` of the region with their region ancestors, to stay in the graph unchanged after the rewrite; or
+    why that is unsound: one of them writes memory in place, exposes the output buffer, or reads a buffer the
+    region updates in place."""
+    region = set(region)
     keep: set = set()
-    for n in escaping:
+    for n in nodes:
         keep.add(n)
         keep |= nx.ancestors(dag, n) & region
+    out_key = storage_key(output)
     written = {storage_key(mutated_arg(n)) for n in region if mutated_arg(n) is not None}
     for n in keep:
         if mutated_arg(n) is not None:
-            return _fail(f"{n.name} is still needed outside the MoE but writes memory in place")
+            return f"{n.name} is still needed outside the MoE but writes memory in place"
         if n is output or storage_key(n) == out_key:
-            return _fail(f"{n.name} exposes the MoE output buffer before it is complete")
+            return f"{n.name} exposes the MoE output buffer before it is complete"
         if storage_key(n) in written or any(storage_key(i) in written for i in n.all_input_nodes):
-            return _fail(f"{n.name} is still needed outside the MoE but reads a buffer the MoE updates in place")
-    return RegionCheck(True, keep=frozenset(keep), last=last)
+            return f"{n.name} is still needed outside the MoE but reads a buffer the MoE updates in place"
+    return frozenset(keep)

@@ -44,6 +44,10 @@ The Match contract (the rewrite relies on it; the driver re-checks what it can)
     op_kwargs     further keyword arguments for the fused op (constants or nodes), for families that need more
     transposed    names of ``weights`` fields ("w1", "w2", "w3") whose nodes hold the transposed ``[E, in, out]``
                   layout (transformers' ``is_transposed`` experts, GPT-OSS); the op reads ``.transpose(-2, -1)``
+    router_outputs  optional, for a recognised router (the op routes): its top-k weights and ids nodes inside the
+                  region, the values the combine reads. When the rest of the graph keeps part of the router anyway
+                  (an auxiliary loss reading its probabilities or ids), the driver keeps these too and hands them
+                  to the op (``reuse_routing``), so the routing is computed once
 Values inside the region that the rest of the graph still reads (probabilities for a load-balancing loss,
 top-k ids for statistics) are *kept*, unchanged, when they are pure and do not read a buffer the region
 mutates; anything else escaping the region makes the driver reject the match.
@@ -108,6 +112,8 @@ class Match:
     transposed: frozenset = frozenset()
     module_path: str = ""
     notes: tuple = ()
+    router_outputs: Optional[tuple] = None
+    reuse_routing: bool = False
     # Filled in by the driver when the match is rewritten.
     lowering: Optional[str] = None
     dtype: Optional[torch.dtype] = None

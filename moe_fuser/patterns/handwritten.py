@@ -457,7 +457,8 @@ class HandwrittenLoop:
         return Match(family=FAMILY, pattern=self.name, spec=spec, x=first.x, output=output,
                      region=frozenset(walk.nodes), weights=weights,
                      router_logits=router.logits, topk_weights=None if not router.external else first.weights,
-                     topk_ids=None if not router.external else first.ids, module_path=where, notes=notes)
+                     topk_ids=None if not router.external else first.ids, module_path=where, notes=notes,
+                     router_outputs=None if router.external else (first.weights, first.ids))
 
     @staticmethod
     def _weights(experts: list) -> MoEWeights:

@@ -757,7 +757,8 @@ def _to_match(ctx: MatchContext, ex: _Experts, pattern: str) -> Union[Match, Rej
                  weights=weights, router_logits=router.logits,
                  topk_weights=router.topk_weights if router.external else None,
                  topk_ids=router.topk_ids if router.external else None, module_path=where, notes=tuple(notes),
-                 transposed=frozenset({"w1", "w2"}) if ex.transposed else frozenset())
+                 transposed=frozenset({"w1", "w2"}) if ex.transposed else frozenset(),
+                 router_outputs=None if router.external else (router.topk_weights, router.topk_ids))
 
 
 def find_grouped_mm(ctx: MatchContext):

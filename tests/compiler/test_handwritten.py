@@ -71,6 +71,12 @@ def test_seed_switch_layer_keeps_aux_loss():
     rec = _run(model, torch.float32)
     code = rec.graphs[0].code
     assert "one_hot" in code and "index_add_" not in code     # the loss stays, the loop is gone
+    # The loss keeps the router's probabilities and top-k ids, so the op takes the graph's top-k weights and ids
+    # (no router logits) instead of routing a second time.
+    fused, = [n for n in rec.graphs[0].graph.nodes if hasattr(n.target, "spec")]
+    logits, topk_weights, topk_ids = fused.args[1:4]
+    assert logits is None and topk_ids.name == "topk_ids" and topk_weights.name.startswith("topk_w")
+    assert sum(1 for n in rec.graphs[0].graph.nodes if "topk" in str(n.target)) == 1
 
 
 def test_mixtral_v4_block():
