@@ -159,8 +159,9 @@ class _Grouping:
         self.C = C = max(counts, default=0)
         self.padded = (stacked and n > 0 and all(counts) and n <= PADDED_MAX_MEAN_ROWS * num_experts
                        and num_experts * C <= PADDED_MAX_WASTE * n)
-        if self.padded:
-            self._pad()
+        # the padded layout's row indices (``_pad``) are built by the grouping that runs (``groups``): one streamed
+        # in several expert groups never needs its own
+        self.ptok = None
 
     def _pad(self) -> None:
         """Row indices of the padded layout ``[E, C, X]`` (every expert of the grouping has rows)."""
@@ -181,6 +182,8 @@ class _Grouping:
         if self.padded:
             per = max(1, PADDED_STREAM_BYTES // (row_bytes * self.C))
             if per >= len(self.segs):
+                if self.ptok is None:
+                    self._pad()
                 yield self
             else:
                 for i in range(0, len(self.segs), per):
