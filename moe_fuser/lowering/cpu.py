@@ -513,7 +513,7 @@ class CpuLowering:
                 done = (lambda h=h: _release(h)) if release and i == len(subs) - 1 else None
                 _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], _rows_of(h, spec, sub, part),
                               w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done)
-        grads_w = [g.finish() if isinstance(g, _ExpertGrads) else g for g in grads_w]
+        grads_w = [g.grads if isinstance(g, _ExpertGrads) else g for g in grads_w]
         return (dx_TD, None if dweights_N is None else dweights_N.view(T, K), *grads_w)
 
 
@@ -531,9 +531,6 @@ class _ExpertGrads:
             w = self.ws[e]
             self.grads[e] = w.new_zeros(w.shape) if self.zero else _empty(w.shape, w)
         return self.grads[e]
-
-    def finish(self) -> list[Optional[torch.Tensor]]:
-        return self.grads
 
 
 def _grad_buffer(ws, counts: list[int], zero: bool = False):
