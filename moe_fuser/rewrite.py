@@ -29,6 +29,7 @@ For ``explain``/``draw`` each rewrite keeps a small before/after picture of its 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -170,10 +171,9 @@ def _reuse_routing(ctx: MatchContext, m: Match, keep: frozenset) -> frozenset:
     router = kept_closure(ctx.dag, m.region, m.output, m.router_outputs)
     if isinstance(router, str) or not router & keep:
         return keep
+    if _check_values(dataclasses.replace(m, reuse_routing=True), ctx) is not None:
+        return keep   # the op cannot take them as they are: it routes itself
     m.reuse_routing = True
-    if _check_values(m, ctx) is not None:   # the op cannot take them as they are: it routes itself
-        m.reuse_routing = False
-        return keep
     m.notes += ("the rest of the graph keeps the router's values: the op takes its top-k weights and ids "
                 "instead of routing again",)
     return keep | router
