@@ -48,7 +48,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .. import lowering
 from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd, zero_filled
-from ..ops.fused import _shared_expert, validate
+from ..ops.fused import _shared_expert, cast_experts, experts_dtype, no_autocast, validate
 from ..ops.routing import route, router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
 from .dispatch import HEADER_FIELDS, MAX_CHUNKS, TokenDispatcher, _dtype_code, _MAGIC, _KINDS
@@ -347,10 +347,11 @@ def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional
                    overlap_chunks: Optional[int] = None, ranks_per_node: Optional[int] = None,
                    ep_timeout: Optional[float] = None, impl: Optional[str] = None,
                    topk_weights_TK: Optional[torch.Tensor] = None, topk_ids_TK: Optional[torch.Tensor] = None,
-                   return_router_stats: bool = False, check: bool = True):
+                   return_router_stats: bool = False, check: bool = True,
+                   expert_dtype: Optional[torch.dtype] = None):
     """``moe_forward`` under expert parallelism (what ``fused_moe(..., ep_group=...)`` runs). ``group``: a
     ProcessGroup or its name; ``expert_placement``: None (balanced), owner ranks, an ExpertPlacement, or an int
-    tensor of owner ranks read at each call."""
+    tensor of owner ranks read at each call; ``expert_dtype`` as in ``moe_forward`` (autocast)."""
     if isinstance(group, str):   # a group name (what the compiler's rewrite passes)
         group = _resolve_process_group(group)
     world, rank = group.size(), group.rank()
@@ -380,12 +381,15 @@ def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional
                                                                      w.selection_bias)
     if check:
         _validate_ep(spec, x_TD, router_logits_TE, w, E, rank, local, weights_TK, ids_TK)
-    out_TD = ep_experts(x_TD, weights_TK, ids_TK, w.w1, w.w2, w.w3, w.b1, w.b2, w.b3, spec=spec.experts,
-                        group=group, placement=placement, ranks_per_node=rpn, chunks=overlap_chunks,
-                        timeout_s=DEFAULT_TIMEOUT_S if ep_timeout is None else float(ep_timeout), impl=impl)
-    if spec.shared is not None:
-        out_TD = out_TD + _shared_expert(x_TD, spec.shared, w)
+    xe_TD, we = cast_experts(x_TD, w, experts_dtype(x_TD, expert_dtype))
+    with no_autocast(x_TD.device.type):
+        out_TD = ep_experts(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
+                            spec=spec.experts, group=group, placement=placement, ranks_per_node=rpn,
+                            chunks=overlap_chunks,
+                            timeout_s=DEFAULT_TIMEOUT_S if ep_timeout is None else float(ep_timeout), impl=impl)
     out_TD = out_TD.to(x_TD.dtype)
+    if spec.shared is not None:
+        out_TD = (out_TD + _shared_expert(x_TD, spec.shared, w)).to(x_TD.dtype)
     if return_router_stats:
         return out_TD, router_stats(weights_TK, ids_TK, E)
     return out_TD

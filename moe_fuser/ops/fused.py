@@ -5,6 +5,12 @@
     route (fp32, plain ops) -> capacity -> grouped experts (custom op, one lowering) -> dropped passthrough
     -> shared expert -> cast to the input dtype
 
+Precision: the routed experts compute in ``expert_dtype``, by default the hidden states' dtype or, inside a
+``torch.autocast`` region for their device, the autocast dtype, as the ``nn.Linear`` calls of an eager expert
+would (``experts_dtype``). Hidden states and expert weights are then cast on each call (fp32 master weights get
+fp32 gradients through the casts) and the experts run with autocast off, so no lowering's internal op is cast
+again. Routing keeps ``RouterSpec.dtype``; the shared expert is ordinary ``F.linear`` and follows autocast itself.
+
 Routing and the shared expert stay ordinary differentiable tensor code on purpose: they are cheap, the inner
 compiler fuses them, and autograd carries the router-logit gradient through ``topk_weights`` into the expert op's
 backward. ``impl="reference"`` swaps the expert op for the plain-PyTorch loop (the oracle).
@@ -15,6 +21,7 @@ on the router logits needs the data, so it runs in eager mode only (not while dy
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Union
 
 import torch
@@ -28,7 +35,7 @@ from .activations import act_fn
 from .experts import grouped_experts
 from .routing import RouterStats, apply_capacity, route, router_stats
 
-__all__ = ["fused_moe", "moe_forward"]
+__all__ = ["cast_experts", "experts_dtype", "fused_moe", "moe_forward"]
 
 Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -150,6 +157,38 @@ def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch
             _fail("a gated shared expert needs shared_gate ([1, D])")
 
 
+def experts_dtype(x_TD: torch.Tensor, requested: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype the routed experts compute in: ``requested``, else the autocast dtype when autocast is on for
+    ``x_TD``'s device (autocast casts every floating tensor but fp64), else ``x_TD``'s dtype."""
+    if requested is not None:
+        return requested
+    device = x_TD.device.type
+    if x_TD.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x_TD.dtype
+
+
+def cast_experts(x_TD: torch.Tensor, w: MoEWeights, dtype: torch.dtype) -> tuple[torch.Tensor, MoEWeights]:
+    """Hidden states and routed-expert weights and biases (stacked or lists) in ``dtype``. Differentiable:
+    gradients flow back to the original tensors in their own dtype. Validated inputs share one dtype, so nothing
+    is touched when it is ``dtype`` already (no per-expert call for a long weight list)."""
+    if x_TD.dtype == dtype:
+        return x_TD, w
+
+    def cast(ws):
+        if ws is None or isinstance(ws, torch.Tensor):
+            return None if ws is None else ws.to(dtype)
+        return [t.to(dtype) for t in ws]
+    return x_TD.to(dtype), w._replace(**{f: cast(getattr(w, f)) for f in ("w1", "w2", "w3", "b1", "b2", "b3")})
+
+
+def no_autocast(device_type: str):
+    """A context with autocast off for ``device_type`` (a no-op context when it is off already)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _shared_expert(x_TD: torch.Tensor, spec: SharedExpertSpec, w: MoEWeights) -> torch.Tensor:
     h = act_fn(spec.activation, F.linear(x_TD, w.shared_w1))
     if spec.glu:
@@ -163,12 +202,16 @@ def _shared_expert(x_TD: torch.Tensor, spec: SharedExpertSpec, w: MoEWeights) ->
 def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights, *,
                 impl: Optional[str] = None, topk_weights_TK: Optional[torch.Tensor] = None,
                 topk_ids_TK: Optional[torch.Tensor] = None, capacity_groups: int = 1,
-                return_router_stats: bool = False, check: bool = True, ep_group=None, **ep_options):
+                return_router_stats: bool = False, check: bool = True, expert_dtype: Optional[torch.dtype] = None,
+                ep_group=None, **ep_options):
+    """The fused MoE for a ``spec`` (see ``fused_moe`` for the arguments). ``expert_dtype``: the dtype the routed
+    experts compute in (``experts_dtype``; the compiler passes the one the replaced graph computed in)."""
     if ep_group is not None:  # expert parallelism: moe_fuser.distributed (ep_options: see fused_moe)
         from ..distributed.ep_moe import ep_moe_forward
         return ep_moe_forward(spec, x_TD, router_logits_TE, w, ep_group, impl=impl,
                               topk_weights_TK=topk_weights_TK, topk_ids_TK=topk_ids_TK,
-                              return_router_stats=return_router_stats, check=check, **ep_options)
+                              return_router_stats=return_router_stats, check=check, expert_dtype=expert_dtype,
+                              **ep_options)
     if check:
         validate(spec, x_TD, router_logits_TE, w, topk_weights_TK, topk_ids_TK)
     if spec.router.external:
@@ -182,17 +225,20 @@ def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[to
     if spec.capacity is not None:
         ids_TK = apply_capacity(ids_TK, spec.num_experts, spec.capacity, capacity_groups)
 
-    if impl == "reference":
-        out_TD = experts_reference(x_TD, weights_TK, ids_TK, w.w1, w.w2, w.w3, w.b1, w.b2, w.b3, spec.experts)
-    else:
-        out_TD = grouped_experts(x_TD, weights_TK, ids_TK, w.w1, w.w2, w.w3, w.b1, w.b2, w.b3,
-                                 spec=spec.experts, impl=impl)
+    xe_TD, we = cast_experts(x_TD, w, experts_dtype(x_TD, expert_dtype))
+    with no_autocast(x_TD.device.type):
+        if impl == "reference":
+            out_TD = experts_reference(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
+                                       spec.experts)
+        else:
+            out_TD = grouped_experts(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
+                                     spec=spec.experts, impl=impl)
+    out_TD = out_TD.to(x_TD.dtype)
     if spec.capacity is not None and spec.capacity.dropped == "passthrough":
         dropped_w_T = (weights_TK * (ids_TK < 0)).sum(-1, keepdim=True)
         out_TD = out_TD + (dropped_w_T * x_TD).to(out_TD.dtype)
     if spec.shared is not None:
-        out_TD = out_TD + _shared_expert(x_TD, spec.shared, w)
-    out_TD = out_TD.to(x_TD.dtype)
+        out_TD = (out_TD + _shared_expert(x_TD, spec.shared, w)).to(x_TD.dtype)
     if return_router_stats:
         return out_TD, router_stats(weights_TK, ids_TK, spec.num_experts)
     return out_TD

@@ -63,8 +63,10 @@ def call(x, logits, weights: dict, K, activation, tw=None, ti=None, **kw):
 
 
 def check_case(group, rank, world, E, K, owners=None, rpn=None, chunks=None, dtype=torch.float32, glu=True,
-               bias=False, as_list=False, external=False, activation="silu", compile_backend=None):
-    """EP forward + backward vs the reference on gathered inputs: the max abs errors per tensor."""
+               bias=False, as_list=False, external=False, activation="silu", compile_backend=None, autocast=False):
+    """EP forward + backward vs the reference on gathered inputs: the max abs errors per tensor. ``autocast``:
+    both forwards under ``torch.autocast`` (bf16), fp32 inputs and weights."""
+    autocast_ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     w, xs, logits, grads = make_problem(world, E, K, dtype=dtype, glu=glu, bias=bias)
     placement = ExpertPlacement.from_owners(owners, world) if owners else ExpertPlacement.balanced(E, world)
     local = list(placement.local_experts(rank))
@@ -83,7 +85,8 @@ def check_case(group, rank, world, E, K, owners=None, rpn=None, chunks=None, dty
                     overlap_chunks=chunks, ranks_per_node=rpn)
 
     fn = ep if compile_backend is None else torch.compile(ep, backend=compile_backend, fullgraph=True)
-    out = fn(x, lg, tw, ti)
+    with autocast_ctx:
+        out = fn(x, lg, tw, ti)
     (out.float() * grads[rank].float()).sum().backward()
 
     X = torch.cat(xs).requires_grad_()
@@ -94,7 +97,8 @@ def check_case(group, rank, world, E, K, owners=None, rpn=None, chunks=None, dty
         ref = call(X, None, W, K, activation, TW, torch.cat([p[1] for p in pairs]), impl="reference")
     else:
         L = torch.cat(logits).requires_grad_()
-        ref = call(X, L, W, K, activation, impl="reference")
+        with autocast_ctx:
+            ref = call(X, L, W, K, activation, impl="reference")
     (ref.float() * torch.cat(grads).float()).sum().backward()
     start = sum(tokens(world)[:rank])
     sl = slice(start, start + tokens(world)[rank])
@@ -104,6 +108,27 @@ def check_case(group, rank, world, E, K, owners=None, rpn=None, chunks=None, dty
     for name, v in mine.items():
         errs["d" + name] = max_err(v.grad, W[name].grad[local]) if local else 0.0
     return errs
+
+
+def autocast_experts_dtype(group, rank, world):
+    """The dtype the EP experts op receives its rows in when fp32 inputs are called under bf16 autocast, and the
+    output's."""
+    from moe_fuser.distributed import ep_moe
+    seen, real = [], ep_moe.ep_experts
+
+    def recording(x, *args, **kwargs):
+        seen.append(str(x.dtype))
+        return real(x, *args, **kwargs)
+    ep_moe.ep_experts = recording
+    try:
+        w, xs, logits, _ = make_problem(world, 4, 2)
+        placement = ExpertPlacement.balanced(4, world)
+        mine = {k: v[list(placement.local_experts(rank))] for k, v in w.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = call(xs[rank], logits[rank], mine, 2, "silu", ep_group=group, expert_placement=placement)
+    finally:
+        ep_moe.ep_experts = real
+    return {"experts": seen, "out": str(out.dtype)}
 
 
 def idle_expert_grads(group, rank, world):
@@ -282,7 +307,9 @@ def scenario_two(group, rank, world):
         "bf16_chunks2": check_case(group, rank, world, E=8, K=2, dtype=torch.bfloat16, chunks=2),
         "compiled_aot_eager": check_case(group, rank, world, E=5, K=2, rpn=1, chunks=2,
                                          compile_backend="aot_eager"),
+        "bf16_autocast": check_case(group, rank, world, E=5, K=2, chunks=2, autocast=True),
     }}
+    res["autocast"] = autocast_experts_dtype(group, rank, world)
     res["mismatch"] = {
         "top_k": mismatch(group, rank, world, K=2 + rank),
         "dtype": mismatch(group, rank, world, dtype=(torch.float32, torch.bfloat16)[rank]),

@@ -29,8 +29,16 @@ def two():
 
 def test_two_ranks_equal_reference(two):
     """Uneven placement (5 experts on 2), top-1 and top-k, SwiGLU and biased GELU, per-expert lists, an
-    external router with dropped pairs, bf16, forced chunking, and the op under torch.compile(aot_eager)."""
+    external router with dropped pairs, bf16, bf16 autocast, forced chunking, and the op under
+    torch.compile(aot_eager)."""
     _check_cases(two)
+
+
+def test_autocast_runs_the_experts_in_bf16(two):
+    """fp32 inputs under bf16 autocast: each rank's experts get bf16 rows, the output keeps fp32 (the values:
+    case bf16_autocast of test_two_ranks_equal_reference, against the single-process op under autocast)."""
+    for res in two:
+        assert res["autocast"] == {"experts": ["torch.bfloat16"], "out": "torch.float32"}
 
 
 def test_idle_local_experts_keep_no_gradient(two):
