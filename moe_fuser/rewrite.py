@@ -9,7 +9,10 @@ driver collects the pattern's Matches and Rejections, then for each match:
    hidden states' shape and dtype.
 3. *Closure*: ``moe_fuser.fx.region.check_region`` (nothing unmodelled feeds the output, nothing escapes that is
    not kept unchanged, side effects stay inside).
-4. *Lowering*: ``impl`` (option) or the best lowering for the hidden states' device.
+4. *Precision*: the dtype the experts compute in, read from the region's matmuls on the expert weights
+   (``_expert_dtype``): under ``torch.autocast`` it can differ from the hidden states', and the op is told it
+   explicitly. A region inside which autocast is switched, or whose expert matmuls disagree, is refused.
+5. *Lowering*: ``impl`` (option) or the best lowering for the hidden states' device.
 
 Only then the region is replaced: one ``call_function`` node is inserted after the region's last node, the
 output's later readers are redirected to it, and the region's nodes are erased, except the pure ones the rest of
@@ -40,7 +43,7 @@ import torch.fx as fx
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import lowering
-from .fx.graph import module_path, op, val
+from .fx.graph import is_op, module_path, op, val
 from .fx.region import absorb_plumbing, check_region, kept_closure
 from .ops.fused import moe_forward, validate
 from .patterns.base import Match, MatchContext, Rejection, patterns_for
@@ -129,10 +132,12 @@ def _flatten_tokens(x, logits, topk_weights, topk_ids):
     return x.reshape(-1, x.shape[-1]), flat(logits), flat(topk_weights), flat(topk_ids)
 
 
-def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index: int, transposed=frozenset()):
+def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index: int, expert_dtype: torch.dtype,
+                 transposed=frozenset()):
     """The function the new node calls; it closes over the op's ``spec`` (FX keeps it as a graph global). Its
     ``spec`` attribute is the MoE as ``recognised`` (whose routing the call may take from the graph instead,
-    ``Match.reuse_routing``)."""
+    ``Match.reuse_routing``). The experts compute in ``expert_dtype`` (``_expert_dtype``) whatever autocast
+    state the call is traced or run in."""
 
     def fused_moe_call(x, logits, topk_weights, topk_ids, capacity_groups, w1, w2, w3, b1, b2, b3,
                        selection_bias, shared_w1, shared_w2, shared_w3, shared_gate, op_kwargs):
@@ -143,7 +148,8 @@ def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index:
         if topk_ids is not None and topk_ids.dim() == 1:
             topk_ids, topk_weights = topk_ids.unsqueeze(-1), topk_weights.unsqueeze(-1)
         out = moe_forward(spec, x, logits, weights, impl=impl, topk_weights_TK=topk_weights,
-                          topk_ids_TK=topk_ids, capacity_groups=capacity_groups, check=False, **op_kwargs)
+                          topk_ids_TK=topk_ids, capacity_groups=capacity_groups, check=False,
+                          expert_dtype=expert_dtype, **op_kwargs)
         return out.view(x_shape) if len(x_shape) != 2 else out
 
     fused_moe_call.__name__ = fused_moe_call.__qualname__ = f"moe_fuser_fused_moe_{index}"
@@ -214,7 +220,7 @@ def _rewrite(ctx: MatchContext, m: Match, keep: frozenset, last: fx.Node, impl: 
     result.before.append(_picture(region, keep, inputs, users))
     spec, logits, topk_weights, topk_ids, w = _op_inputs(m)
     args = (m.x, logits, topk_weights, topk_ids, m.capacity_groups, *w, dict(m.op_kwargs))
-    target = _make_target(spec, m.spec, None if impl in (None, "auto") else impl, index, m.transposed)
+    target = _make_target(spec, m.spec, None if impl in (None, "auto") else impl, index, m.dtype, m.transposed)
     with graph.inserting_after(last):
         new = graph.call_function(target, args=tuple(
             list(a) if isinstance(a, (list, tuple)) else a for a in args))
@@ -265,10 +271,13 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
                 counters["rejected"] += 1
                 log.info("moe_fuser: not fusing %s (%s): %s", item.module_path or "<unnamed>", item.pattern, reason)
                 continue
-            keep, last, lowering_name = reason
+            keep, last, lowering_name, item.dtype = reason
             keep = _reuse_routing(ctx, item, keep)
             item.lowering = lowering_name
-            item.dtype = val(item.x).dtype
+            if item.dtype != val(item.x).dtype:
+                item.notes += (f"autocast: the experts compute in {_dtype_name(item.dtype)}, as the graph's matmuls "
+                               f"do; hidden states and weights ({_dtype_name(val(item.x).dtype)}) are cast on "
+                               "each call",)
             item.module_path = item.module_path or module_path(item.output)
             if lowering_name == "npu":  # which stages leave torch_npu's fused ops, and why (explain shows it)
                 item.notes += tuple(_npu_fallbacks(item))
@@ -339,8 +348,65 @@ def _accept(ctx: MatchContext, m: Match, impl: Optional[str]):
     check = check_region(ctx.dag, ctx.position, m.region, m.output, m.input_nodes())
     if not check.ok:
         return check.reason
+    dtype = _expert_dtype(ctx, m)
+    if isinstance(dtype, str):
+        return dtype
     try:
         name = _choose_lowering(m, impl)
     except ValueError as exc:
         raise ValueError(f"moe_fuser: options['impl']={impl!r} cannot be used: {exc}") from None
-    return check.keep, check.last, name
+    return check.keep, check.last, name, dtype
+
+
+# Ops that multiply by an expert weight: their output dtype is the precision the experts compute in.
+_GEMMS = ("linear", "matmul", "bmm", "addmm", "baddbmm", "grouped_mm", "einsum")
+# What a weight may pass through on its way into such an op (layout, selection and dtype only).
+_WEIGHT_PLUMBING = ("t", "transpose", "permute", "view", "reshape", "contiguous", "getitem", "to", "float", "type",
+                    "unsqueeze", "squeeze", "expand", "chunk", "split", "unbind", "select", "index_select")
+_AUTOCAST_MARKS = ("_enter_autocast", "_exit_autocast")
+
+
+def _reads_weight(node: Any, weights: set, depth: int = 8) -> bool:
+    while isinstance(node, fx.Node) and depth > 0:
+        if node in weights:
+            return True
+        if not is_op(node, *_WEIGHT_PLUMBING) or not node.args:
+            return False
+        node, depth = node.args[0], depth - 1
+    return False
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _expert_dtype(ctx: MatchContext, m: Match):
+    """The dtype the matched experts compute in, read from the graph: the output dtype of the region's matmuls
+    that read an expert weight. Under ``torch.autocast`` it is the autocast dtype where the model's own matmuls
+    are cast (``nn.Linear`` loops) and the weights' dtype where they are not (an op autocast leaves alone), so
+    the fused op computes in it whatever the autocast state. A rejection reason when the region does not compute
+    in one dtype, or when autocast is on and no such matmul shows which."""
+    weights = {n for f in ("w1", "w2", "w3") for n in _flat_nodes(getattr(m.weights, f))}
+    dtypes = {val(n).dtype for n in m.region if is_op(n, *_GEMMS) and isinstance(val(n), torch.Tensor)
+              and any(_reads_weight(i, weights) for i in n.all_input_nodes)}
+    span = sorted(ctx.position[n] for n in m.region)
+    marks = [n.name for n in ctx.nodes[span[0]:span[-1] + 1] if is_op(n, *_AUTOCAST_MARKS)] if span else []
+    if marks:
+        return (f"an autocast context is entered or left inside the MoE region ({marks[0]}); the fused op computes "
+                "the region in one precision")
+    if len(dtypes) > 1:
+        return (f"the expert matmuls compute in different dtypes ({', '.join(sorted(map(_dtype_name, dtypes)))}); "
+                "the fused op computes every expert in one")
+    if dtypes:
+        return dtypes.pop()
+    xv = val(m.x)
+    if torch.is_autocast_enabled(xv.device.type) or any(is_op(n, *_AUTOCAST_MARKS) for n in ctx.nodes):
+        return ("autocast is on and no matmul on the expert weights shows which dtype the experts compute in; "
+                "the pattern's region should include the expert matmuls")
+    return xv.dtype
+
+
+def _flat_nodes(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return [n for n in x if isinstance(n, fx.Node)]
+    return [x] if isinstance(x, fx.Node) else []

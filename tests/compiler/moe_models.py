@@ -3,7 +3,8 @@
 ``LoopMoE(Variant(...))`` writes one MoE block the way research code does, with every style axis the
 hand-written pattern family claims to cover (router, dispatch loop, combine, FFN, activation, bias, weight
 position) plus *twists*: small departures the pattern must refuse (an extra scale, a skipped expert, an active
-dropout), so tests can show "fused and eager-equal, or untouched and eager-equal; never wrong".
+dropout, experts that switch autocast off), so tests can show "fused and eager-equal, or untouched and
+eager-equal; never wrong".
 
 ``MixtralV4Block`` is the transformers-4 Mixtral sparse block, written out as it was (one_hot(...).permute(2, 1,
 0) + where loop). The seed article's Switch layer is the one in ``examples/switch_transformer.py``
@@ -30,7 +31,7 @@ LOOPS = ("where", "one_hot_210", "one_hot_201", "nonzero")
 COMBINES = ("index_add_", "scatter_add_", "iadd", "index_put_", "functional")
 FFNS = ("sequential", "swiglu", "concat", "stacked")
 ACTS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
-TWISTS = (None, "extra_scale", "skip_expert", "train_dropout")
+TWISTS = (None, "extra_scale", "skip_expert", "train_dropout", "expert_autocast_off")
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
@@ -202,7 +203,11 @@ class LoopMoE(nn.Module):
             xe = x[tok]
             if v.twist == "train_dropout":
                 xe = self.drop(xe)
-            y = self.expert(e, xe)
+            if v.twist == "expert_autocast_off":   # the experts in the model's own precision, whatever autocast says
+                with torch.autocast(xe.device.type, enabled=False):
+                    y = self.expert(e, xe)
+            else:
+                y = self.expert(e, xe)
             we = (w[tok, slot, None] if slot is not None else w[tok, None])
             y = we * y if v.weight_first else y * we
             if v.twist == "extra_scale":
