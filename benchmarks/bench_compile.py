@@ -31,6 +31,7 @@ turn into a few percent either way.
 
     python benchmarks/bench_compile.py                         # all models, fwd + train (a few minutes)
     python benchmarks/bench_compile.py --models switch --modes fwd --threads 1 --wait-quiet 120
+    python benchmarks/bench_compile.py --models switch mixtral --autocast bf16   # mixed precision
 Writes ``benchmarks/results/bench_compile.csv``.
 """
 
@@ -41,6 +42,7 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -107,21 +109,27 @@ def _compiled(model, column):
     return compile_column(model, column, backend="inductor" if column == "inductor" else "moe_fuser")
 
 
-def _step(model, fn, call, loss_of, mode):
+def _step(model, fn, call, loss_of, mode, autocast: Optional[torch.dtype]):
+    """One timed call: the forward under ``torch.autocast`` when ``autocast`` names a dtype (entered per call, as
+    a training loop does; the backward runs outside it)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def setup():
         for p in params:
             p.grad = None
 
+    def forward():
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            return call(fn)
+
     if mode == "fwd":
         def run():
             with torch.no_grad():
-                return call(fn)
+                return forward()
         return Variant(run)
 
     def run():
-        loss = loss_of(call(fn))
+        loss = loss_of(forward())
         loss.backward()
         return loss.detach()
     return Variant(run, setup)
@@ -136,7 +144,7 @@ def bench_model(name, args, rows):
         # A throwaway compile first, so one-time process costs (imports, inductor's first-use setup) do not
         # land on whichever column compiles first.
         torch._dynamo.reset()
-        warm = _step(model, _compiled(model, "inductor"), call, loss_of, mode)
+        warm = _step(model, _compiled(model, "inductor"), call, loss_of, mode, args.autocast)
         warm.setup()
         warm.run()
         columns = [c for c in COLUMNS if not (name == "dense" and c == "eager" and not args.dense_timing)]
@@ -146,7 +154,7 @@ def bench_model(name, args, rows):
             for column in columns:
                 torch._dynamo.reset()
                 fn = _compiled(model, column)
-                v = _step(model, fn, call, loss_of, mode)
+                v = _step(model, fn, call, loss_of, mode, args.autocast)
                 with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
                         _PassTimer() as timer:
                     v.setup()
@@ -236,9 +244,12 @@ def main(argv=None):
     p.add_argument("--malloc", choices=("system", "cached"), default="system",
                    help="CPU allocator settings: the process's own, or glibc told to keep and reuse large blocks "
                         "(see benchmarks/_common.py; default system)")
+    p.add_argument("--autocast", choices=("bf16",), default=None,
+                   help="run the models' forward under torch.autocast (fp32 weights, bf16 matmuls)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    args.autocast = {None: None, "bf16": torch.bfloat16}[args.autocast]
     use_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,8 +262,9 @@ def main(argv=None):
         print(f"done: {name}", file=sys.stderr)
     import transformers
     env = environment(transformers=transformers.__version__)
+    env["autocast"] = str(args.autocast).replace("torch.", "") if args.autocast else "off"
     print(f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu']}, {env['threads']} threads, "
-          f"{env['malloc']} malloc, git {env['git']}")
+          f"{env['malloc']} malloc, autocast {env['autocast']}, git {env['git']}")
     report(rows, args)
     path = results_dir(args.out) / "bench_compile.csv"
     write_csv(path, rows, env)
