@@ -7,9 +7,10 @@
 
 Precision: the routed experts compute in ``expert_dtype``, by default the hidden states' dtype or, inside a
 ``torch.autocast`` region for their device, the autocast dtype, as the ``nn.Linear`` calls of an eager expert
-would (``experts_dtype``). Hidden states and expert weights are then cast on each call (fp32 master weights get
-fp32 gradients through the casts) and the experts run with autocast off, so no lowering's internal op is cast
-again. Routing keeps ``RouterSpec.dtype``; the shared expert is ordinary ``F.linear`` and follows autocast itself.
+would (``experts_dtype``). Hidden states, and the expert weights unless the lowering takes them in their own
+dtype (``mixed_precision``: the CPU lowering casts each expert group's weights where it uses them), are then
+cast on each call (fp32 master weights get fp32 gradients) and the experts run with autocast off, so no
+lowering's internal op is cast again. Routing keeps ``RouterSpec.dtype``; the shared expert is ordinary ``F.linear`` and follows autocast itself.
 
 Routing and the shared expert stay ordinary differentiable tensor code on purpose: they are cheap, the inner
 compiler fuses them, and autograd carries the router-logit gradient through ``topk_weights`` into the expert op's
@@ -168,12 +169,15 @@ def experts_dtype(x_TD: torch.Tensor, requested: Optional[torch.dtype] = None) -
     return x_TD.dtype
 
 
-def cast_experts(x_TD: torch.Tensor, w: MoEWeights, dtype: torch.dtype) -> tuple[torch.Tensor, MoEWeights]:
-    """Hidden states and routed-expert weights and biases (stacked or lists) in ``dtype``. Differentiable:
-    gradients flow back to the original tensors in their own dtype. Validated inputs share one dtype, so nothing
-    is touched when it is ``dtype`` already (no per-expert call for a long weight list)."""
+def cast_experts(x_TD: torch.Tensor, w: MoEWeights, dtype: torch.dtype,
+                 weights: bool = True) -> tuple[torch.Tensor, MoEWeights]:
+    """Hidden states and (with ``weights``) routed-expert weights and biases (stacked or lists) in ``dtype``.
+    Differentiable: gradients flow back to the original tensors in their own dtype. Validated inputs share one
+    dtype, so nothing is touched when it is ``dtype`` already (no per-expert call for a long weight list)."""
     if x_TD.dtype == dtype:
         return x_TD, w
+    if not weights:
+        return x_TD.to(dtype), w
 
     def cast(ws):
         if ws is None or isinstance(ws, torch.Tensor):
@@ -225,7 +229,9 @@ def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[to
     if spec.capacity is not None:
         ids_TK = apply_capacity(ids_TK, spec.num_experts, spec.capacity, capacity_groups)
 
-    xe_TD, we = cast_experts(x_TD, w, experts_dtype(x_TD, expert_dtype))
+    # a lowering that takes weights in their own dtype casts them where it uses them (``mixed_precision``)
+    mixed = impl != "reference" and getattr(lowering.select(impl, x_TD.device), "mixed_precision", False)
+    xe_TD, we = cast_experts(x_TD, w, experts_dtype(x_TD, expert_dtype), weights=not mixed)
     with no_autocast(x_TD.device.type):
         if impl == "reference":
             out_TD = experts_reference(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,

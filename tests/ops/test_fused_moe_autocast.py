@@ -14,7 +14,7 @@ TOL_BF16 = 2e-2
 T, E, K, D, F_ = 37, 6, 2, 24, 40
 
 
-def _loop(x, logits, w1, w2, w3, k):
+def _loop(x, logits, w1, w2, w3, k, b1=None, b2=None, b3=None):
     """The hand-written loop: under autocast its matmuls run in bf16, its weighting and combine in fp32."""
     p = logits.float().softmax(-1)
     w, ids = p.topk(k, -1)
@@ -23,7 +23,8 @@ def _loop(x, logits, w1, w2, w3, k):
     for e in range(len(w1)):
         tok, slot = torch.where(ids == e)
         if tok.numel():
-            y = F.linear(F.silu(F.linear(x[tok], w1[e])) * F.linear(x[tok], w3[e]), w2[e])
+            b = [None if bs is None else bs[e] for bs in (b1, b2, b3)]
+            y = F.linear(F.silu(F.linear(x[tok], w1[e], b[0])) * F.linear(x[tok], w3[e], b[2]), w2[e], b[1])
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
     return out
 
@@ -32,12 +33,15 @@ def _rel(a, b):
     return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
-def _inputs(gen, idle_expert: bool):
+def _inputs(gen, idle_expert: bool, bias: bool = False):
+    """x, logits and per-expert lists w1, w2, w3 (then b1, b2, b3 with ``bias``)."""
     x = torch.randn(T, D, generator=gen)
     logits = torch.randn(T, E, generator=gen)
     if idle_expert:   # the last expert is never in anyone's top 2
         logits[:, -1] = -30.0
     ws = [[torch.randn(o, i, generator=gen) * i ** -0.5 for _ in range(E)] for o, i in ((F_, D), (D, F_), (F_, D))]
+    if bias:
+        ws += [[torch.randn(o, generator=gen) * 0.1 for _ in range(E)] for o in (F_, D, F_)]
     return x, logits, ws
 
 
@@ -54,17 +58,24 @@ def experts_inputs(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "lists"])
-def test_experts_compute_in_the_autocast_dtype_and_train_like_the_loop(stacked, experts_inputs):
-    x, logits, (w1, w2, w3) = _inputs(torch.Generator().manual_seed(1), idle_expert=not stacked)
+@pytest.mark.parametrize("stacked,bias", [(True, False), (False, False), (True, True), (False, True)],
+                         ids=["stacked", "lists", "stacked-bias", "lists-bias"])
+def test_experts_compute_in_the_autocast_dtype_and_train_like_the_loop(stacked, bias, experts_inputs):
+    """Stacked weights run the CPU lowering's padded layout here (every expert has ~12 rows), lists the ragged
+    one; both take the fp32 weights and cast each expert group's where used."""
+    x, logits, params = _inputs(torch.Generator().manual_seed(1), idle_expert=not stacked, bias=bias)
     leaves = {}
     for name in ("ref", "fused"):
         xs = x.clone().requires_grad_(True)
         lg = logits.clone().requires_grad_(True)
-        ws = [[w.clone().requires_grad_(True) for w in group] for group in (w1, w2, w3)]
+        ws = [[w.clone().requires_grad_(True) for w in group] for group in params]
         args = [torch.stack(group) for group in ws] if stacked and name == "fused" else ws
+        biases = dict(zip(("b1", "b2", "b3"), args[3:]))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = _loop(xs, lg, *ws, K) if name == "ref" else moe_fuser.fused_moe(xs, lg, *args, top_k=K)
+            if name == "ref":
+                out = _loop(xs, lg, *ws[:3], K, *ws[3:])
+            else:
+                out = moe_fuser.fused_moe(xs, lg, *args[:3], top_k=K, **biases)
         (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
         leaves[name] = (out, xs, lg, ws)
     (ref, x_ref, lg_ref, w_ref), (got, x_got, lg_got, w_got) = leaves["ref"], leaves["fused"]
