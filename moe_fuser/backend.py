@@ -32,6 +32,7 @@ Options (``torch.compile(..., options={...})``; unknown keys raise ValueError):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -191,6 +192,36 @@ def moe_fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: Opti
     return compile_graph(gm, example_inputs, BackendOptions.from_dict(options), mode)
 
 
+def _fuses_before_ddp_split(compile_fn: Callable) -> Callable:
+    """``DDPOptimizer.compile_fn``, fusing first when the backend it splits for is moe_fuser.
+
+    ``torch.compile`` of a ``DistributedDataParallel`` model (dynamo's default ``optimize_ddp``) cuts each graph at
+    DDP's gradient-bucket boundaries and hands the backend the pieces: an MoE layer whose weights fill more than
+    a bucket (25 MB by default) arrives cut apart, and no pattern matches a piece. So the whole graph is rewritten
+    first, with the backend's options; the split then cuts the rewritten graph (the fused op, one node, lands in
+    one piece) and each piece reaches the backend, which finds nothing more to fuse and compiles it with the
+    inner compiler. ``verify`` does not apply there (each piece has no match to check)."""
+    @functools.wraps(compile_fn)
+    def wrapped(self, gm: fx.GraphModule, example_inputs: list, **configs):
+        backend = self.backend_compile_fn
+        if getattr(getattr(backend, "compiler_fn", None), "_moe_fuser_backend", False):
+            options = BackendOptions.from_dict((getattr(backend, "kwargs", None) or {}).get("options"))
+            result = fuse_graph(gm, example_inputs, options.rewrite_options())
+            if result.matches:
+                log.info("moe_fuser: fused %d MoE region(s) before DDP's graph split", result.num_fused)
+        return compile_fn(self, gm, example_inputs, **configs)
+    wrapped._moe_fuser_wrapped = True
+    return wrapped
+
+
+def _install_ddp_hook() -> None:
+    from torch._dynamo.backends import distributed
+
+    if not getattr(distributed.DDPOptimizer.compile_fn, "_moe_fuser_wrapped", False):
+        distributed.DDPOptimizer.compile_fn = _fuses_before_ddp_split(distributed.DDPOptimizer.compile_fn)
+
+
 moe_fuser_backend.backend_ctx_ctor = capture.capture_context
 moe_fuser_backend._moe_fuser_backend = True
 capture.install()
+_install_ddp_hook()

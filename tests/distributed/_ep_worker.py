@@ -268,6 +268,38 @@ def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer
     return res
 
 
+def ddp_switch(group, rank, world):
+    """The seed's Switch layer under DistributedDataParallel with buckets so small that dynamo's DDP graph split
+    cuts its MoE apart (unfused before moe_fuser fused ahead of the split), compiled with moe_fuser: how many regions were fused, and the largest relative
+    difference of one training step's gradients to eager DDP's (both all-reduced across the ranks)."""
+    import copy
+    import importlib.util
+
+    import torch._dynamo
+    from moe_fuser.rewrite import counters
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "switch_transformer.py")
+    spec = importlib.util.spec_from_file_location("example_switch_transformer", path)
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example   # dynamo finds the globals of inlined functions through their module
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    layer = example.SwitchLayer(64, 512, 8, 2)   # 2 MiB of expert weights: DDP's smallest buckets hold 1 MiB
+    models = [DDP(copy.deepcopy(layer), process_group=group, bucket_cap_mb=1) for _ in range(2)]
+    torch._dynamo.reset()
+    before = counters["fused"]
+    compiled = torch.compile(models[1], backend="moe_fuser", options={"inner": "aot_eager"})
+    x = torch.randn(2, 5 + rank, 64)
+    grads = []
+    for model, fn in zip(models, (models[0], compiled)):
+        out, aux = fn(x)
+        (out.pow(2).mean() + 0.01 * aux).backward()
+        grads.append([p.grad for p in model.parameters()])
+    errs = [float((b - a).norm() / a.norm()) for a, b in zip(*grads) if a is not None and a.norm() > 0]
+    return {"fused": counters["fused"] - before, "grad_rel_err": max(errs)}
+
+
 def _floordiv_forward(self, x):
     """The seed layer with ``dest = flat_ids // n`` (balanced placement, no owner buffer)."""
     T, D = x.shape
@@ -323,6 +355,7 @@ def scenario_two(group, rank, world):
                             # inductor: its generated code checks the op's fake output shapes
                             "functional": compiled_seed(group, rank, world, "functional", inner="inductor"),
                             "floordiv_setitem": compiled_seed(group, rank, world, "inplace", "floordiv")}
+    res["ddp"] = ddp_switch(group, rank, world)
     res["stall"] = stall_or_die(group, rank, world, victim=1, die=False, timeout_s=2.0)
     return res
 
