@@ -26,6 +26,10 @@ The inserted node's target is a small function made per match that closes over t
 match's nodes, flat (lists of per-expert weights stay lists: nothing is stacked or copied). The inner compiler
 traces through it, so routing becomes ordinary ops and the experts one custom op (forward and backward).
 
+Subgraphs: dynamo gives an activation-checkpointed block (``torch.utils.checkpoint``, transformers'
+``gradient_checkpointing_enable``) its own graph, called through ``tag_activation_checkpoint``; ``fuse_graph``
+runs on each such body as well (``_bodies``), so the fused op runs (and is recomputed in the backward) inside it.
+
 For ``explain``/``draw`` each rewrite keeps a small before/after picture of its region (``RegionPicture``).
 """
 
@@ -291,7 +295,29 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
     if result.matches:
         gm.graph.lint()
         gm.recompile()
+    for body in _bodies(gm):   # an MoE inside an activation-checkpointed block lives in the block's own graph
+        inner = fuse_graph(body, None, options)
+        for name in ("matches", "rejections", "before", "after"):
+            getattr(result, name).extend(getattr(inner, name))
     return result
+
+
+_BODY_HOPS = ("tag_activation_checkpoint", "wrap")
+
+
+def _bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The subgraphs of ``gm``'s higher-order calls that run a plain function body: activation checkpointing
+    (``torch.utils.checkpoint``, transformers' ``gradient_checkpointing_enable``: one body per checkpointed
+    layer) and ``wrap``. Each once, however many calls share it."""
+    seen, out = set(), []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and op(n) in _BODY_HOPS and n.args and isinstance(n.args[0], fx.Node) \
+                and n.args[0].op == "get_attr":
+            body = getattr(gm, n.args[0].target, None)
+            if isinstance(body, fx.GraphModule) and id(body) not in seen:
+                seen.add(id(body))
+                out.append(body)
+    return out
 
 
 def _npu_fallbacks(m: Match) -> list[str]:
