@@ -9,9 +9,10 @@ driver collects the pattern's Matches and Rejections, then for each match:
    hidden states' shape and dtype.
 3. *Closure*: ``moe_fuser.fx.region.check_region`` (nothing unmodelled feeds the output, nothing escapes that is
    not kept unchanged, side effects stay inside).
-4. *Precision*: the dtype the experts compute in, read from the region's matmuls on the expert weights
-   (``_expert_dtype``): under ``torch.autocast`` it can differ from the hidden states', and the op is told it
-   explicitly. A region inside which autocast is switched, or whose expert matmuls disagree, is refused.
+4. *Precision*: the dtypes the routed and the shared experts compute in, read from the region's matmuls on
+   their weights (``_compute_dtypes``): under ``torch.autocast`` they can differ from the hidden states' (and
+   from each other), and the op is told them explicitly, so it computes the same whatever autocast state it is
+   traced in. A region whose routed (or shared) expert matmuls disagree among themselves is refused.
 5. *Lowering*: ``impl`` (option) or the best lowering for the hidden states' device.
 
 Only then the region is replaced: one ``call_function`` node is inserted after the region's last node, the
@@ -136,12 +137,12 @@ def _flatten_tokens(x, logits, topk_weights, topk_ids):
     return x.reshape(-1, x.shape[-1]), flat(logits), flat(topk_weights), flat(topk_ids)
 
 
-def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index: int, expert_dtype: torch.dtype,
+def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index: int, dtypes: tuple,
                  transposed=frozenset()):
     """The function the new node calls; it closes over the op's ``spec`` (FX keeps it as a graph global). Its
     ``spec`` attribute is the MoE as ``recognised`` (whose routing the call may take from the graph instead,
-    ``Match.reuse_routing``). The experts compute in ``expert_dtype`` (``_expert_dtype``) whatever autocast
-    state the call is traced or run in."""
+    ``Match.reuse_routing``). The routed and shared experts compute in ``dtypes`` (``_compute_dtypes``)
+    whatever autocast state the call is traced or run in."""
 
     def fused_moe_call(x, logits, topk_weights, topk_ids, capacity_groups, w1, w2, w3, b1, b2, b3,
                        selection_bias, shared_w1, shared_w2, shared_w3, shared_gate, op_kwargs):
@@ -153,7 +154,7 @@ def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index:
             topk_ids, topk_weights = topk_ids.unsqueeze(-1), topk_weights.unsqueeze(-1)
         out = moe_forward(spec, x, logits, weights, impl=impl, topk_weights_TK=topk_weights,
                           topk_ids_TK=topk_ids, capacity_groups=capacity_groups, check=False,
-                          expert_dtype=expert_dtype, **op_kwargs)
+                          expert_dtype=dtypes[0], shared_dtype=dtypes[1], **op_kwargs)
         return out.view(x_shape) if len(x_shape) != 2 else out
 
     fused_moe_call.__name__ = fused_moe_call.__qualname__ = f"moe_fuser_fused_moe_{index}"
@@ -216,7 +217,7 @@ def _choose_lowering(m: Match, impl: Optional[str]) -> str:
 
 
 def _rewrite(ctx: MatchContext, m: Match, keep: frozenset, last: fx.Node, impl: Optional[str], index: int,
-             result: FuseResult) -> None:
+             dtypes: tuple, result: FuseResult) -> None:
     graph = ctx.graph
     region = m.region
     inputs = m.input_nodes()
@@ -224,7 +225,7 @@ def _rewrite(ctx: MatchContext, m: Match, keep: frozenset, last: fx.Node, impl: 
     result.before.append(_picture(region, keep, inputs, users))
     spec, logits, topk_weights, topk_ids, w = _op_inputs(m)
     args = (m.x, logits, topk_weights, topk_ids, m.capacity_groups, *w, dict(m.op_kwargs))
-    target = _make_target(spec, m.spec, None if impl in (None, "auto") else impl, index, m.dtype, m.transposed)
+    target = _make_target(spec, m.spec, None if impl in (None, "auto") else impl, index, dtypes, m.transposed)
     with graph.inserting_after(last):
         new = graph.call_function(target, args=tuple(
             list(a) if isinstance(a, (list, tuple)) else a for a in args))
@@ -275,17 +276,19 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
                 counters["rejected"] += 1
                 log.info("moe_fuser: not fusing %s (%s): %s", item.module_path or "<unnamed>", item.pattern, reason)
                 continue
-            keep, last, lowering_name, item.dtype = reason
+            keep, last, lowering_name, dtypes = reason
             keep = _reuse_routing(ctx, item, keep)
             item.lowering = lowering_name
-            if item.dtype != val(item.x).dtype:
-                item.notes += (f"autocast: the experts compute in {_dtype_name(item.dtype)}, as the graph's matmuls "
-                               f"do; hidden states and weights ({_dtype_name(val(item.x).dtype)}) are cast on "
-                               "each call",)
+            item.dtype = dtypes[0]
+            if dtypes[0] != val(item.x).dtype or (item.spec.shared is not None and dtypes[1] != val(item.x).dtype):
+                item.notes += (f"autocast: the experts compute in {_dtype_name(dtypes[0])}"
+                               + (f", the shared expert in {_dtype_name(dtypes[1])}" if item.spec.shared else "")
+                               + f", as the graph's matmuls do; hidden states and weights "
+                               f"({_dtype_name(val(item.x).dtype)}) are cast on each call",)
             item.module_path = item.module_path or module_path(item.output)
             if lowering_name == "npu":  # which stages leave torch_npu's fused ops, and why (explain shows it)
                 item.notes += tuple(_npu_fallbacks(item))
-            _rewrite(ctx, item, keep, last, impl, len(result.matches), result)
+            _rewrite(ctx, item, keep, last, impl, len(result.matches), dtypes, result)
             ctx.claimed |= set(item.region)
             ctx.invalidate()
             result.matches.append(item)
@@ -374,14 +377,14 @@ def _accept(ctx: MatchContext, m: Match, impl: Optional[str]):
     check = check_region(ctx.dag, ctx.position, m.region, m.output, m.input_nodes())
     if not check.ok:
         return check.reason
-    dtype = _expert_dtype(ctx, m)
-    if isinstance(dtype, str):
-        return dtype
+    dtypes = _compute_dtypes(ctx, m)
+    if isinstance(dtypes, str):
+        return dtypes
     try:
         name = _choose_lowering(m, impl)
     except ValueError as exc:
         raise ValueError(f"moe_fuser: options['impl']={impl!r} cannot be used: {exc}") from None
-    return check.keep, check.last, name, dtype
+    return check.keep, check.last, name, dtypes
 
 
 # Ops that multiply by an expert weight: their output dtype is the precision the experts compute in.
@@ -390,6 +393,7 @@ _GEMMS = ("linear", "matmul", "bmm", "addmm", "baddbmm", "grouped_mm", "einsum")
 _WEIGHT_PLUMBING = ("t", "transpose", "permute", "view", "reshape", "contiguous", "getitem", "to", "float", "type",
                     "unsqueeze", "squeeze", "expand", "chunk", "split", "unbind", "select", "index_select")
 _AUTOCAST_MARKS = ("_enter_autocast", "_exit_autocast")
+_SHARED_FIELDS = ("shared_w1", "shared_w2", "shared_w3", "shared_gate")
 
 
 def _reads_weight(node: Any, weights: set, depth: int = 8) -> bool:
@@ -406,30 +410,35 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _expert_dtype(ctx: MatchContext, m: Match):
-    """The dtype the matched experts compute in, read from the graph: the output dtype of the region's matmuls
-    that read an expert weight. Under ``torch.autocast`` it is the autocast dtype where the model's own matmuls
-    are cast (``nn.Linear`` loops) and the weights' dtype where they are not (an op autocast leaves alone), so
-    the fused op computes in it whatever the autocast state. A rejection reason when the region does not compute
-    in one dtype, or when autocast is on and no such matmul shows which."""
-    weights = {n for f in ("w1", "w2", "w3") for n in _flat_nodes(getattr(m.weights, f))}
-    dtypes = {val(n).dtype for n in m.region if is_op(n, *_GEMMS) and isinstance(val(n), torch.Tensor)
-              and any(_reads_weight(i, weights) for i in n.all_input_nodes)}
-    span = sorted(ctx.position[n] for n in m.region)
-    marks = [n.name for n in ctx.nodes[span[0]:span[-1] + 1] if is_op(n, *_AUTOCAST_MARKS)] if span else []
-    if marks:
-        return (f"an autocast context is entered or left inside the MoE region ({marks[0]}); the fused op computes "
-                "the region in one precision")
-    if len(dtypes) > 1:
-        return (f"the expert matmuls compute in different dtypes ({', '.join(sorted(map(_dtype_name, dtypes)))}); "
-                "the fused op computes every expert in one")
-    if dtypes:
-        return dtypes.pop()
+def _gemm_dtypes(m: Match, fields: tuple) -> set:
+    """Output dtypes of the region's matmuls that read one of the weights named by ``fields``."""
+    weights = {n for f in fields for n in _flat_nodes(getattr(m.weights, f))}
+    return {val(n).dtype for n in m.region if is_op(n, *_GEMMS) and isinstance(val(n), torch.Tensor)
+            and any(_reads_weight(i, weights) for i in n.all_input_nodes)}
+
+
+def _compute_dtypes(ctx: MatchContext, m: Match):
+    """(routed, shared) experts' compute dtypes, read from the graph: the output dtype of the region's matmuls on
+    their weights. Under ``torch.autocast`` a part computes in the autocast dtype where the model's own matmuls
+    are cast (``nn.Linear``) and in the weights' dtype where they are not (an op autocast leaves alone, a block
+    with autocast switched off), so the fused op is told each explicitly. A rejection reason when one part's
+    matmuls disagree, or when autocast is on and no such matmul shows a part's dtype."""
     xv = val(m.x)
-    if torch.is_autocast_enabled(xv.device.type) or any(is_op(n, *_AUTOCAST_MARKS) for n in ctx.nodes):
-        return ("autocast is on and no matmul on the expert weights shows which dtype the experts compute in; "
-                "the pattern's region should include the expert matmuls")
-    return xv.dtype
+    autocast = torch.is_autocast_enabled(xv.device.type) or any(is_op(n, *_AUTOCAST_MARKS) for n in ctx.nodes)
+    out = []
+    for part, fields in (("expert", ("w1", "w2", "w3")), ("shared expert", _SHARED_FIELDS)):
+        if part == "shared expert" and m.spec.shared is None:
+            out.append(xv.dtype)
+            continue
+        dtypes = _gemm_dtypes(m, fields)
+        if len(dtypes) > 1:
+            return (f"the {part} matmuls compute in different dtypes "
+                    f"({', '.join(sorted(map(_dtype_name, dtypes)))}); the fused op computes them in one")
+        if not dtypes and autocast:
+            return (f"autocast is on and no matmul on the {part} weights shows which dtype they compute in; the "
+                    "pattern's region should include them")
+        out.append(dtypes.pop() if dtypes else xv.dtype)
+    return tuple(out)
 
 
 def _flat_nodes(x) -> list:

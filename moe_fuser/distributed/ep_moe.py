@@ -348,10 +348,21 @@ def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional
                    ep_timeout: Optional[float] = None, impl: Optional[str] = None,
                    topk_weights_TK: Optional[torch.Tensor] = None, topk_ids_TK: Optional[torch.Tensor] = None,
                    return_router_stats: bool = False, check: bool = True,
-                   expert_dtype: Optional[torch.dtype] = None):
+                   expert_dtype: Optional[torch.dtype] = None, shared_dtype: Optional[torch.dtype] = None):
     """``moe_forward`` under expert parallelism (what ``fused_moe(..., ep_group=...)`` runs). ``group``: a
     ProcessGroup or its name; ``expert_placement``: None (balanced), owner ranks, an ExpertPlacement, or an int
-    tensor of owner ranks read at each call; ``expert_dtype`` as in ``moe_forward`` (autocast)."""
+    tensor of owner ranks read at each call; ``expert_dtype``, ``shared_dtype`` as in ``moe_forward``."""
+    expert_dtype, shared_dtype = experts_dtype(x_TD, expert_dtype), experts_dtype(x_TD, shared_dtype)
+    with no_autocast(x_TD.device.type):
+        return _ep_moe_forward(spec, x_TD, router_logits_TE, w, group, expert_placement, overlap_chunks,
+                               ranks_per_node, ep_timeout, impl, topk_weights_TK, topk_ids_TK, return_router_stats,
+                               check, expert_dtype, shared_dtype)
+
+
+def _ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights,
+                    group, expert_placement, overlap_chunks, ranks_per_node, ep_timeout, impl, topk_weights_TK,
+                    topk_ids_TK, return_router_stats: bool, check: bool, expert_dtype: torch.dtype,
+                    shared_dtype: torch.dtype):
     if isinstance(group, str):   # a group name (what the compiler's rewrite passes)
         group = _resolve_process_group(group)
     world, rank = group.size(), group.rank()
@@ -381,15 +392,13 @@ def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional
                                                                      w.selection_bias)
     if check:
         _validate_ep(spec, x_TD, router_logits_TE, w, E, rank, local, weights_TK, ids_TK)
-    xe_TD, we = cast_experts(x_TD, w, experts_dtype(x_TD, expert_dtype))
-    with no_autocast(x_TD.device.type):
-        out_TD = ep_experts(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
-                            spec=spec.experts, group=group, placement=placement, ranks_per_node=rpn,
-                            chunks=overlap_chunks,
-                            timeout_s=DEFAULT_TIMEOUT_S if ep_timeout is None else float(ep_timeout), impl=impl)
+    xe_TD, we = cast_experts(x_TD, w, expert_dtype)
+    out_TD = ep_experts(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3, spec=spec.experts,
+                        group=group, placement=placement, ranks_per_node=rpn, chunks=overlap_chunks,
+                        timeout_s=DEFAULT_TIMEOUT_S if ep_timeout is None else float(ep_timeout), impl=impl)
     out_TD = out_TD.to(x_TD.dtype)
     if spec.shared is not None:
-        out_TD = (out_TD + _shared_expert(x_TD, spec.shared, w)).to(x_TD.dtype)
+        out_TD = (out_TD + _shared_expert(x_TD, spec.shared, w, shared_dtype)).to(x_TD.dtype)
     if return_router_stats:
         return out_TD, router_stats(weights_TK, ids_TK, E)
     return out_TD

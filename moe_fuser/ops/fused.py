@@ -10,7 +10,8 @@ Precision: the routed experts compute in ``expert_dtype``, by default the hidden
 would (``experts_dtype``). Hidden states, and the expert weights unless the lowering takes them in their own
 dtype (``mixed_precision``: the CPU lowering casts each expert group's weights where it uses them), are then
 cast on each call (fp32 master weights get fp32 gradients) and the experts run with autocast off, so no
-lowering's internal op is cast again. Routing keeps ``RouterSpec.dtype``; the shared expert is ordinary ``F.linear`` and follows autocast itself.
+lowering's internal op is cast again. The shared expert computes in ``shared_dtype`` (the same default) and routing in ``RouterSpec.dtype``, all
+with autocast off: the result depends on the explicit dtypes only, never on the autocast state it runs in.
 
 Routing and the shared expert stay ordinary differentiable tensor code on purpose: they are cheap, the inner
 compiler fuses them, and autograd carries the router-logit gradient through ``topk_weights`` into the expert op's
@@ -193,13 +194,17 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _shared_expert(x_TD: torch.Tensor, spec: SharedExpertSpec, w: MoEWeights) -> torch.Tensor:
-    h = act_fn(spec.activation, F.linear(x_TD, w.shared_w1))
+def _shared_expert(x_TD: torch.Tensor, spec: SharedExpertSpec, w: MoEWeights, dtype: torch.dtype) -> torch.Tensor:
+    """The shared expert computed in ``dtype`` (hidden states and its weights cast where they differ)."""
+    x_TD = x_TD.to(dtype)
+    w1, w2, w3, gate = (None if t is None else t.to(dtype)
+                        for t in (w.shared_w1, w.shared_w2, w.shared_w3, w.shared_gate))
+    h = act_fn(spec.activation, F.linear(x_TD, w1))
     if spec.glu:
-        h = h * F.linear(x_TD, w.shared_w3)
-    s = F.linear(h, w.shared_w2)
+        h = h * F.linear(x_TD, w3)
+    s = F.linear(h, w2)
     if spec.gated:
-        s = torch.sigmoid(F.linear(x_TD, w.shared_gate)) * s
+        s = torch.sigmoid(F.linear(x_TD, gate)) * s
     return s
 
 
@@ -207,15 +212,25 @@ def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[to
                 impl: Optional[str] = None, topk_weights_TK: Optional[torch.Tensor] = None,
                 topk_ids_TK: Optional[torch.Tensor] = None, capacity_groups: int = 1,
                 return_router_stats: bool = False, check: bool = True, expert_dtype: Optional[torch.dtype] = None,
-                ep_group=None, **ep_options):
-    """The fused MoE for a ``spec`` (see ``fused_moe`` for the arguments). ``expert_dtype``: the dtype the routed
-    experts compute in (``experts_dtype``; the compiler passes the one the replaced graph computed in)."""
+                shared_dtype: Optional[torch.dtype] = None, ep_group=None, **ep_options):
+    """The fused MoE for a ``spec`` (see ``fused_moe`` for the arguments). ``expert_dtype`` and ``shared_dtype``:
+    the dtypes the routed and the shared experts compute in (``experts_dtype``: by default the autocast dtype
+    or the hidden states'; the compiler passes the ones the replaced graph computed in). Everything runs with
+    autocast off, each part in its explicit dtype, so the result does not depend on the autocast state."""
     if ep_group is not None:  # expert parallelism: moe_fuser.distributed (ep_options: see fused_moe)
         from ..distributed.ep_moe import ep_moe_forward
-        return ep_moe_forward(spec, x_TD, router_logits_TE, w, ep_group, impl=impl,
-                              topk_weights_TK=topk_weights_TK, topk_ids_TK=topk_ids_TK,
-                              return_router_stats=return_router_stats, check=check, expert_dtype=expert_dtype,
-                              **ep_options)
+        return ep_moe_forward(spec, x_TD, router_logits_TE, w, ep_group, impl=impl, topk_weights_TK=topk_weights_TK,
+                              topk_ids_TK=topk_ids_TK, return_router_stats=return_router_stats, check=check,
+                              expert_dtype=expert_dtype, shared_dtype=shared_dtype, **ep_options)
+    expert_dtype, shared_dtype = experts_dtype(x_TD, expert_dtype), experts_dtype(x_TD, shared_dtype)
+    with no_autocast(x_TD.device.type):
+        return _moe_forward(spec, x_TD, router_logits_TE, w, impl, topk_weights_TK, topk_ids_TK, capacity_groups,
+                            return_router_stats, check, expert_dtype, shared_dtype)
+
+
+def _moe_forward(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, impl, topk_weights_TK, topk_ids_TK,
+                 capacity_groups, return_router_stats: bool, check: bool, expert_dtype: torch.dtype,
+                 shared_dtype: torch.dtype):
     if check:
         validate(spec, x_TD, router_logits_TE, w, topk_weights_TK, topk_ids_TK)
     if spec.router.external:
@@ -231,20 +246,19 @@ def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[to
 
     # a lowering that takes weights in their own dtype casts them where it uses them (``mixed_precision``)
     mixed = impl != "reference" and getattr(lowering.select(impl, x_TD.device), "mixed_precision", False)
-    xe_TD, we = cast_experts(x_TD, w, experts_dtype(x_TD, expert_dtype), weights=not mixed)
-    with no_autocast(x_TD.device.type):
-        if impl == "reference":
-            out_TD = experts_reference(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
-                                       spec.experts)
-        else:
-            out_TD = grouped_experts(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
-                                     spec=spec.experts, impl=impl)
+    xe_TD, we = cast_experts(x_TD, w, expert_dtype, weights=not mixed)
+    if impl == "reference":
+        out_TD = experts_reference(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
+                                   spec.experts)
+    else:
+        out_TD = grouped_experts(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
+                                 spec=spec.experts, impl=impl)
     out_TD = out_TD.to(x_TD.dtype)
     if spec.capacity is not None and spec.capacity.dropped == "passthrough":
         dropped_w_T = (weights_TK * (ids_TK < 0)).sum(-1, keepdim=True)
         out_TD = out_TD + (dropped_w_T * x_TD).to(out_TD.dtype)
     if spec.shared is not None:
-        out_TD = (out_TD + _shared_expert(x_TD, spec.shared, w)).to(x_TD.dtype)
+        out_TD = (out_TD + _shared_expert(x_TD, spec.shared, w, shared_dtype)).to(x_TD.dtype)
     if return_router_stats:
         return out_TD, router_stats(weights_TK, ids_TK, spec.num_experts)
     return out_TD

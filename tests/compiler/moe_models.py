@@ -3,8 +3,8 @@
 ``LoopMoE(Variant(...))`` writes one MoE block the way research code does, with every style axis the
 hand-written pattern family claims to cover (router, dispatch loop, combine, FFN, activation, bias, weight
 position) plus *twists*: small departures the pattern must refuse (an extra scale, a skipped expert, an active
-dropout, experts that switch autocast off), so tests can show "fused and eager-equal, or untouched and
-eager-equal; never wrong".
+dropout), so tests can show "fused and eager-equal, or untouched and eager-equal; never wrong", and experts that
+switch autocast off (fused, in fp32).
 
 ``MixtralV4Block`` is the transformers-4 Mixtral sparse block, written out as it was (one_hot(...).permute(2, 1,
 0) + where loop). The seed article's Switch layer is the one in ``examples/switch_transformer.py``

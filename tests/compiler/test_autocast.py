@@ -3,7 +3,7 @@
 The fused op must compute the experts in the precision the graph's own matmuls ran in: bf16 where the model's
 ``nn.Linear`` experts are autocast, the weights' fp32 where they are not (transformers' grouped_mm fallback on
 CPU). Each case trains eager-equal (bf16 tolerance, both runs under autocast) at two token counts, and explain
-reports the dtype. A region inside which autocast is switched is left as written."""
+reports the dtype, also where autocast is switched off inside the MoE."""
 
 import sys
 import warnings
@@ -18,12 +18,13 @@ from moe_models import LoopMoE, Recorder, Variant, load_example, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "patterns"))
 import tiny_hf  # noqa: E402
+from test_model_zoo import tiny_model  # noqa: E402
 
 TOL = 2e-2
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
-def _train_step_under_autocast(model, compiled, x):
+def _train_step_under_autocast(model, compiled, x, model_call=False):
     """Forward under autocast, backward outside it, as a mixed-precision training step runs: outputs, input and
     parameter gradients of eager and compiled agree (idle experts: no gradient in either, or zeros compiled).
 
@@ -32,13 +33,15 @@ def _train_step_under_autocast(model, compiled, x):
     fp32, may differ from eager by up to twice that, and must be no further from the fp32 model than eager is."""
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
-    for fn, autocast in ((model, True), (compiled, True), (model, False)):
-        xi = x.clone().requires_grad_(True)
+    eager = (lambda ids: model(input_ids=ids).logits) if model_call else model
+    for fn, autocast in ((eager, True), (compiled, True), (eager, False)):
+        xi = x if model_call else x.clone().requires_grad_(True)   # token ids: no gradient
         with torch.autocast(**BF16, enabled=autocast):
             out = fn(xi)
         outs = [o for o in torch.utils._pytree.tree_leaves(out) if o.is_floating_point()]
         loss = sum((o.float() * torch.linspace(0.5, 1.5, o.numel()).view_as(o)).sum() for o in outs)
-        results.append(outs + list(torch.autograd.grad(loss, [xi] + params, allow_unused=True)))
+        results.append(outs + list(torch.autograd.grad(loss, ([] if model_call else [xi]) + params,
+                                                       allow_unused=True)))
     for i, (ref, got, fp32) in enumerate(zip(*results)):
         if ref is None:
             assert got is None or not got.any()
@@ -91,13 +94,28 @@ def test_grouped_mm_experts_keep_the_graphs_fp32():
     _compile_and_check(blk, [(2, 7), (3, 5)], 32)
 
 
-def test_autocast_switched_inside_the_region_is_not_fused():
+def test_experts_with_autocast_switched_off_fuse_in_fp32():
+    """Experts run under ``torch.autocast(enabled=False)`` inside an autocast model (a precision choice some models
+    make for their router or experts): the graph computes them in fp32, and so does the fused op, although it
+    sits in the autocast region."""
     model = LoopMoE(Variant(twist="expert_autocast_off"))
     report = _explained(model, torch.randn(2, 5, 16))
-    assert report.num_fused == 0, report
-    assert any("autocast context" in r.reason for r in report.rejected), report
+    assert report.num_fused == 1 and report.matches[0].dtype == torch.float32, report
     torch._dynamo.reset()
-    _compile_and_check(model, [(2, 5)], 16, fused=0)
+    _compile_and_check(model, [(2, 5), (3, 7)], 16)
+
+
+def test_router_with_autocast_switched_off_fuses():
+    """ERNIE-4.5 routes under ``autocast(enabled=False)`` (in fp32) inside an autocast model: fused, and a training
+    step through the whole model matches eager."""
+    model = tiny_model("ernie4_5_moe").train()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.autocast(**BF16):
+        report = moe_fuser.explain(model, input_ids=ids)
+    assert report.num_fused == 1, report
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager"})
+    _train_step_under_autocast(model, lambda x: compiled(input_ids=x).logits, ids, model_call=True)
 
 
 def test_verify_judges_autocast_outputs_by_the_experts_precision():
