@@ -27,6 +27,9 @@ Columns (each one MoE layer of SwiGLU experts, ``expert(x) = w2 @ (silu(w1 @ x) 
 
 The router is the same in the first three columns: the logits ``[T, E]`` are an input (in the model's dtype),
 ``softmax`` in fp32, ``topk``, renormalise (inside ``fused_moe``; a shared ``route`` function for the others).
+dtypes: ``fp32`` and ``bf16`` (inputs and weights in that dtype), and, on request, ``amp``: fp32 inputs and weights
+with every column's forward under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (mixed-precision training;
+the floor's GEMMs on bf16 copies, so the casts the columns pay are outside the floor).
 Modes: ``fwd`` is inference (``torch.no_grad``); ``train`` is a training step: forward with every weight, the
 hidden states and the logits requiring grad, then ``out.backward(g)`` with a fresh random ``g`` (grads reset to
 None before each step, untimed).
@@ -49,6 +52,7 @@ and thread count) and ``<out>/<name>.png``; ``--profile`` also prints the top op
     python benchmarks/bench_op.py --configs fine --dtype bf16 --mode train --iters 5
     python benchmarks/bench_op.py --dtype bf16 --malloc cached
     python benchmarks/bench_op.py --configs fine --dtype fp32 --mode train --profile --no-memory
+    python benchmarks/bench_op.py --dtype amp --malloc cached     # mixed precision: fp32 weights, bf16 autocast
 
 Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, n = T*K routed rows.
 """
@@ -92,6 +96,9 @@ CONFIGS = {c.name: c for c in (
     Config("e128", E=128, K=8, D=512, F=128, T=256),
 )}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# "amp": fp32 inputs and weights, every column's forward under torch.autocast("cpu", dtype=torch.bfloat16) (mixed
+# precision training); the floor's GEMMs run on bf16 copies. Not part of "all" (the acceptance table is fp32 and bf16).
+AMP = "amp"
 MODES = ("fwd", "train")
 VARIANTS = ("eager", "hf", "fused", "fused_list")
 FLOORS = ("floor_mm", "floor_gmm", "floor_bmm")  # Floor's formulations; a cell's floor is the fastest
@@ -245,8 +252,10 @@ def _cumsum0(counts):
 class Case:
     """One config x dtype: the inputs, the weights in every layout, and a step function per variant and mode."""
 
-    def __init__(self, cfg: Config, dtype: torch.dtype, seed: int):
+    def __init__(self, cfg: Config, dtype_name: str, seed: int):
         gen = torch.Generator().manual_seed(seed)
+        self.dtype_name, self.amp = dtype_name, dtype_name == AMP
+        dtype = torch.float32 if self.amp else DTYPES[dtype_name]
         E, K, D, F_, T = cfg.E, cfg.K, cfg.D, cfg.F, cfg.T
         rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(dtype)  # noqa: E731
         self.cfg, self.dtype = cfg, dtype
@@ -266,7 +275,8 @@ class Case:
         _, ids_TK = route(self.logits_TE.detach(), K)
         counts = torch.bincount(ids_TK.flatten(), minlength=E).tolist()
         self.experts_hit = sum(c > 0 for c in counts)
-        self.floor = Floor(counts, self.w1, self.w2, self.w3, gen)
+        floor_w = [w.detach().to(torch.bfloat16 if self.amp else dtype) for w in (self.w1, self.w2, self.w3)]
+        self.floor = Floor(counts, *floor_w, gen)
         self.fns = {
             "eager": lambda x, lg: eager_moe(x, lg, self.experts, K),
             "hf": lambda x, lg: hf_moe(x, lg, self.hf, K),
@@ -291,6 +301,8 @@ class Case:
         if variant.startswith("floor_"):
             return self.floor.step(variant[len("floor_"):], mode), None
         fn = self.fns[variant]
+        if self.amp:
+            fn = _autocast(fn)
         if mode == "fwd":
             def run():
                 with torch.no_grad():
@@ -304,7 +316,7 @@ class Case:
 
     def errors(self) -> dict[str, float]:
         """Forward max |variant - eager| / max |eager| for hf and fused (a sanity check, not a test)."""
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
             ref = self.fns["eager"](self.x_TD, self.logits_TE).float()
             scale = ref.abs().max().clamp_min(1e-30)
             return {v: float((self.fns[v](self.x_TD, self.logits_TE).float() - ref).abs().max() / scale)
@@ -361,12 +373,15 @@ def profile_cell(case: Case, mode: str, floor: str, rows: int = 15) -> None:
         run, setup = case.step(v, mode)
         prof = run_profiled(run, setup, reps=reps)
         case.clear_grads()
-        print(f"\n--- profile: {v}, {case.cfg.label()} {_dtype_name(case.dtype)} {mode} ({reps} calls) ---")
+        print(f"\n--- profile: {v}, {case.cfg.label()} {case.dtype_name} {mode} ({reps} calls) ---")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def _dtype_name(dt):
-    return {v: k for k, v in DTYPES.items()}[dt]
+def _autocast(fn):
+    def run(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args)
+    return run
 
 
 def print_table(rows: list[dict], env: dict) -> None:
@@ -425,10 +440,10 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _choices(value: str, allowed, what: str) -> list[str]:
+def _choices(value: str, allowed, what: str, all_of=None) -> list[str]:
     items = [s.strip() for s in value.split(",") if s.strip()]
     if "all" in items:
-        return list(allowed)
+        return list(allowed if all_of is None else all_of)
     bad = [s for s in items if s not in allowed]
     if bad or not items:
         raise SystemExit(f"--{what}: unknown {bad or value!r}; choose from {', '.join(allowed)} or all "
@@ -440,7 +455,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="all", help=f"comma list of {', '.join(CONFIGS)} (default all)")
-    p.add_argument("--dtype", default="all", help="comma list of fp32, bf16 (default all)")
+    p.add_argument("--dtype", default="all", help="comma list of fp32, bf16 (all: both), amp (fp32 weights under "
+                                                  "bf16 autocast)")
     p.add_argument("--mode", default="all", help="comma list of fwd, train (default all)")
     p.add_argument("--iters", type=int, default=15, help="timed rounds per cell at most (default 15)")
     p.add_argument("--min-iters", type=int, default=5, help="timed rounds per cell at least (default 5)")
@@ -461,7 +477,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     use_malloc(args.malloc)
     configs = [CONFIGS[c] for c in _choices(args.configs, CONFIGS, "configs")]
-    dtypes = _choices(args.dtype, DTYPES, "dtype")
+    dtypes = _choices(args.dtype, {**DTYPES, AMP: None}, "dtype", all_of=DTYPES)
     modes = _choices(args.mode, MODES, "mode")
     if args.iters < 1 or args.min_iters < 1 or args.warmup < 0:
         raise SystemExit("--iters and --min-iters must be >= 1 and --warmup >= 0")
@@ -475,7 +491,7 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     for cfg in configs:
         for dt_name in dtypes:
-            case = Case(cfg, DTYPES[dt_name], args.seed)
+            case = Case(cfg, dt_name, args.seed)
             err = case.errors()
             tol = 1e-4 if dt_name == "fp32" else 3e-2
             for v, e in err.items():
