@@ -278,11 +278,13 @@ class _Grouping:
             return out
         X = ws[0].shape[-1]
         out = save_to if save_to is not None else _empty((self.n, X), rows)
+        cast = ws[0].dtype != dt   # one check: every expert's weights (and biases) share a dtype
         for e, start, stop in self.segs:
+            w = ws[e].to(dt) if cast else ws[e]
             if bias is None:
-                torch.mm(_rows(rows, start, stop), _as(ws[e], dt), out=_rows(out, start, stop))
+                torch.mm(_rows(rows, start, stop), w, out=_rows(out, start, stop))
             else:
-                torch.addmm(_as(bias[e], dt), _rows(rows, start, stop), _as(ws[e], dt),
+                torch.addmm(bias[e].to(dt) if cast else bias[e], _rows(rows, start, stop), w,
                             out=_rows(out, start, stop))
         return out
 
@@ -290,8 +292,9 @@ class _Grouping:
         """acc += rows_e @ ws[e] per expert, in place."""
         if self.padded:
             return acc.baddbmm_(rows, _as(self._mine(ws), rows.dtype))
+        cast = ws[0].dtype != rows.dtype
         for e, start, stop in self.segs:
-            _rows(acc, start, stop).addmm_(_rows(rows, start, stop), _as(ws[e], rows.dtype))
+            _rows(acc, start, stop).addmm_(_rows(rows, start, stop), ws[e].to(rows.dtype) if cast else ws[e])
         return acc
 
     def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, out) -> None:
