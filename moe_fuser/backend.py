@@ -119,8 +119,8 @@ def _mutates_inputs(gm: fx.GraphModule) -> bool:
 
 def _mismatch(got: Any, want: Any, min_rtol: float = 0.0) -> Optional[str]:
     """Why ``got`` disagrees with ``want`` (None when it does not): per floating output, a relative error above
-    the output dtype's tolerance, or above ``min_rtol`` (the tolerance of the precision the fused experts compute
-    in: bf16 under autocast, whatever the outputs' dtype) when that is larger."""
+    the output dtype's tolerance, or above ``min_rtol`` (the tolerance of the lowest precision the replaced
+    regions computed in: bf16 under autocast, whatever the outputs' dtype) when that is larger."""
     got_l = got if isinstance(got, (list, tuple)) else [got]
     want_l = want if isinstance(want, (list, tuple)) else [want]
     if len(got_l) != len(want_l):
@@ -182,8 +182,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions
         log.warning("moe_fuser: verify skipped for %s: the graph updates its inputs in place, so running it "
                     "twice would apply the updates twice", where)
         return compiled
-    min_rtol = max(VERIFY_RTOL.get(m.dtype, 1e-4) for m in result.matches)
-    return _Verified(compiled, inner(original, example_inputs), where, min_rtol)
+    return _Verified(compiled, inner(original, example_inputs), where, _regions_rtol(result))
+
+
+def _regions_rtol(result: FuseResult) -> float:
+    """The tolerance of the lowest precision any replaced region computed in (its nodes' values: under autocast
+    bf16 matmuls or routing weights rounded to bf16, even when the outputs are fp32)."""
+    dtypes = {v.dtype for m in result.matches for n in m.region
+              for v in [n.meta.get("val", n.meta.get("example_value"))]
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    return max((VERIFY_RTOL.get(d, 1e-4) for d in dtypes | {m.dtype for m in result.matches}), default=0.0)
 
 
 def moe_fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[Mapping[str, Any]] = None,
