@@ -222,11 +222,32 @@ def _fuses_before_ddp_split(compile_fn: Callable) -> Callable:
     return wrapped
 
 
+def _counts_fused_weights(add_param_args: Callable) -> Callable:
+    """``DDPOptimizer.add_param_args``, also counting the parameters a fused op takes in lists (the splitter reads
+    only a node's direct arguments): a fused layer's weights then fill DDP buckets, and the graph is cut around
+    it, so its gradients' all-reduce overlaps the backward of what precedes it, as with the unfused loop."""
+    @functools.wraps(add_param_args)
+    def wrapped(self, bucket, node: fx.Node) -> None:
+        add_param_args(self, bucket, node)
+        if not hasattr(node.target, "spec"):   # only moe_fuser's fused calls (rewrite._make_target) carry a spec
+            return
+        for arg in node.args:
+            for n in arg if isinstance(arg, (list, tuple)) else ():
+                p = n.meta.get("example_value") if isinstance(n, fx.Node) and n.op == "placeholder" else None
+                if isinstance(p, torch.nn.Parameter) and p.requires_grad and not self._ignore_parameter(p):
+                    self.add_param(bucket, p, str(n.target))
+    wrapped._moe_fuser_wrapped = True
+    return wrapped
+
+
 def _install_ddp_hook() -> None:
     from torch._dynamo.backends import distributed
 
-    if not getattr(distributed.DDPOptimizer.compile_fn, "_moe_fuser_wrapped", False):
-        distributed.DDPOptimizer.compile_fn = _fuses_before_ddp_split(distributed.DDPOptimizer.compile_fn)
+    ddp = distributed.DDPOptimizer
+    if not getattr(ddp.compile_fn, "_moe_fuser_wrapped", False):
+        ddp.compile_fn = _fuses_before_ddp_split(ddp.compile_fn)
+    if not getattr(ddp.add_param_args, "_moe_fuser_wrapped", False):
+        ddp.add_param_args = _counts_fused_weights(ddp.add_param_args)
 
 
 moe_fuser_backend.backend_ctx_ctor = capture.capture_context

@@ -43,9 +43,10 @@ def test_autocast_runs_the_experts_in_bf16(two):
 
 def test_ddp_graph_split_does_not_cut_the_moe_apart(two):
     """Under DistributedDataParallel dynamo splits each graph at gradient-bucket boundaries before the backend sees
-    it; moe_fuser fuses the whole graph first, and the training step matches eager DDP."""
+    it; moe_fuser fuses the whole graph first, the split still cuts the rewritten graph at the fused layer's
+    weights (so all-reduce can overlap the backward), and the training step matches eager DDP."""
     for res in two:
-        assert res["ddp"]["fused"] == 1, res["ddp"]
+        assert res["ddp"]["fused"] == 1 and res["ddp"]["pieces"] >= 2, res["ddp"]
         assert res["ddp"]["grad_rel_err"] <= 1e-4, res["ddp"]
 
 
