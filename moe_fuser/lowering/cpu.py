@@ -267,18 +267,18 @@ class _Grouping:
         sorted order) also receives the result."""
         dt = rows.dtype
         if self.padded:
-            ws = _as(self._mine(ws), dt)
+            ws = self._mine(ws).to(dt)
             out = _empty((self.E, self.C, ws.shape[-1]), rows)
             if bias is None:
                 torch.bmm(rows, ws, out=out)
             else:
-                torch.baddbmm(_as(self._mine(bias), dt).unsqueeze(1), rows, ws, out=out)
+                torch.baddbmm(self._mine(bias).to(dt).unsqueeze(1), rows, ws, out=out)
             if save_to is not None:
                 self.to_sorted(out, out=save_to)
             return out
         X = ws[0].shape[-1]
         out = save_to if save_to is not None else _empty((self.n, X), rows)
-        cast = ws[0].dtype != dt   # one check: every expert's weights (and biases) share a dtype
+        cast = ws[0].dtype != dt   # checked once, not a .to() per expert: the experts share one dtype
         for e, start, stop in self.segs:
             w = ws[e].to(dt) if cast else ws[e]
             if bias is None:
@@ -291,7 +291,7 @@ class _Grouping:
     def mm_add_(self, acc: torch.Tensor, rows: torch.Tensor, ws) -> torch.Tensor:
         """acc += rows_e @ ws[e] per expert, in place."""
         if self.padded:
-            return acc.baddbmm_(rows, _as(self._mine(ws), rows.dtype))
+            return acc.baddbmm_(rows, self._mine(ws).to(rows.dtype))
         cast = ws[0].dtype != rows.dtype
         for e, start, stop in self.segs:
             _rows(acc, start, stop).addmm_(_rows(rows, start, stop), ws[e].to(rows.dtype) if cast else ws[e])
@@ -311,7 +311,7 @@ class _Grouping:
         if self.padded:
             self._mine(out).add_(rows.sum(1, dtype=out.dtype))
         elif isinstance(out, torch.Tensor):
-            out.index_add_(0, self.expert_n, _as(rows, out.dtype))
+            out.index_add_(0, self.expert_n, rows.to(out.dtype))
         else:
             for e, start, stop in self.segs:
                 out[e].add_(_rows(rows, start, stop).sum(0, dtype=out[e].dtype))
@@ -325,13 +325,6 @@ class _Grouping:
         # a list: this grouping's experts only, each broadcast over its rows (no copy for a single expert)
         rows = [bs[e].expand(stop - start, -1) for e, start, stop in self.segs]
         return rows[0] if len(rows) == 1 else torch.cat(rows)
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in the rows' dtype. Under mixed precision (autocast: bf16 rows, fp32 weights, see
-    ``CpuLowering.mixed_precision``) each expert group's weights are cast where a GEMM reads them, so no low-precision
-    copy of all weights is kept."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _mm_into(mm, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
