@@ -44,6 +44,7 @@ import torch.fx as fx
 
 from . import capture
 from .fx.dag import mutated_arg, storage_key
+from .fx.graph import val
 from .rewrite import FuseResult, fuse_graph
 
 __all__ = ["BackendOptions", "compile_graph", "moe_fuser_backend"]
@@ -188,10 +189,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions
 def _regions_rtol(result: FuseResult) -> float:
     """The tolerance of the lowest precision any replaced region computed in (its nodes' values: under autocast
     bf16 matmuls or routing weights rounded to bf16, even when the outputs are fp32)."""
-    dtypes = {v.dtype for m in result.matches for n in m.region
-              for v in [n.meta.get("val", n.meta.get("example_value"))]
+    dtypes = {v.dtype for m in result.matches for n in m.region for v in [val(n)]
               if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    return max((VERIFY_RTOL.get(d, 1e-4) for d in dtypes | {m.dtype for m in result.matches}), default=0.0)
+    return max((VERIFY_RTOL.get(d, 1e-4) for d in dtypes), default=0.0)
 
 
 def moe_fuser_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[Mapping[str, Any]] = None,
