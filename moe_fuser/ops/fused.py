@@ -9,9 +9,9 @@ Precision: the routed experts compute in ``expert_dtype``, by default the hidden
 ``torch.autocast`` region for their device, the autocast dtype, as the ``nn.Linear`` calls of an eager expert
 would (``experts_dtype``). Hidden states, and the expert weights unless the lowering takes them in their own
 dtype (``mixed_precision``: the CPU lowering casts each expert group's weights where it uses them), are then
-cast on each call (fp32 master weights get fp32 gradients) and the experts run with autocast off, so no
-lowering's internal op is cast again. The shared expert computes in ``shared_dtype`` (the same default) and routing in ``RouterSpec.dtype``, all
-with autocast off: the result depends on the explicit dtypes only, never on the autocast state it runs in.
+cast on each call (fp32 master weights get fp32 gradients). The shared expert computes in ``shared_dtype`` (the
+same default) and routing in ``RouterSpec.dtype``. All of it runs with autocast off, so no lowering's internal op
+is cast again and the result depends on the explicit dtypes only, never on the autocast state it runs in.
 
 Routing and the shared expert stay ordinary differentiable tensor code on purpose: they are cheap, the inner
 compiler fuses them, and autograd carries the router-logit gradient through ``topk_weights`` into the expert op's
@@ -233,11 +233,12 @@ def _moe_forward(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, impl, top
                  shared_dtype: torch.dtype):
     if check:
         validate(spec, x_TD, router_logits_TE, w, topk_weights_TK, topk_ids_TK)
+    low = None if impl == "reference" else lowering.select(impl, x_TD.device)
     if spec.router.external:
         weights_TK, ids_TK = topk_weights_TK, topk_ids_TK.long()
     else:
         # a lowering may route on its own device ops (npu: the gating ops); None means plain `route`
-        lowered = None if impl == "reference" else getattr(lowering.select(impl, x_TD.device), "route", None)
+        lowered = getattr(low, "route", None)
         routed = lowered(router_logits_TE, spec.router, w.selection_bias) if lowered is not None else None
         weights_TK, ids_TK = routed if routed is not None else route(router_logits_TE, spec.router,
                                                                      w.selection_bias)
@@ -245,8 +246,7 @@ def _moe_forward(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, impl, top
         ids_TK = apply_capacity(ids_TK, spec.num_experts, spec.capacity, capacity_groups)
 
     # a lowering that takes weights in their own dtype casts them where it uses them (``mixed_precision``)
-    mixed = impl != "reference" and getattr(lowering.select(impl, x_TD.device), "mixed_precision", False)
-    xe_TD, we = cast_experts(x_TD, w, expert_dtype, weights=not mixed)
+    xe_TD, we = cast_experts(x_TD, w, expert_dtype, weights=not getattr(low, "mixed_precision", False))
     if impl == "reference":
         out_TD = experts_reference(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
                                    spec.experts)
