@@ -35,7 +35,7 @@ import torch.fx as fx
 from . import capture
 from .backend import BackendOptions, compile_graph
 from .patterns.base import Match, Rejection, router_kind
-from .rewrite import FuseResult, RegionPicture
+from .rewrite import FuseResult, RegionPicture, dtype_name
 
 __all__ = ["FusedRow", "RejectedRow", "Report", "explain"]
 
@@ -66,7 +66,7 @@ class FusedRow:
         if extras:
             act += f" [{', '.join(extras)}]"
         return cls(m.module_path or "<root>", m.family, m.pattern, router_kind(m.spec), e.num_experts,
-                   m.spec.top_k, act, str(m.dtype).replace("torch.", ""), m.lowering or "?", tuple(m.notes))
+                   m.spec.top_k, act, dtype_name(m.dtype), m.lowering or "?", tuple(m.notes))
 
 
 @dataclass(frozen=True)

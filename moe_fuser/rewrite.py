@@ -54,7 +54,7 @@ from .ops.fused import moe_forward, validate
 from .patterns.base import Match, MatchContext, Rejection, patterns_for
 from .spec import MoESpec, MoEWeights, RouterSpec
 
-__all__ = ["FuseResult", "RegionPicture", "counters", "fuse_graph"]
+__all__ = ["FuseResult", "RegionPicture", "counters", "dtype_name", "fuse_graph"]
 
 log = logging.getLogger("moe_fuser")
 
@@ -281,10 +281,10 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
             item.lowering = lowering_name
             item.dtype = dtypes[0]
             if dtypes[0] != val(item.x).dtype or (item.spec.shared is not None and dtypes[1] != val(item.x).dtype):
-                item.notes += (f"autocast: the experts compute in {_dtype_name(dtypes[0])}"
-                               + (f", the shared expert in {_dtype_name(dtypes[1])}" if item.spec.shared else "")
+                item.notes += (f"autocast: the experts compute in {dtype_name(dtypes[0])}"
+                               + (f", the shared expert in {dtype_name(dtypes[1])}" if item.spec.shared else "")
                                + f", as the graph's matmuls do; hidden states and weights "
-                               f"({_dtype_name(val(item.x).dtype)}) are cast on each call",)
+                               f"({dtype_name(val(item.x).dtype)}) are cast on each call",)
             item.module_path = item.module_path or module_path(item.output)
             if lowering_name == "npu":  # which stages leave torch_npu's fused ops, and why (explain shows it)
                 item.notes += tuple(_npu_fallbacks(item))
@@ -406,7 +406,8 @@ def _reads_weight(node: Any, weights: set, depth: int = 8) -> bool:
     return False
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16`` (explain's tables and notes)."""
     return str(dtype).replace("torch.", "")
 
 
@@ -433,7 +434,7 @@ def _compute_dtypes(ctx: MatchContext, m: Match):
         dtypes = _gemm_dtypes(m, fields)
         if len(dtypes) > 1:
             return (f"the {part} matmuls compute in different dtypes "
-                    f"({', '.join(sorted(map(_dtype_name, dtypes)))}); the fused op computes them in one")
+                    f"({', '.join(sorted(map(dtype_name, dtypes)))}); the fused op computes them in one")
         if not dtypes and autocast:
             return (f"autocast is on and no matmul on the {part} weights shows which dtype they compute in; the "
                     "pattern's region should include them")
