@@ -270,20 +270,19 @@ def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer
 
 def ddp_switch(group, rank, world):
     """The seed's Switch layer under DistributedDataParallel with buckets so small that dynamo's DDP graph split
-    cuts its MoE apart (unfused before moe_fuser fused ahead of the split), compiled with moe_fuser: how many regions were fused, and the largest relative
-    difference of one training step's gradients to eager DDP's (both all-reduced across the ranks)."""
+    cuts its MoE apart (unfused before moe_fuser fused ahead of the split), compiled with moe_fuser: how many
+    regions were fused, how many pieces the split made, and the largest relative difference of one training
+    step's gradients to eager DDP's (both all-reduced across the ranks)."""
     import copy
-    import importlib.util
 
     import torch._dynamo
     from moe_fuser.rewrite import counters
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "switch_transformer.py")
-    spec = importlib.util.spec_from_file_location("example_switch_transformer", path)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example   # dynamo finds the globals of inlined functions through their module
-    spec.loader.exec_module(example)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "compiler"))
+    from moe_models import load_example
+
+    example = load_example("switch_transformer")
     torch.manual_seed(0)
     layer = example.SwitchLayer(64, 512, 8, 2)   # 2 MiB of expert weights: DDP's smallest buckets hold 1 MiB
     models = [DDP(copy.deepcopy(layer), process_group=group, bucket_cap_mb=1) for _ in range(2)]
