@@ -20,7 +20,8 @@ Options (``torch.compile(..., options={...})``; unknown keys raise ValueError):
     inner_options   dict for the inner compiler: inductor config patches, or torchair options for "npu"
     verify          False (default) | True: on the first call run the original graph too and compare (fp32 1e-4,
                     bf16/fp16 2e-2 relative, and 2e-2 throughout where the fused experts compute in bf16/fp16, as
-                    under autocast); on a mismatch warn and use the original graph from then on
+                    under autocast); on a mismatch warn and use the original graph from then on (run eagerly
+                    where the inner compiler fails on it)
     patterns        {family or pattern name: bool}: switch pattern families off (all on by default), e.g.
                     {"handwritten": False}; names: ``moe_fuser.patterns.registered_patterns()``
     impl            None/"auto" (best lowering for the device) | "cpu" | "triton" | "npu" | "reference":
@@ -183,7 +184,20 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions
         log.warning("moe_fuser: verify skipped for %s: the graph updates its inputs in place, so running it "
                     "twice would apply the updates twice", where)
         return compiled
-    return _Verified(compiled, inner(original, example_inputs), where, _regions_rtol(result))
+    return _Verified(compiled, _compile_original(inner, original, example_inputs, where), where,
+                     _regions_rtol(result))
+
+
+def _compile_original(inner: Callable, original: fx.GraphModule, example_inputs: list, where: str) -> Callable:
+    """The original graph compiled with the inner compiler, to compare with and fall back to; the graph itself,
+    run eagerly, where the inner compiler fails on it (where the fused op replaced the very code plain
+    torch.compile cannot compile: transformers 5.17's grouped_mm fallback under autocast, for one)."""
+    try:
+        return inner(original, example_inputs)
+    except Exception as exc:   # any compiler's failure; the fused graph compiled, so the model still runs
+        log.warning("moe_fuser: verify for %s runs the original graph eagerly: the inner compiler fails on it "
+                    "(%s: %s)", where, type(exc).__name__, str(exc).split("\n")[0])
+        return original.forward
 
 
 def _regions_rtol(result: FuseResult) -> float:

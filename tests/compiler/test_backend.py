@@ -175,6 +175,24 @@ def test_verify_falls_back_on_a_wrong_rewrite():
         unregister_pattern("tests.wrong")
 
 
+def test_verify_runs_the_original_eagerly_where_the_inner_compiler_fails_on_it(caplog):
+    """The fused op can replace the very code the inner compiler fails on (transformers 5.17's grouped_mm
+    fallback under autocast): verify then compares with the original graph run eagerly, and the model runs."""
+    def inner(gm, example_inputs):
+        if any("index_add" in str(n.target) for n in gm.graph.nodes):
+            raise RuntimeError("cannot compile the hand-written loop")
+        return gm.forward
+
+    model = LoopMoE(Variant(ffn="swiglu"))
+    x = torch.randn(2, 3, 16)
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": inner, "verify": True})
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="moe_fuser"):
+        warnings.simplefilter("error", RuntimeWarning)
+        out, _ = compiled(x)
+    assert "runs the original graph eagerly" in caplog.text and "cannot compile the hand-written loop" in caplog.text
+    assert rel_err(out, model(x)[0]) < 1e-5
+
+
 def test_verify_passes_a_correct_rewrite():
     model = LoopMoE(Variant(ffn="swiglu"))
     x = torch.randn(2, 3, 16)
