@@ -16,7 +16,8 @@ Router semantics, with ``s`` the router logits computed in ``RouterSpec.dtype`` 
     scoring="sigmoid":                    p = sigmoid(s);  ids = topk(p + bias, k);  w = p[ids]   (DeepSeek-V3)
     num_groups > 1: experts are split in num_groups groups; a group's score is its max (group_score="max") or
         the sum of its two best (group_score="top2_sum") biased scores; only the topk_groups best groups compete.
-    renormalize: w = w / sum(w)   (sigmoid routers add 1e-20 to the sum, as DeepSeek does)
+    renormalize: w = w / sum(w)   (sigmoid routers add 1e-20 to the sum, as DeepSeek does; with renorm_min > 0
+        the sum is clamped from below first: w / max(sum(w), renorm_min), as ERNIE-4.5 does)
     w = w * scaling_factor
     external=True: the router stays outside; the op receives (topk_weights, topk_ids) as they are.
 
@@ -80,6 +81,7 @@ class RouterSpec:
     selection_bias: bool = False
     dtype: Optional[torch.dtype] = torch.float32
     external: bool = False
+    renorm_min: float = 0.0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.top_k, int) and self.top_k >= 1,
@@ -91,6 +93,9 @@ class RouterSpec:
                f"topk_groups={self.topk_groups} must lie in [1, num_groups={self.num_groups}]")
         _check(not (self.topk_first and self.scoring != "softmax"),
                "topk_first=True (top-k on logits, softmax over the k) needs scoring='softmax'")
+        _check(self.renorm_min >= 0.0 and (self.renorm_min == 0.0 or self.renormalize),
+               f"renorm_min={self.renorm_min!r} clamps the renormalisation's sum: it needs renormalize=True and "
+               "a value >= 0")
 
     def validate_for(self, num_experts: int) -> None:
         _check(self.top_k <= num_experts,

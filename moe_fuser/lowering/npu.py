@@ -223,6 +223,8 @@ def route_plan(router: RouterSpec, num_experts: int, dtype: torch.dtype,
         why.append(f"npu_moe_gating_top_k needs align32(E/groups) * groups <= {GATING_MAX_E}")
     if k > per_group * kg:
         why.append(f"k={k} exceeds the {per_group * kg} experts of the selected groups")
+    if router.scoring == "sigmoid" and router.renorm_min:
+        why.append("sigmoid router with a clamped renormalisation sum: npu_moe_gating_top_k does not clamp it")
     if router.scoring == "sigmoid" and not router.renormalize:
         why.append("sigmoid router without renormalisation: npu_moe_gating_top_k always renormalises sigmoid "
                    "weights")
@@ -486,7 +488,7 @@ def npu_route(router_logits_TE: torch.Tensor, spec: RouterSpec, selection_bias_E
         bias = None
     y_TK, ids_TK = _NpuGating.apply(logits, bias, plan)
     if plan.renorm_after:
-        y_TK = y_TK / y_TK.sum(-1, keepdim=True)
+        y_TK = y_TK / y_TK.sum(-1, keepdim=True).clamp(min=spec.renorm_min)
     if plan.scale_after != 1.0:
         y_TK = y_TK * plan.scale_after
     return y_TK, ids_TK.long()

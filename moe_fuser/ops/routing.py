@@ -68,6 +68,8 @@ def route(router_logits_TE: torch.Tensor, spec: RouterSpec,
             denom = weights_TK.sum(dim=-1, keepdim=True)
             if spec.scoring == "sigmoid":
                 denom = denom + 1e-20
+            if spec.renorm_min:
+                denom = denom.clamp(min=spec.renorm_min)
             weights_TK = weights_TK / denom
     if spec.scaling_factor != 1.0:
         weights_TK = weights_TK * spec.scaling_factor

@@ -177,6 +177,12 @@ def _selection(node: fx.Node, scores: fx.Node, walk: _Walk, E: int) -> tuple[Opt
         elif a_src is not None and a_src.op in ("placeholder", "get_attr"):
             walk.take(node)
             bias, node = a_src, b
+        elif _flat_parameter(b, E):
+            walk.take(node)
+            bias, node = b, a
+        elif _flat_parameter(a, E):
+            walk.take(node)
+            bias, node = a, b
         else:
             raise _NoMatch(f"{node.name} adds something other than a per-expert bias parameter to the scores")
         v = val(bias)
@@ -186,6 +192,16 @@ def _selection(node: fx.Node, scores: fx.Node, walk: _Walk, E: int) -> tuple[Opt
     if node is not scores:
         raise _NoMatch(f"top-k selects from {node.name}, which is not the router scores {scores.name}")
     return bias, groups
+
+
+def _flat_parameter(node, E: int) -> bool:
+    """``node`` is a [E] view of a parameter or buffer stored with other unit dims (ERNIE-4.5 keeps its bias as
+    [1, E] and adds ``bias.squeeze()``). The view itself, left outside the region, becomes the op's bias."""
+    if not (isinstance(node, fx.Node) and is_op(node, "squeeze", "view", "reshape", "flatten")
+            and isinstance(node.args[0], fx.Node) and node.args[0].op in ("placeholder", "get_attr")):
+        return False
+    v = val(node)
+    return isinstance(v, torch.Tensor) and tuple(v.shape) == (E,)
 
 
 def _through_unsqueeze(node: fx.Node, walk: _Walk) -> fx.Node:
@@ -270,9 +286,10 @@ def _group_mask(mask: fx.Node, select: fx.Node, walk: _Walk, E: int) -> dict:
     return {"num_groups": G, "topk_groups": topk_groups, "group_score": kind}
 
 
-def _weights_chain(w: fx.Node, walk: _Walk) -> tuple[fx.Node, float, bool, bool]:
-    """Peel casts, `* scale` and `/ sum` off the final weights -> (core node, scale, renormalised, eps)."""
-    scale, renorm, eps = 1.0, False, False
+def _weights_chain(w: fx.Node, walk: _Walk) -> tuple[fx.Node, float, bool, bool, float]:
+    """Peel casts, `* scale` and `/ sum` (`/ (sum + eps)`, `/ clamp(sum, min=m)`) off the final weights ->
+    (core node, scale, renormalised, eps, m)."""
+    scale, renorm, eps, floor = 1.0, False, False, 0.0
     node = walk.strip_casts(w)
     while True:
         if is_op(node, "mul", "imul") and len(node.args) == 2:
@@ -293,6 +310,12 @@ def _weights_chain(w: fx.Node, walk: _Walk) -> tuple[fx.Node, float, bool, bool]
                 if is_op(den, "add") and isinstance(den.args[1], float) and den.args[1] <= 1e-6:
                     walk.take(den)
                     den, eps = den.args[0], True
+                elif is_op(den, "clamp", "clamp_min") and isinstance(den.args[0], fx.Node):
+                    lo = scalar_arg(den, 1, "min")
+                    hi = scalar_arg(den, 2, "max") if is_op(den, "clamp") else None
+                    if isinstance(lo, (int, float)) and lo > 0 and hi is None:
+                        walk.take(den)
+                        den, floor = den.args[0], float(lo)
                 if is_op(den, "sum") and den.args[0] is num and _last_dim(den, 1, "dim", None) and \
                         (arg(den, 2, "keepdim", False) is True):
                     walk.take(node)
@@ -300,7 +323,7 @@ def _weights_chain(w: fx.Node, walk: _Walk) -> tuple[fx.Node, float, bool, bool]
                     renorm = True
                     node = walk.strip_casts(num)
                     continue
-        return node, scale, renorm, eps
+        return node, scale, renorm, eps, floor
 
 
 def recognise_router(topk_weights: fx.Node, topk_ids: fx.Node) -> RouterMatch:
@@ -325,14 +348,14 @@ def _recognise(w: fx.Node, ids: fx.Node) -> RouterMatch:
     walk.take(w)
     ids_core = walk.strip_casts(ids, allow_int=True)
     tk, k = _topk_parts(ids_core, walk)
-    core, scale, renorm, eps = _weights_chain(w, walk)
+    core, scale, renorm, eps, floor = _weights_chain(w, walk)
     if is_op(core, "getitem") and core.args[0] is tk and core.args[1] == 0:
         # softmax -> topk: weights are the top-k probabilities.
         walk.take(core)
         scoring, logits, dtype = _scores(tk.args[0], walk)
         if scoring != "softmax":
             raise _NoMatch("a sigmoid router must gather its weights from the unbiased scores")
-        spec = RouterSpec(top_k=k, renormalize=renorm, scaling_factor=scale, dtype=dtype)
+        spec = RouterSpec(top_k=k, renormalize=renorm, scaling_factor=scale, dtype=dtype, renorm_min=floor)
         kind = "softmax-topk"
     elif is_op(core, "softmax"):
         # topk -> softmax over the k logits.
@@ -362,7 +385,7 @@ def _recognise(w: fx.Node, ids: fx.Node) -> RouterMatch:
         if scoring == "sigmoid" and renorm and not eps:
             raise _NoMatch("a sigmoid router renormalised without DeepSeek's 1e-20 epsilon")
         spec = RouterSpec(top_k=k, scoring=scoring, renormalize=renorm, scaling_factor=scale, dtype=dtype,
-                          selection_bias=bias is not None, **groups)
+                          selection_bias=bias is not None, renorm_min=floor, **groups)
         kind = f"{scoring}-topk" + ("-grouped" if groups else "")
         return _finish(spec, w, ids, logits, bias, walk, kind)
     else:

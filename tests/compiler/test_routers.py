@@ -124,3 +124,25 @@ def test_router_recognition(fn, expect, recognised):
     order_w, order_g = want_ids.sort(-1).indices, got_ids.sort(-1).indices
     assert torch.equal(want_ids.gather(1, order_w), got_ids.gather(1, order_g))
     torch.testing.assert_close(want_w.view(12, -1).float().gather(1, order_w), got_w.gather(1, order_g))
+
+
+def r_ernie(x, w, b_1E):                              # ERNIE-4.5: [1, E] bias squeezed, sum clamped from below
+    p = F.softmax(F.linear(x.float(), w.float()), dim=1, dtype=torch.float)
+    _, ids = torch.topk(p + b_1E.squeeze(), 2, dim=-1)
+    wts = torch.gather(p, dim=-1, index=ids)
+    return wts / torch.clamp(wts.sum(dim=-1, keepdim=True), min=0.9), ids
+
+
+def test_clamped_renormalisation_and_a_squeezed_bias():
+    """ERNIE-4.5's router (its moe_norm_min is 1e-12; 0.9 here, so the clamp acts on some tokens): recognised as
+    softmax + selection bias + renormalisation with renorm_min, and routes exactly like the code."""
+    torch._dynamo.reset()
+    x, w, b = torch.randn(12, 16), torch.randn(E, 16), torch.randn(E) * 0.1
+    rm = _recognise(r_ernie, (x, w, b.view(1, E)))
+    assert not rm.external, rm.reason
+    assert (rm.spec.scoring, rm.spec.selection_bias, rm.spec.renorm_min) == ("softmax", True, 0.9), rm.spec
+    want_w, want_ids = r_ernie(x, w, b.view(1, E))
+    got_w, got_ids = route(F.linear(x, w), rm.spec, b)
+    assert torch.equal(want_ids, got_ids)
+    torch.testing.assert_close(want_w, got_w)
+    assert (torch.gather(F.linear(x, w).softmax(-1), 1, got_ids).sum(-1) < 0.9).any()   # the clamp mattered
