@@ -112,8 +112,9 @@ def test_transformers_models_on_triton(family):
     """Whole tiny transformers models (grouped_mm experts) fused and trained eager-equal in fp32: logits, router
     logits, aux loss and every gradient, two sequence lengths, one recompile."""
     layers = 2 if family == "mixtral" else 1
-    # One key/value head per query head: DeepSeek-V3's attention with tiny_hf's grouped heads does not run on
-    # CUDA's SDPA in transformers 5.17 (a broadcast error, eager too), which has nothing to do with the MoE.
+    # One key/value head per query head: with tiny_hf's grouped heads, DeepSeek-V3's attention hands CUDA's SDPA
+    # keys with more heads than queries in transformers 5.17 (a broadcast error while dynamo traces it), which has
+    # nothing to do with the MoE.
     model = tiny_hf.build(family, num_hidden_layers=layers, num_key_value_heads=2).to(CUDA)
     assert _lowerings(model, torch.randint(0, 64, (2, 9), device=CUDA)) == {"triton"}
     specs = tiny_hf.FusedSpecs("inductor")
