@@ -19,6 +19,8 @@ Router semantics, with ``s`` the router logits computed in ``RouterSpec.dtype`` 
     renormalize: w = w / sum(w)   (sigmoid routers add 1e-20 to the sum, as DeepSeek does; with renorm_min > 0
         the sum is clamped from below first: w / max(sum(w), renorm_min), as ERNIE-4.5 does)
     w = w * scaling_factor
+    weights_dtype: the final weights are rounded to this dtype (kept in the routing dtype), as a model that casts
+        them (``.to(hidden_states.dtype)``) computes with them; None: no rounding
     external=True: the router stays outside; the op receives (topk_weights, topk_ids) as they are.
 
 Expert semantics (one expert e, row x; W weights in nn.Linear layout ``[out, in]``):
@@ -82,6 +84,7 @@ class RouterSpec:
     dtype: Optional[torch.dtype] = torch.float32
     external: bool = False
     renorm_min: float = 0.0
+    weights_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.top_k, int) and self.top_k >= 1,

@@ -74,6 +74,7 @@ from ..distributed.dispatch import ExpertParallelError
 from ..distributed.ep_moe import DEFAULT_TIMEOUT_S
 from ..ops.activations import expert_activation, expert_activation_backward
 from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd
+from ..ops.routing import round_weights
 from ..spec import ExpertSpec, MoESpec, RouterSpec
 
 __all__ = ["CHOICES", "EP_PATHS", "FALLBACKS", "NpuLowering", "OpChoices", "explain_constraints",
@@ -491,7 +492,7 @@ def npu_route(router_logits_TE: torch.Tensor, spec: RouterSpec, selection_bias_E
         y_TK = y_TK / y_TK.sum(-1, keepdim=True).clamp(min=spec.renorm_min)
     if plan.scale_after != 1.0:
         y_TK = y_TK * plan.scale_after
-    return y_TK, ids_TK.long()
+    return round_weights(y_TK, spec), ids_TK.long()
 
 
 # ---------------------------------------------------------------------------------------------------- lowering

@@ -73,7 +73,14 @@ def route(router_logits_TE: torch.Tensor, spec: RouterSpec,
             weights_TK = weights_TK / denom
     if spec.scaling_factor != 1.0:
         weights_TK = weights_TK * spec.scaling_factor
-    return weights_TK, ids_TK
+    return round_weights(weights_TK, spec), ids_TK
+
+
+def round_weights(weights_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """The weights rounded to ``spec.weights_dtype`` (as the model's own cast rounds them), in their dtype."""
+    if spec.weights_dtype is None or spec.weights_dtype == weights_TK.dtype:
+        return weights_TK
+    return weights_TK.to(spec.weights_dtype).to(weights_TK.dtype)
 
 
 def apply_capacity(topk_ids_TK: torch.Tensor, num_experts: int, capacity: CapacitySpec,

@@ -25,6 +25,7 @@ Legend: T tokens, E experts, K top-k, G expert groups.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -400,6 +401,11 @@ def _finish(spec: RouterSpec, w, ids, logits, bias, walk: _Walk, kind: str) -> R
     E = v.shape[-1]
     if not isinstance(E, int):
         raise _NoMatch("the number of experts is not static")
+    compute = v.dtype if spec.dtype is None else torch.promote_types(spec.dtype, v.dtype)
+    out = _dtype_of(w)
+    if out is not None and out.is_floating_point and out != compute:
+        # the model rounds its routing weights (``.to(hidden_states.dtype)``); the op rounds them the same way
+        spec = dataclasses.replace(spec, weights_dtype=out)
     try:
         spec.validate_for(E)
     except ValueError as exc:

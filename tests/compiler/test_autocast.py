@@ -131,10 +131,11 @@ def test_verify_judges_autocast_outputs_by_the_experts_precision():
     assert out.dtype == torch.float32 and 1e-4 < rel_err(out, ref) <= TOL
 
 
-def test_verify_judges_by_the_regions_lowest_precision():
+def test_qwen2_rounding_of_its_routing_weights_is_reproduced():
     """Qwen2-MoE's routed experts stay fp32 under CPU autocast, but its router rounds the routing weights to the
-    bf16 logits' dtype (the fused op keeps them fp32) and its shared expert runs in bf16: the fp32 output differs
-    from the original graph's by bf16 rounding, which verify accepts."""
+    bf16 logits' dtype and its shared expert runs in bf16: the fused op rounds the weights the same way and runs
+    the shared expert in bf16, so the fp32 output matches the original graph's to fp32 rounding (it differed by
+    bf16 rounding, ~1e-3, while the op kept the weights in fp32), and verify passes."""
     blk = tiny_hf.block("qwen2_moe", impl="grouped_mm")
     compiled = torch.compile(blk, backend="moe_fuser", options={"inner": "aot_eager", "verify": True})
     x = torch.randn(2, 7, 32)
@@ -142,4 +143,4 @@ def test_verify_judges_by_the_regions_lowest_precision():
         warnings.simplefilter("error", RuntimeWarning)
         with torch.autocast(**BF16):
             out, ref = compiled(x)[0], blk(x)[0]
-    assert out.dtype == torch.float32 and 1e-4 < rel_err(out, ref) <= TOL
+    assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-5

@@ -1,6 +1,8 @@
 """Router recognition on dynamo graphs: each router style maps to the RouterSpec whose routing equals it, and
 anything else becomes an external router (never a wrong spec)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +148,24 @@ def test_clamped_renormalisation_and_a_squeezed_bias():
     assert torch.equal(want_ids, got_ids)
     torch.testing.assert_close(want_w, got_w)
     assert (torch.gather(F.linear(x, w).softmax(-1), 1, got_ids).sum(-1) < 0.9).any()   # the clamp mattered
+
+
+def r_rounded(x, w, b):                               # Qwen2-MoE in bf16: fp32 routing, weights cast back
+    p = F.softmax(F.linear(x, w), dim=1, dtype=torch.float)
+    v, i = torch.topk(p, 2, dim=-1)
+    return v.to(x.dtype), i
+
+
+def test_rounded_routing_weights_are_reproduced():
+    """Routing in fp32 whose weights the model casts to bf16: the spec rounds them the same way (kept fp32), so
+    the op's weights equal the model's exactly."""
+    torch._dynamo.reset()
+    x, w = torch.randn(12, 16, dtype=torch.bfloat16), torch.randn(E, 16, dtype=torch.bfloat16)
+    rm = _recognise(r_rounded, (x, w, None))
+    assert (rm.spec.dtype, rm.spec.weights_dtype) == (torch.float32, torch.bfloat16), rm.spec
+    want_w, want_ids = r_rounded(x, w, None)
+    got_w, got_ids = route(F.linear(x, w), rm.spec)
+    assert torch.equal(want_ids, got_ids) and got_w.dtype == torch.float32
+    assert torch.equal(want_w.float(), got_w)
+    unrounded, _ = route(F.linear(x, w), dataclasses.replace(rm.spec, weights_dtype=None))
+    assert not torch.equal(unrounded, got_w)            # the rounding is what makes them equal

@@ -22,8 +22,10 @@ def expected_spec(family: str, dtype: torch.dtype = F32, **cfg) -> MoESpec:
         return MoESpec(RouterSpec(top_k=2, renormalize=True, dtype=F32),
                        ExpertSpec(8, activation=cfg.get("act", "silu"), glu="concat"))
     if family == "qwen2_moe":
-        # softmax(dtype=float) -> topk (renormalised only with norm_topk_prob); sigmoid-gated shared expert.
-        return MoESpec(RouterSpec(top_k=2, renormalize=cfg.get("norm", False), dtype=F32),
+        # softmax(dtype=float) -> topk (renormalised only with norm_topk_prob) -> rounded to the hidden states'
+        # dtype; sigmoid-gated shared expert.
+        return MoESpec(RouterSpec(top_k=2, renormalize=cfg.get("norm", False), dtype=F32,
+                                  weights_dtype=None if dtype == F32 else dtype),
                        ExpertSpec(8, activation="silu", glu="concat"),
                        shared=SharedExpertSpec("silu", glu=True, gated=True))
     if family == "deepseek_v3":
