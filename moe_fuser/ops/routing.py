@@ -56,7 +56,7 @@ def route(router_logits_TE: torch.Tensor, spec: RouterSpec,
         scores_TE = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
         select_TE = scores_TE
         if selection_bias_E is not None:
-            select_TE = scores_TE + selection_bias_E.to(scores_TE.dtype)
+            select_TE = scores_TE + selection_bias_E   # promoted as the model's own `scores + bias` is
         if spec.num_groups > 1:
             select_TE = select_TE.masked_fill(~_group_mask(select_TE, spec), float("-inf"))
         if selection_bias_E is None and spec.num_groups == 1:

@@ -105,6 +105,20 @@ def test_experts_with_autocast_switched_off_fuse_in_fp32():
     _compile_and_check(model, [(2, 5), (3, 7)], 16)
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "hy_v4", "beam"])
+def test_zoo_model_under_autocast_computes_what_eager_does(model_type):
+    """Under autocast a model's router logits are bf16. Qwen3-MoE casts its fp32 routing weights back to them
+    (the op rounds its weights the same way); HY-V4 and Beam add an fp32 correction bias to bf16 scores (the op
+    selects in the promoted dtype too). Each used to move the logits by 4e-3 to 2e-1; they now match eager."""
+    model = tiny_model(model_type)
+    ids = torch.randint(0, 64, (2, 7))
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager"})
+    with torch.no_grad(), torch.autocast(**BF16):
+        report = moe_fuser.explain(model, input_ids=ids)
+        assert report.num_fused >= 1, report
+        assert rel_err(compiled(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
+
+
 def test_router_with_autocast_switched_off_fuses():
     """ERNIE-4.5 routes under ``autocast(enabled=False)`` (in fp32) inside an autocast model: fused, and a training
     step through the whole model matches eager."""

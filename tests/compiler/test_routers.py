@@ -169,3 +169,23 @@ def test_rounded_routing_weights_are_reproduced():
     assert torch.equal(want_w.float(), got_w)
     unrounded, _ = route(F.linear(x, w), dataclasses.replace(rm.spec, weights_dtype=None))
     assert not torch.equal(unrounded, got_w)            # the rounding is what makes them equal
+
+
+def r_bf16_sigmoid_fp32_bias(x, w, b):                # HY-V4 under autocast: bf16 scores, fp32 correction bias
+    scores = F.linear(x, w).sigmoid()
+    ids = torch.topk(scores + b, 2, dim=-1)[1]
+    wts = scores.gather(1, ids)
+    return wts / (wts.sum(dim=-1, keepdim=True) + 1e-20), ids
+
+
+def test_selection_bias_promotes_like_the_model():
+    """bf16 scores plus an fp32 bias select in fp32 (type promotion), as the model does; rounding the bias to the
+    scores' dtype would break bf16's many ties differently."""
+    torch._dynamo.reset()
+    x, w = torch.randn(64, 16, dtype=torch.bfloat16), torch.randn(E, 16, dtype=torch.bfloat16)
+    b = torch.randn(E) * 0.01
+    rm = _recognise(r_bf16_sigmoid_fp32_bias, (x, w, b))
+    assert rm.spec.selection_bias and rm.spec.dtype is None, rm.spec
+    want_w, want_ids = r_bf16_sigmoid_fp32_bias(x, w, b)
+    got_w, got_ids = route(F.linear(x, w), rm.spec, b)
+    assert torch.equal(want_ids, got_ids) and torch.equal(want_w, got_w)
