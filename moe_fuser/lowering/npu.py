@@ -480,6 +480,10 @@ def npu_route(router_logits_TE: torch.Tensor, spec: RouterSpec, selection_bias_E
     dtype = router_logits_TE.dtype if spec.dtype is None else torch.promote_types(spec.dtype, router_logits_TE.dtype)
     E = router_logits_TE.shape[-1]
     plan, why = route_plan(spec, E, dtype, selection_bias_E is not None)
+    if plan is not None and plan.op == "gating_topk" and selection_bias_E is not None \
+            and selection_bias_E.dtype != dtype:
+        plan, why = None, [f"a {selection_bias_E.dtype} selection bias on {dtype} scores selects in the promoted "
+                           "dtype; the gating op would round the bias"]
     if plan is None:
         _record("routing", why)
         return None

@@ -133,6 +133,17 @@ def test_violated_constraints_fall_back_and_say_why(fallbacks):
                                            "renormalises sigmoid weights")]
 
 
+def test_a_bias_in_another_dtype_routes_on_aten(fallbacks):
+    """bf16 scores plus an fp32 correction bias (a model under autocast) select in fp32; the gating op, which takes
+    the bias in the scores' dtype, would round it, so routing stays on ATen and says why."""
+    x, logits, kw = make(T=17, D=16, F=12, E=16, k=3, dtype=torch.bfloat16,
+                         router=dict(scoring="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum",
+                                     router_dtype=None))
+    assert_matches_reference(x, logits, kw, torch.bfloat16, selection_bias=torch.randn(16) * 0.1)
+    (stage, why), = fallbacks
+    assert stage == "routing" and "would round the bias" in why, why
+
+
 def test_explain_constraints_lists_each_fallback():
     deepseek_tiny = MoESpec(RouterSpec(top_k=2, scoring="sigmoid", num_groups=2, topk_groups=1, selection_bias=True),
                             ExpertSpec(num_experts=4, glu="separate"))
