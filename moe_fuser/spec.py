@@ -16,8 +16,8 @@ Router semantics, with ``s`` the router logits computed in ``RouterSpec.dtype`` 
     scoring="sigmoid":                    p = sigmoid(s);  ids = topk(p + bias, k);  w = p[ids]   (DeepSeek-V3)
     num_groups > 1: experts are split in num_groups groups; a group's score is its max (group_score="max") or
         the sum of its two best (group_score="top2_sum") biased scores; only the topk_groups best groups compete.
-    renormalize: w = w / sum(w)   (sigmoid routers add 1e-20 to the sum, as DeepSeek does; with renorm_min > 0
-        the sum is clamped from below first: w / max(sum(w), renorm_min), as ERNIE-4.5 does)
+    renormalize: w = w / max(sum(w) + renorm_eps, renorm_min); renorm_eps None means the scoring's default,
+        1e-20 for sigmoid (DeepSeek) and 0 for softmax; renorm_min > 0 clamps the sum (ERNIE-4.5)
     w = w * scaling_factor
     weights_dtype: the final weights are rounded to this dtype (kept in the routing dtype), as a model that casts
         them (``.to(hidden_states.dtype)``) computes with them; None: no rounding
@@ -60,6 +60,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "gpt_oss")
 GLU_LAYOUTS = (None, "separate", "concat", "interleaved")
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
+SIGMOID_RENORM_EPS = 1e-20      # what DeepSeek-V3 and its descendants add to the sum of sigmoid weights
 DROP_POLICIES = ("zero", "passthrough")
 
 
@@ -85,6 +86,7 @@ class RouterSpec:
     external: bool = False
     renorm_min: float = 0.0
     weights_dtype: Optional[torch.dtype] = None
+    renorm_eps: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.top_k, int) and self.top_k >= 1,
@@ -99,6 +101,16 @@ class RouterSpec:
         _check(self.renorm_min >= 0.0 and (self.renorm_min == 0.0 or self.renormalize),
                f"renorm_min={self.renorm_min!r} clamps the renormalisation's sum: it needs renormalize=True and "
                "a value >= 0")
+        _check(self.renorm_eps is None or (self.renorm_eps >= 0.0 and self.renormalize),
+               f"renorm_eps={self.renorm_eps!r} is added to the renormalisation's sum: it needs renormalize=True "
+               "and a value >= 0 (None: the scoring's default)")
+
+    @property
+    def eps(self) -> float:
+        """What the renormalisation adds to the sum (``renorm_eps``, or the scoring's default)."""
+        if self.renorm_eps is not None:
+            return self.renorm_eps
+        return SIGMOID_RENORM_EPS if self.scoring == "sigmoid" else 0.0
 
     def validate_for(self, num_experts: int) -> None:
         _check(self.top_k <= num_experts,

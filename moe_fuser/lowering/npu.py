@@ -74,7 +74,7 @@ from ..distributed.dispatch import ExpertParallelError
 from ..distributed.ep_moe import DEFAULT_TIMEOUT_S
 from ..ops.activations import expert_activation, expert_activation_backward
 from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd
-from ..ops.routing import round_weights
+from ..ops.routing import renormalize, round_weights
 from ..spec import ExpertSpec, MoESpec, RouterSpec
 
 __all__ = ["CHOICES", "EP_PATHS", "FALLBACKS", "NpuLowering", "OpChoices", "explain_constraints",
@@ -92,7 +92,7 @@ MAX_GROUPS_LIST = 128        # npu_grouped_matmul: tensors in a weight list (per
 MAX_EXPERT_NUM = 10240       # npu_moe_init_routing_v2: expert_num (we pass E + 1)
 SOFTMAX_TOPK_MAX_K = 1024    # npu_moe_gating_top_k_softmax
 GATING_MAX_E = 2048          # npu_moe_gating_top_k
-SIGMOID_EPS = 1e-20          # npu_moe_gating_top_k's default, equal to moe_fuser's sigmoid renormalisation
+SIGMOID_EPS = 1e-20          # npu_moe_gating_top_k's default, equal to SIGMOID_RENORM_EPS
 
 
 # ---------------------------------------------------------------------------------------------- torch_npu access
@@ -226,6 +226,8 @@ def route_plan(router: RouterSpec, num_experts: int, dtype: torch.dtype,
         why.append(f"k={k} exceeds the {per_group * kg} experts of the selected groups")
     if router.scoring == "sigmoid" and router.renorm_min:
         why.append("sigmoid router with a clamped renormalisation sum: npu_moe_gating_top_k does not clamp it")
+    if router.scoring == "sigmoid" and router.renormalize and router.eps != SIGMOID_EPS:
+        why.append(f"sigmoid router renormalised with eps={router.eps:g}: npu_moe_gating_top_k adds {SIGMOID_EPS:g}")
     if router.scoring == "sigmoid" and not router.renormalize:
         why.append("sigmoid router without renormalisation: npu_moe_gating_top_k always renormalises sigmoid "
                    "weights")
@@ -493,7 +495,7 @@ def npu_route(router_logits_TE: torch.Tensor, spec: RouterSpec, selection_bias_E
         bias = None
     y_TK, ids_TK = _NpuGating.apply(logits, bias, plan)
     if plan.renorm_after:
-        y_TK = y_TK / y_TK.sum(-1, keepdim=True).clamp(min=spec.renorm_min)
+        y_TK = renormalize(y_TK, spec)
     if plan.scale_after != 1.0:
         y_TK = y_TK * plan.scale_after
     return round_weights(y_TK, spec), ids_TK.long()

@@ -65,15 +65,20 @@ def route(router_logits_TE: torch.Tensor, spec: RouterSpec,
             ids_TK = select_TE.topk(k, dim=-1).indices
             weights_TK = scores_TE.gather(1, ids_TK)
         if spec.renormalize:
-            denom = weights_TK.sum(dim=-1, keepdim=True)
-            if spec.scoring == "sigmoid":
-                denom = denom + 1e-20
-            if spec.renorm_min:
-                denom = denom.clamp(min=spec.renorm_min)
-            weights_TK = weights_TK / denom
+            weights_TK = renormalize(weights_TK, spec)
     if spec.scaling_factor != 1.0:
         weights_TK = weights_TK * spec.scaling_factor
     return round_weights(weights_TK, spec), ids_TK
+
+
+def renormalize(weights_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """``w / max(sum(w) + eps, renorm_min)`` over the k, as the spec's router renormalises."""
+    denom = weights_TK.sum(dim=-1, keepdim=True)
+    if spec.eps:
+        denom = denom + spec.eps
+    if spec.renorm_min:
+        denom = denom.clamp(min=spec.renorm_min)
+    return weights_TK / denom
 
 
 def round_weights(weights_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

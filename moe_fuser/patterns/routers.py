@@ -287,10 +287,10 @@ def _group_mask(mask: fx.Node, select: fx.Node, walk: _Walk, E: int) -> dict:
     return {"num_groups": G, "topk_groups": topk_groups, "group_score": kind}
 
 
-def _weights_chain(w: fx.Node, walk: _Walk) -> tuple[fx.Node, float, bool, bool, float]:
+def _weights_chain(w: fx.Node, walk: _Walk) -> tuple[fx.Node, float, bool, float, float]:
     """Peel casts, `* scale` and `/ sum` (`/ (sum + eps)`, `/ clamp(sum, min=m)`) off the final weights ->
     (core node, scale, renormalised, eps, m)."""
-    scale, renorm, eps, floor = 1.0, False, False, 0.0
+    scale, renorm, eps, floor = 1.0, False, 0.0, 0.0
     node = walk.strip_casts(w)
     while True:
         if is_op(node, "mul", "imul") and len(node.args) == 2:
@@ -308,9 +308,9 @@ def _weights_chain(w: fx.Node, walk: _Walk) -> tuple[fx.Node, float, bool, bool,
         if is_op(node, "div", "itruediv", "div_") and len(node.args) == 2 and not renorm:
             num, den = node.args
             if isinstance(den, fx.Node):
-                if is_op(den, "add") and isinstance(den.args[1], float) and den.args[1] <= 1e-6:
+                if is_op(den, "add") and isinstance(den.args[1], (int, float)) and den.args[1] >= 0:
                     walk.take(den)
-                    den, eps = den.args[0], True
+                    den, eps = den.args[0], float(den.args[1])
                 elif is_op(den, "clamp", "clamp_min") and isinstance(den.args[0], fx.Node):
                     lo = scalar_arg(den, 1, "min")
                     hi = scalar_arg(den, 2, "max") if is_op(den, "clamp") else None
@@ -356,7 +356,8 @@ def _recognise(w: fx.Node, ids: fx.Node) -> RouterMatch:
         scoring, logits, dtype = _scores(tk.args[0], walk)
         if scoring != "softmax":
             raise _NoMatch("a sigmoid router must gather its weights from the unbiased scores")
-        spec = RouterSpec(top_k=k, renormalize=renorm, scaling_factor=scale, dtype=dtype, renorm_min=floor)
+        spec = RouterSpec(top_k=k, renormalize=renorm, scaling_factor=scale, dtype=dtype, renorm_min=floor,
+                          renorm_eps=_eps(renorm, eps, scoring))
         kind = "softmax-topk"
     elif is_op(core, "softmax"):
         # topk -> softmax over the k logits.
@@ -381,17 +382,21 @@ def _recognise(w: fx.Node, ids: fx.Node) -> RouterMatch:
         scoring, logits, dtype = _scores(scores, walk)
         E = val(logits).shape[-1]
         bias, groups = _selection(tk.args[0], scores, walk, E)
-        if eps and scoring != "sigmoid":
-            raise _NoMatch("an epsilon in the renormalisation is only modelled for sigmoid routers")
-        if scoring == "sigmoid" and renorm and not eps:
-            raise _NoMatch("a sigmoid router renormalised without DeepSeek's 1e-20 epsilon")
         spec = RouterSpec(top_k=k, scoring=scoring, renormalize=renorm, scaling_factor=scale, dtype=dtype,
-                          selection_bias=bias is not None, renorm_min=floor, **groups)
+                          selection_bias=bias is not None, renorm_min=floor, renorm_eps=_eps(renorm, eps, scoring),
+                          **groups)
         kind = f"{scoring}-topk" + ("-grouped" if groups else "")
         return _finish(spec, w, ids, logits, bias, walk, kind)
     else:
         raise _NoMatch(f"the routing weights {w.name} come from {core.name} ({op(core)}), not a recognised router")
     return _finish(spec, w, ids, logits, None, walk, kind)
+
+
+def _eps(renorm: bool, eps: float, scoring: str) -> Optional[float]:
+    """RouterSpec.renorm_eps for the epsilon the code adds to the sum: None where it is the scoring's default."""
+    if not renorm or eps == RouterSpec(top_k=1, scoring=scoring).eps:
+        return None
+    return eps
 
 
 def _finish(spec: RouterSpec, w, ids, logits, bias, walk: _Walk, kind: str) -> RouterMatch:

@@ -61,6 +61,18 @@ def r_sigmoid_bias_kwargs(x, w, b):                   # AFMoE's router: keyword 
     return wts / (wts.sum(dim=-1, keepdim=True) + 1e-20) * 1.5, ids
 
 
+def r_sigmoid_no_eps(x, w, b):                        # MiniMax-M2, Laguna: sigmoid, bias, plain renormalisation
+    scores = torch.sigmoid(F.linear(x, w).float())
+    ids = torch.topk(scores + b, 2, dim=-1, sorted=False)[1]
+    wts = scores.gather(1, ids)
+    return wts / wts.sum(dim=-1, keepdim=True), ids
+
+
+def r_softmax_eps(x, w, b):                           # softmax -> top-k, renormalised with an epsilon
+    v, i = torch.topk(F.linear(x, w).softmax(-1), 2, dim=-1)
+    return v / (v.sum(dim=-1, keepdim=True) + 0.5), i
+
+
 def r_sigmoid_weights(x, w, b):                       # sigmoid of the top-k logits: not a modelled router
     v, i = torch.topk(F.linear(x, w), 2, dim=-1)
     return torch.sigmoid(v), i
@@ -86,9 +98,11 @@ CASES = [
     (r_topk_softmax, dict(topk_first=True, renormalize=False), True),
     (r_max, dict(top_k=1, renormalize=False), True),
     (r_deepseek, dict(scoring="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum",
-                      selection_bias=True, scaling_factor=2.5, renormalize=True), True),
+                      selection_bias=True, scaling_factor=2.5, renormalize=True, renorm_eps=None), True),
     (r_sigmoid_bias_kwargs, dict(scoring="sigmoid", selection_bias=True, scaling_factor=1.5, renormalize=True),
      True),
+    (r_sigmoid_no_eps, dict(scoring="sigmoid", selection_bias=True, renormalize=True, renorm_eps=0.0), True),
+    (r_softmax_eps, dict(renormalize=True, renorm_eps=0.5), True),
     (r_sigmoid_weights, {}, False),
     (r_masked_zero, {}, False),
     (r_inplace_surprise, {}, False),
