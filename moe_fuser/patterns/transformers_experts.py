@@ -314,7 +314,9 @@ def _clamped(gate: fx.Node, uc: fx.Node, region: set) -> tuple[fx.Node, fx.Node,
     _expect(uc, ("clamp",), "the up clamp")
     bound = fxg.arg(gc, 2, "max") if _is(gc, "clamp") else fxg.arg(gc, 1, "max")
     _want(not isinstance(bound, fx.Node), f"{gc.name}: the clamp limit is a traced value, not a constant (dynamo "
-                                          "makes a float attribute a graph input once it changed between calls)")
+                                          "makes a float attribute a graph input under dynamic=True or once it "
+                                          "changed between calls; torch._dynamo.config.specialize_float = True "
+                                          "keeps it a constant, guarded)")
     limit = _const(bound)
     _want(limit is not None and limit > 0 and (not _is(gc, "clamp") or fxg.arg(gc, 1, "min") is None),
           f"{gc.name}: the gate should be clamped from above only, by a positive constant")

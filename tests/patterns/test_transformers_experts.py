@@ -184,6 +184,26 @@ def test_explain_reports_each_family():
     assert row.router.startswith("sigmoid-topk(groups 2/4)")
 
 
+def test_dynamic_true_needs_float_attributes_specialised(caplog):
+    """Under dynamic=True dynamo passes GPT-OSS's clamp limit as a graph input: the experts are refused, and the
+    reason names the setting that keeps floats constants; with it, one dynamic graph is fused and trains
+    eager-equal at two token counts."""
+    blk = block("gpt_oss", F32, "grouped_mm")
+    with caplog.at_level("INFO", logger="moe_fuser"):
+        rec = FusedSpecs()
+        _compile(blk, rec, dynamic=True)(torch.randn(2, 5, 32))
+    assert not rec.specs and "specialize_float = True" in caplog.text
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_float=True):
+        rec = FusedSpecs()
+        compiled = _compile(blk, rec, dynamic=True)
+        for S in (5, 9):
+            errs = block_step(blk, compiled, torch.randn(2, S, 32))
+            assert max(errs.values()) <= TOL[F32], errs
+    _assert_fused(rec, expected_spec("gpt_oss"))
+    assert len(rec.per_graph) == 1
+
+
 def test_transposed_weights_train_under_inductor():
     """GPT-OSS's transposed [E, in, out] expert weights reach the op as views; inductor (which checks the op's
     fake strides against the real ones) compiles forward and backward, eager-equal."""
