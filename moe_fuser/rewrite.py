@@ -173,6 +173,20 @@ def _op_inputs(m: Match) -> tuple[MoESpec, Optional[fx.Node], Optional[fx.Node],
     return spec, None, topk_weights, topk_ids, m.weights._replace(selection_bias=None)
 
 
+def _router_notes(router) -> tuple:
+    """What the op reproduces of a recognised router beyond its kind (explain shows these)."""
+    notes = []
+    if router.external:
+        return ()
+    if router.weights_dtype is not None:
+        notes.append(f"routing weights rounded to {dtype_name(router.weights_dtype)}, as the model casts them")
+    if router.renorm_eps is not None:
+        notes.append(f"renormalisation adds {router.renorm_eps:g} to the sum")
+    if router.renorm_min:
+        notes.append(f"renormalisation clamps the sum to at least {router.renorm_min:g}")
+    return tuple(notes)
+
+
 def _reuse_routing(ctx: MatchContext, m: Match, keep: frozenset) -> frozenset:
     """When the rest of the graph keeps part of a recognised router anyway (an auxiliary loss reading its
     probabilities or top-k ids), let the op take the router's own top-k weights and ids instead of routing again:
@@ -286,6 +300,7 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
                                + f", as the graph's matmuls do; hidden states and weights "
                                f"({dtype_name(val(item.x).dtype)}) are cast on each call",)
             item.module_path = item.module_path or module_path(item.output)
+            item.notes += _router_notes(item.spec.router)
             if lowering_name == "npu":  # which stages leave torch_npu's fused ops, and why (explain shows it)
                 item.notes += tuple(_npu_fallbacks(item))
             _rewrite(ctx, item, keep, last, impl, len(result.matches), dtypes, result)

@@ -66,6 +66,7 @@ class _Expert:
     x: fx.Node
     ids: fx.Node
     weights: Optional[fx.Node]
+    weights_dtype: Optional[torch.dtype]   # the routing weight's dtype where it multiplies the expert output
     activation: str
     glu: Optional[str]
     params: dict                  # role -> (kind, node): "param" (the expert's own tensor) or "row" (stacked[e])
@@ -153,8 +154,8 @@ def _functional_chain(buf: fx.Node) -> tuple[list, fx.Node]:
 
 # ---------------------------------------------------------------- WEIGHT: y -> (ffn output, weights node)
 
-def _split_weight(y: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
-    """y = f * w_e -> (f, topk weights node W, slot node or None); w_e = W[tok, slot, None] and friends."""
+def _split_weight(y: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], fx.Node]:
+    """y = f * w_e -> (f, topk weights node W, slot node or None, w_e); w_e = W[tok, slot, None] and friends."""
     y = walk.casts(y)
     if not (is_op(y, "mul") and len(y.args) == 2 and all(isinstance(a, fx.Node) for a in y.args)):
         raise _NoMatch(f"the expert output {y.name} is not multiplied by its routing weight")
@@ -166,7 +167,7 @@ def _split_weight(y: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, fx.No
         except _NoMatch:
             continue
         walk.nodes |= sub.nodes
-        return f, W, slot
+        return f, W, slot, we
     raise _NoMatch(f"neither factor of {y.name} is the routing weight of the dispatched tokens")
 
 
@@ -391,11 +392,11 @@ def _dispatch(tok: fx.Node, slot: Optional[fx.Node], walk: _Walk) -> tuple[fx.No
 def _expert(write, walk: _Walk) -> _Expert:
     _writer, tok, y, nodes = write
     walk.nodes |= nodes
-    f, W, slot = _split_weight(y, walk, tok)
+    f, W, slot, we = _split_weight(y, walk, tok)
     ids, e = _dispatch(tok, slot, walk)
     x_e, params, act, glu = _ffn(f, e, walk)
     x = _gather(_skip_dropout(x_e, walk), tok, walk)
-    return _Expert(e, x, ids, W, act, glu, params)
+    return _Expert(e, x, ids, W, val(we).dtype, act, glu, params)
 
 
 class HandwrittenLoop:
@@ -433,7 +434,7 @@ class HandwrittenLoop:
         if sorted(x.e for x in experts) != list(range(E)):
             raise _NoMatch(f"the loop covers experts {sorted(x.e for x in experts)}, not each of 0..{E - 1} once")
         for ex in experts[1:]:
-            for what in ("x", "ids", "weights", "activation", "glu"):
+            for what in ("x", "ids", "weights", "weights_dtype", "activation", "glu"):
                 if getattr(ex, what) is not getattr(first, what) and getattr(ex, what) != getattr(first, what):
                     raise _NoMatch(f"experts {first.e} and {ex.e} differ in {what}")
             if {k: (v[0] if v else None) for k, v in ex.params.items()} != \
@@ -441,7 +442,7 @@ class HandwrittenLoop:
                 raise _NoMatch(f"experts {first.e} and {ex.e} hold their weights differently")
         experts.sort(key=lambda x: x.e)
         weights = self._weights(experts)
-        router = recognise_router(first.weights, first.ids)
+        router = recognise_router(first.weights, first.ids, applied_dtype=first.weights_dtype)
         if router.external:
             self._check_external_ids(first.ids, E)
         walk.nodes |= router.nodes

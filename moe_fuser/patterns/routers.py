@@ -327,10 +327,14 @@ def _weights_chain(w: fx.Node, walk: _Walk) -> tuple[fx.Node, float, bool, float
         return node, scale, renorm, eps, floor
 
 
-def recognise_router(topk_weights: fx.Node, topk_ids: fx.Node) -> RouterMatch:
-    """The router that produced ``topk_weights`` / ``topk_ids`` ([T, K] each), or an external one."""
+def recognise_router(topk_weights: fx.Node, topk_ids: fx.Node,
+                     applied_dtype: Optional[torch.dtype] = None) -> RouterMatch:
+    """The router that produced ``topk_weights`` / ``topk_ids`` ([T, K] each), or an external one.
+
+    ``applied_dtype``: the weights' dtype where the experts use them, if a cast after ``topk_weights`` changes it
+    (a loop's ``w[tok, slot, None].to(x.dtype)``); the spec then rounds the weights to it."""
     try:
-        return _recognise(topk_weights, topk_ids)
+        return _recognise(topk_weights, topk_ids, applied_dtype)
     except _NoMatch as exc:
         k = _k_of(topk_ids)
         return RouterMatch(RouterSpec(top_k=k, external=True, dtype=None), topk_weights, topk_ids,
@@ -344,7 +348,7 @@ def _k_of(ids: fx.Node) -> int:
     return 1
 
 
-def _recognise(w: fx.Node, ids: fx.Node) -> RouterMatch:
+def _recognise(w: fx.Node, ids: fx.Node, applied_dtype: Optional[torch.dtype]) -> RouterMatch:
     walk = _Walk()
     walk.take(w)
     ids_core = walk.strip_casts(ids, allow_int=True)
@@ -386,10 +390,10 @@ def _recognise(w: fx.Node, ids: fx.Node) -> RouterMatch:
                           selection_bias=bias is not None, renorm_min=floor, renorm_eps=_eps(renorm, eps, scoring),
                           **groups)
         kind = f"{scoring}-topk" + ("-grouped" if groups else "")
-        return _finish(spec, w, ids, logits, bias, walk, kind)
+        return _finish(spec, w, ids, logits, bias, walk, kind, applied_dtype)
     else:
         raise _NoMatch(f"the routing weights {w.name} come from {core.name} ({op(core)}), not a recognised router")
-    return _finish(spec, w, ids, logits, None, walk, kind)
+    return _finish(spec, w, ids, logits, None, walk, kind, applied_dtype)
 
 
 def _eps(renorm: bool, eps: float, scoring: str) -> Optional[float]:
@@ -399,7 +403,8 @@ def _eps(renorm: bool, eps: float, scoring: str) -> Optional[float]:
     return eps
 
 
-def _finish(spec: RouterSpec, w, ids, logits, bias, walk: _Walk, kind: str) -> RouterMatch:
+def _finish(spec: RouterSpec, w, ids, logits, bias, walk: _Walk, kind: str,
+            applied_dtype: Optional[torch.dtype] = None) -> RouterMatch:
     v = val(logits)
     if not isinstance(v, torch.Tensor) or v.dim() != 2 or not v.is_floating_point():
         raise _NoMatch(f"the router logits {logits.name} are not a floating [T, E] tensor")
@@ -407,8 +412,9 @@ def _finish(spec: RouterSpec, w, ids, logits, bias, walk: _Walk, kind: str) -> R
     if not isinstance(E, int):
         raise _NoMatch("the number of experts is not static")
     compute = v.dtype if spec.dtype is None else torch.promote_types(spec.dtype, v.dtype)
-    out = _dtype_of(w)
-    if out is not None and out.is_floating_point and out != compute:
+    out = applied_dtype or _dtype_of(w)
+    if out is not None and out.is_floating_point and out != compute and \
+            torch.finfo(out).bits <= torch.finfo(compute).bits:
         # the model rounds its routing weights (``.to(hidden_states.dtype)``); the op rounds them the same way
         spec = dataclasses.replace(spec, weights_dtype=out)
     try:

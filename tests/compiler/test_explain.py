@@ -48,6 +48,13 @@ def test_external_router_is_noted():
     assert "router kept as written" in str(report)
 
 
+def test_reproduced_router_details_are_noted():
+    """A bf16 model that routes in fp32 and casts the weights back: explain says the op rounds them too."""
+    model = LoopMoE(Variant(router="mixtral_f32", dtype=torch.bfloat16)).to(torch.bfloat16)
+    report = moe_fuser.explain(model, torch.randn(2, 3, 16, dtype=torch.bfloat16))
+    assert "routing weights rounded to bfloat16, as the model casts them" in report.fused[0].notes, report
+
+
 def test_explain_logs_on_the_moe_fuser_logger(caplog):
     with caplog.at_level(logging.INFO, logger="moe_fuser"):
         moe_fuser.explain(TwoLayers(), torch.randn(2, 3, 16))
