@@ -173,11 +173,11 @@ def _op_inputs(m: Match) -> tuple[MoESpec, Optional[fx.Node], Optional[fx.Node],
     return spec, None, topk_weights, topk_ids, m.weights._replace(selection_bias=None)
 
 
-def _router_notes(router) -> tuple:
+def _router_notes(router: RouterSpec) -> tuple[str, ...]:
     """What the op reproduces of a recognised router beyond its kind (explain shows these)."""
-    notes = []
     if router.external:
         return ()
+    notes = []
     if router.weights_dtype is not None:
         notes.append(f"routing weights rounded to {dtype_name(router.weights_dtype)}, as the model casts them")
     if router.renorm_eps is not None:

@@ -61,6 +61,11 @@ GLU_LAYOUTS = (None, "separate", "concat", "interleaved")
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 SIGMOID_RENORM_EPS = 1e-20      # what DeepSeek-V3 and its descendants add to the sum of sigmoid weights
+
+
+def default_renorm_eps(scoring: str) -> float:
+    """What a router of this scoring adds to the sum of its top-k weights when it renormalises."""
+    return SIGMOID_RENORM_EPS if scoring == "sigmoid" else 0.0
 DROP_POLICIES = ("zero", "passthrough")
 
 
@@ -108,9 +113,7 @@ class RouterSpec:
     @property
     def eps(self) -> float:
         """What the renormalisation adds to the sum (``renorm_eps``, or the scoring's default)."""
-        if self.renorm_eps is not None:
-            return self.renorm_eps
-        return SIGMOID_RENORM_EPS if self.scoring == "sigmoid" else 0.0
+        return default_renorm_eps(self.scoring) if self.renorm_eps is None else self.renorm_eps
 
     def validate_for(self, num_experts: int) -> None:
         _check(self.top_k <= num_experts,

@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from ..fx.dag import mutated_arg
 from ..fx.graph import arg, is_op, op, scalar_arg, val
-from ..spec import RouterSpec
+from ..spec import RouterSpec, default_renorm_eps
 
 __all__ = ["RouterMatch", "recognise_router"]
 
@@ -398,7 +398,7 @@ def _recognise(w: fx.Node, ids: fx.Node, applied_dtype: Optional[torch.dtype]) -
 
 def _eps(renorm: bool, eps: float, scoring: str) -> Optional[float]:
     """RouterSpec.renorm_eps for the epsilon the code adds to the sum: None where it is the scoring's default."""
-    if not renorm or eps == RouterSpec(top_k=1, scoring=scoring).eps:
+    if not renorm or eps == default_renorm_eps(scoring):
         return None
     return eps
 
