@@ -99,7 +99,6 @@ def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch
         _fail(f"w1 has {E} experts but w2 has {E2}; both must hold the same E experts")
     H, D1 = w1_shape
     D2, F_ = w2_shape
-    gated = spec.experts.gated
     if D1 != D or D2 != D:
         _fail(f"hidden size mismatch: hidden_states D={D}, w1 [E, out, {D1}], w2 [E, {D2}, F]; w1 must be "
               "[E, F, D] and w2 [E, D, F] (nn.Linear layout: out x in)")

@@ -355,7 +355,7 @@ def _dispatch(tok: fx.Node, slot: Optional[fx.Node], walk: _Walk) -> tuple[fx.No
     walk.take(where)
     if slot is not None:
         if not (is_op(slot, "getitem") and slot.args[0] is where):
-            raise _NoMatch(f"token and slot indices come from different torch.where calls")
+            raise _NoMatch("token and slot indices come from different torch.where calls")
         walk.take(slot)
     tok_pos = tok.args[1]
     slot_pos = slot.args[1] if slot is not None else None
