@@ -169,7 +169,8 @@ def _op_inputs(m: Match) -> tuple[MoESpec, Optional[fx.Node], Optional[fx.Node],
     if not m.reuse_routing:
         return m.spec, m.router_logits, m.topk_weights, m.topk_ids, m.weights
     topk_weights, topk_ids = m.router_outputs
-    spec = m.spec.replace(router=RouterSpec(top_k=m.spec.top_k, external=True))
+    spec = m.spec.replace(router=RouterSpec(top_k=m.spec.top_k, external=True,
+                                            weights_dtype=m.spec.router.weights_dtype))
     return spec, None, topk_weights, topk_ids, m.weights._replace(selection_bias=None)
 
 

@@ -21,7 +21,8 @@ Router semantics, with ``s`` the router logits computed in ``RouterSpec.dtype`` 
     w = w * scaling_factor
     weights_dtype: the final weights are rounded to this dtype (kept in the routing dtype), as a model that casts
         them (``.to(hidden_states.dtype)``) computes with them; None: no rounding
-    external=True: the router stays outside; the op receives (topk_weights, topk_ids) as they are.
+    external=True: the router stays outside; the op receives (topk_weights, topk_ids) as they are (the weights
+        rounded to weights_dtype if that is set: a recognised router whose top-k the op takes from the graph).
 
 Expert semantics (one expert e, row x; W weights in nn.Linear layout ``[out, in]``):
 

@@ -49,7 +49,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from .. import lowering
 from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd, zero_filled
 from ..ops.fused import _shared_expert, cast_experts, experts_dtype, no_autocast, validate
-from ..ops.routing import route, router_stats
+from ..ops.routing import round_weights, route, router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
 from .dispatch import HEADER_FIELDS, MAX_CHUNKS, TokenDispatcher, _dtype_code, _MAGIC, _KINDS
 from .placement import ExpertPlacement, Placement, Topology, detect_ranks_per_node, resolve_placement
@@ -382,7 +382,7 @@ def _ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optiona
         spec = spec.replace(experts=dataclasses.replace(spec.experts, num_experts=E))
     rpn = 0 if ranks_per_node is None else Topology(world, int(ranks_per_node)).ranks_per_node  # 0: op detects
     if spec.router.external:
-        weights_TK, ids_TK = topk_weights_TK, topk_ids_TK.long()
+        weights_TK, ids_TK = round_weights(topk_weights_TK, spec.router), topk_ids_TK.long()
     else:
         spec.router.validate_for(E)
         # as in moe_forward: a lowering may route with its own device ops (None: plain ``route``)

@@ -35,7 +35,7 @@ from ..lowering.reference import experts_reference
 from ..spec import CapacitySpec, ExpertSpec, MoESpec, MoEWeights, RouterSpec, SharedExpertSpec
 from .activations import act_fn
 from .experts import grouped_experts
-from .routing import RouterStats, apply_capacity, route, router_stats
+from .routing import RouterStats, apply_capacity, round_weights, route, router_stats
 
 __all__ = ["cast_experts", "experts_dtype", "fused_moe", "moe_forward"]
 
@@ -234,7 +234,7 @@ def _moe_forward(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, impl, top
         validate(spec, x_TD, router_logits_TE, w, topk_weights_TK, topk_ids_TK)
     low = None if impl == "reference" else lowering.select(impl, x_TD.device)
     if spec.router.external:
-        weights_TK, ids_TK = topk_weights_TK, topk_ids_TK.long()
+        weights_TK, ids_TK = round_weights(topk_weights_TK, spec.router), topk_ids_TK.long()
     else:
         # a lowering may route on its own device ops (npu: the gating ops); None means plain `route`
         lowered = getattr(low, "route", None)

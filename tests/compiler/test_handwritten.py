@@ -7,7 +7,7 @@ import torch
 import moe_fuser
 
 from moe_models import (ACTS, COMBINES, FFNS, LOOPS, ROUTERS, TOL, LoopMoE, MixtralV4Block, Recorder, Variant,
-                        check_train_step, load_example)
+                        check_train_step, load_example, rel_err)
 
 
 def _run(model, variant_dtype, shapes=((2, 5), (3, 7)), fused=1, inner="aot_eager", options=None, dynamic=True):
@@ -125,3 +125,38 @@ def test_no_recompile_per_batch_size():
         compiled(torch.randn(B, 3, 16))
     assert len(rec.graphs) == 2          # the static first graph, then one dynamic graph
     assert rec.num_fused == 2
+
+
+class _RoundedWeightsMoE(torch.nn.Module):
+    """fp32 experts, routing weights rounded to bf16 where they are used, probabilities kept for a loss: the op
+    takes the graph's top-k (the router's values stay) and must round them as the model does."""
+
+    def __init__(self, E=4, D=16, F=24):
+        super().__init__()
+        self.gate = torch.nn.Linear(D, E, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(D, F), torch.nn.SiLU(),
+                                                               torch.nn.Linear(F, D)) for _ in range(E))
+
+    def forward(self, h):
+        x = h.reshape(-1, h.shape[-1])
+        probs = self.gate(x).float().softmax(-1)
+        w, ids = probs.topk(2, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None].to(torch.bfloat16))
+        return out.view_as(h), probs.mean(0).pow(2).sum()
+
+
+def test_rounded_routing_weights_taken_from_the_graph():
+    model = _RoundedWeightsMoE()
+    report = moe_fuser.explain(model, torch.randn(2, 5, 16))
+    assert report.num_fused == 1 and any("rounded to bfloat16" in n for n in report.fused[0].notes), report
+    assert any("takes its top-k weights and ids" in n for n in report.fused[0].notes), report
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager"})
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        out, ref = compiled(x)[0], model(x)[0]
+    assert rel_err(out, ref) <= 1e-6, rel_err(out, ref)   # unrounded weights: ~1e-3
