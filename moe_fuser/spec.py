@@ -62,12 +62,12 @@ GLU_LAYOUTS = (None, "separate", "concat", "interleaved")
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 SIGMOID_RENORM_EPS = 1e-20      # what DeepSeek-V3 and its descendants add to the sum of sigmoid weights
+DROP_POLICIES = ("zero", "passthrough")
 
 
 def default_renorm_eps(scoring: str) -> float:
     """What a router of this scoring adds to the sum of its top-k weights when it renormalises."""
     return SIGMOID_RENORM_EPS if scoring == "sigmoid" else 0.0
-DROP_POLICIES = ("zero", "passthrough")
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -48,8 +48,9 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .. import lowering
 from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd, zero_filled
-from ..ops.fused import _shared_expert, cast_experts, experts_dtype, no_autocast, validate
-from ..ops.routing import round_weights, route, router_stats
+from ..ops.fused import (_shared_expert, cast_experts, experts_dtype, no_autocast, select_routing,
+                         validate)
+from ..ops.routing import router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
 from .dispatch import HEADER_FIELDS, MAX_CHUNKS, TokenDispatcher, _dtype_code, _MAGIC, _KINDS
 from .placement import ExpertPlacement, Placement, Topology, detect_ranks_per_node, resolve_placement
@@ -381,15 +382,12 @@ def _ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optiona
     if spec.num_experts != E:
         spec = spec.replace(experts=dataclasses.replace(spec.experts, num_experts=E))
     rpn = 0 if ranks_per_node is None else Topology(world, int(ranks_per_node)).ranks_per_node  # 0: op detects
-    if spec.router.external:
-        weights_TK, ids_TK = round_weights(topk_weights_TK, spec.router), topk_ids_TK.long()
-    else:
+    low = None
+    if not spec.router.external:
         spec.router.validate_for(E)
-        # as in moe_forward: a lowering may route with its own device ops (None: plain ``route``)
-        lowered = getattr(lowering.select(_lowering_name(impl, x_TD.device.type), x_TD.device), "route", None)
-        routed = lowered(router_logits_TE, spec.router, w.selection_bias) if lowered is not None else None
-        weights_TK, ids_TK = routed if routed is not None else route(router_logits_TE, spec.router,
-                                                                     w.selection_bias)
+        low = lowering.select(_lowering_name(impl, x_TD.device.type), x_TD.device)
+    weights_TK, ids_TK = select_routing(spec.router, low, router_logits_TE, w.selection_bias, topk_weights_TK,
+                                        topk_ids_TK)
     if check:
         _validate_ep(spec, x_TD, router_logits_TE, w, E, rank, local, weights_TK, ids_TK)
     xe_TD, we = cast_experts(x_TD, w, expert_dtype)

@@ -207,6 +207,18 @@ def _shared_expert(x_TD: torch.Tensor, spec: SharedExpertSpec, w: MoEWeights, dt
     return s
 
 
+def select_routing(router: RouterSpec, low, router_logits_TE: Optional[torch.Tensor],
+                   selection_bias_E: Optional[torch.Tensor], topk_weights_TK: Optional[torch.Tensor],
+                   topk_ids_TK: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k weights, int64 ids): an external router's as given (rounded to ``weights_dtype`` if set), else
+    routed by the lowering ``low`` on its own device ops where it has them (npu: the gating ops), else ``route``."""
+    if router.external:
+        return round_weights(topk_weights_TK, router), topk_ids_TK.long()
+    lowered = getattr(low, "route", None)
+    routed = lowered(router_logits_TE, router, selection_bias_E) if lowered is not None else None
+    return routed if routed is not None else route(router_logits_TE, router, selection_bias_E)
+
+
 def moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights, *,
                 impl: Optional[str] = None, topk_weights_TK: Optional[torch.Tensor] = None,
                 topk_ids_TK: Optional[torch.Tensor] = None, capacity_groups: int = 1,
@@ -233,14 +245,8 @@ def _moe_forward(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, impl, top
     if check:
         validate(spec, x_TD, router_logits_TE, w, topk_weights_TK, topk_ids_TK)
     low = None if impl == "reference" else lowering.select(impl, x_TD.device)
-    if spec.router.external:
-        weights_TK, ids_TK = round_weights(topk_weights_TK, spec.router), topk_ids_TK.long()
-    else:
-        # a lowering may route on its own device ops (npu: the gating ops); None means plain `route`
-        lowered = getattr(low, "route", None)
-        routed = lowered(router_logits_TE, spec.router, w.selection_bias) if lowered is not None else None
-        weights_TK, ids_TK = routed if routed is not None else route(router_logits_TE, spec.router,
-                                                                     w.selection_bias)
+    weights_TK, ids_TK = select_routing(spec.router, low, router_logits_TE, w.selection_bias, topk_weights_TK,
+                                        topk_ids_TK)
     if spec.capacity is not None:
         ids_TK = apply_capacity(ids_TK, spec.num_experts, spec.capacity, capacity_groups)
 
