@@ -1,9 +1,9 @@
 """``moe_fuser.explain(model, *args, **kwargs)``: what the backend would fuse, where, how, and what it refused.
 
-It compiles ``model`` with the moe_fuser backend (its own compile: the user's compiled models are untouched),
-runs it once on the given inputs, and records every dynamo graph the backend saw. By default the rewritten graphs
-run through ``inner="eager"`` (no inductor compile: explain is for looking); ``options=`` takes any backend
-option.
+It compiles ``model`` with the moe_fuser backend (its own compile: the user's compiled models are untouched; one
+compiled in place is examined as written, ``_as_written``), runs it once on the given inputs, and records every
+dynamo graph the backend saw. By default the rewritten graphs run through ``inner="eager"`` (no inductor
+compile: explain is for looking); ``options=`` takes any backend option.
 
 The ``Report``:
     num_fused     how many MoE regions were replaced
@@ -19,6 +19,7 @@ Everything explain records is also logged on the ``moe_fuser`` logger (INFO: eac
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
@@ -107,6 +108,9 @@ class Report:
     def __str__(self) -> str:
         lines = [f"moe_fuser: {self.num_fused} MoE fused in {self.num_graphs} graph(s), "
                  f"{len(self.rejected)} candidate(s) rejected"]
+        if not self.graphs:
+            lines.append("  dynamo handed the backend no graph: nothing of this call was captured, so nothing was "
+                         "examined (is the model excluded with torch.compiler.disable?)")
         if self.fused:
             head = ("module", "family", "router", "E", "k", "activation", "dtype", "lowering")
             rows = [(r.module_path, r.family, r.router, str(r.num_experts), str(r.top_k), r.activation, r.dtype,
@@ -193,6 +197,32 @@ class _ExplainBackend:
         return compile_graph(gm, example_inputs, self.opts, record=self.report._record)
 
 
+@contextlib.contextmanager
+def _as_written(model: Any):
+    """``model`` without the compile the user put on it in place, for the span of explain's run.
+
+    ``module.compile()`` and ``module.forward = torch.compile(module.forward)`` (transformers' recipe for
+    ``generate``) make the module call its own compiled code, which dynamo runs as is from inside explain's
+    compile: explain's backend would see no graph. Both are restored afterwards; ``torch.compile(module)`` (a
+    wrapper object) needs nothing, dynamo traces through it."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    saved = {}
+    if model._compiled_call_impl is not None:
+        saved["_compiled_call_impl"] = model._compiled_call_impl
+        model._compiled_call_impl = None
+    forward = model.__dict__.get("forward")
+    if getattr(forward, "_torchdynamo_orig_callable", None) is not None:
+        saved["forward"] = forward
+        model.forward = forward._torchdynamo_orig_callable
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(model, name, value)
+
+
 _ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 _calls = itertools.count()
 
@@ -218,7 +248,11 @@ def explain(model: Any, *args: Any, options: Optional[Mapping[str, Any]] = None,
     """Compile ``model`` with moe_fuser, run it once on ``*args, **kwargs`` and report what was fused."""
     opts = BackendOptions.from_dict({"inner": "eager", **dict(options or {})})
     report = Report()
-    _own_compile(model, _ExplainBackend(report, opts))(*args, **kwargs)
+    with _as_written(model):
+        _own_compile(model, _ExplainBackend(report, opts))(*args, **kwargs)
+    if not report.graphs:
+        log.warning("moe_fuser.explain: dynamo handed the backend no graph, so nothing was examined; is the model "
+                    "compiled in a way explain cannot see through, or excluded with torch.compiler.disable?")
     for row in report.fused:
         log.info("moe_fuser.explain: fused %s (%s) E=%d k=%d %s %s -> %s", row.module_path, row.router,
                  row.num_experts, row.top_k, row.activation, row.dtype, row.lowering)

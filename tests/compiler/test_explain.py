@@ -72,6 +72,34 @@ def test_explain_leaves_a_compiled_model_alone():
     assert torch.equal(compiled(x)[0], before)
 
 
+@pytest.mark.parametrize("how", ["module.compile", "forward"])
+def test_explain_sees_through_a_compile_in_place(how):
+    """A model compiled in place (``model.compile()``, or transformers' ``generate`` recipe of compiling
+    ``model.forward``) still shows its MoE, and keeps its own compile afterwards."""
+    model = LoopMoE(Variant())
+    if how == "module.compile":
+        model.compile(backend="moe_fuser", options={"inner": "eager"})
+        compiled = model._compiled_call_impl
+    else:
+        model.forward = compiled = torch.compile(model.forward, backend="moe_fuser", options={"inner": "eager"})
+    report = moe_fuser.explain(model, torch.randn(2, 3, 16))
+    assert report.num_fused == 1 and report.num_graphs == 1
+    assert (model._compiled_call_impl if how == "module.compile" else model.forward) is compiled
+
+
+def test_explain_says_when_no_graph_was_captured(caplog):
+    class Disabled(LoopMoE):
+        @torch.compiler.disable
+        def forward(self, x):
+            return super().forward(x)
+
+    with caplog.at_level(logging.WARNING, logger="moe_fuser"):
+        report = moe_fuser.explain(Disabled(Variant()), torch.randn(2, 3, 16))
+    assert report.num_graphs == 0
+    assert "no graph" in str(report)
+    assert any("no graph" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
 @pytest.mark.parametrize("suffix, magic", [(".svg", b"<svg"), (".png", b"\x89PNG")])
 def test_draw_renders_before_and_after(tmp_path, suffix, magic):
