@@ -71,7 +71,7 @@ class SeedEPMoE(nn.Module):
         out = torch.zeros_like(recv_x)
         for i, e in enumerate(self.local_ids):
             rows = torch.where(recv_ids == e)[0]
-            out = out.index_put((rows,), self.experts[i](recv_x[rows]))
+            out = out.index_put((rows,), self.experts[i](recv_x[rows]).to(out.dtype))   # autocast: bf16 rows
         # 4. combine: back to the home ranks, 5. weighted sum
         back = self._a2a(out, send_splits, recv_splits)
         y = torch.empty_like(back).index_put((order,), back)

@@ -233,10 +233,12 @@ def bad_inputs(group, rank, world):
     return out
 
 
-def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer", inner: str = "aot_eager"):
+def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer", inner: str = "aot_eager",
+                  autocast: bool = False):
     """The seed's hand-written EP layer under torch.compile(backend="moe_fuser"): how many regions were fused,
     what explain says, and the largest difference to the same layer in eager (output, and gradients of the
-    input and of the local experts' weights for the autograd-capable functional collectives)."""
+    input and of the local experts' weights for the autograd-capable functional collectives), relative to the
+    largest eager value. ``autocast``: both forwards under bf16 autocast, fp32 inputs and weights."""
     import torch._dynamo
     from ep_seed import SeedEPMoE
     from moe_fuser.rewrite import counters
@@ -248,14 +250,18 @@ def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer
         layer = SeedEPMoE(16, 24, 6, 2, group, collectives=collectives)
         layer.forward = _floordiv_forward.__get__(layer)
     x = torch.randn(19 + 4 * rank, 16, requires_grad=True)
-    report = moe_fuser.explain(layer, x.detach())
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with amp:
+        report = moe_fuser.explain(layer, x.detach())
     torch._dynamo.reset()
     before = counters["fused"]
     compiled = torch.compile(layer, backend="moe_fuser", options={"inner": inner})
-    out = compiled(x)
-    fused = counters["fused"] - before
-    ref = layer(x)
-    res = {"fused": fused, "explain_fused": report.num_fused, "explain": str(report), "out": max_err(out, ref)}
+    with amp:
+        out = compiled(x)
+        fused = counters["fused"] - before
+        ref = layer(x)
+    res = {"fused": fused, "explain_fused": report.num_fused, "explain": str(report),
+           "out": max_err(out, ref) / ref.abs().max().item(), "dtype": str(out.dtype)}
     if collectives == "functional":
         g = torch.randn_like(out)
         out.backward(g)
@@ -264,7 +270,7 @@ def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer
         layer.zero_grad()
         ref.backward(g)
         want = [x.grad] + [p.grad for p in layer.experts.parameters()]
-        res["grads"] = max(max_err(a, b) for a, b in zip(got, want))
+        res["grads"] = max(max_err(a, b) / b.abs().max().item() for a, b in zip(got, want))
     return res
 
 
@@ -354,7 +360,8 @@ def scenario_two(group, rank, world):
     res["compiled_seed"] = {"inplace": compiled_seed(group, rank, world, "inplace"),
                             # inductor: its generated code checks the op's fake output shapes
                             "functional": compiled_seed(group, rank, world, "functional", inner="inductor"),
-                            "floordiv_setitem": compiled_seed(group, rank, world, "inplace", "floordiv")}
+                            "floordiv_setitem": compiled_seed(group, rank, world, "inplace", "floordiv"),
+                            "functional_autocast": compiled_seed(group, rank, world, "functional", autocast=True)}
     res["ddp"] = ddp_switch(group, rank, world)
     res["stall"] = stall_or_die(group, rank, world, victim=1, die=False, timeout_s=2.0)
     return res
