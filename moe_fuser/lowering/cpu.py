@@ -22,7 +22,7 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 Both forwards (``forward`` saving for backward, ``forward_inference`` keeping nothing) stream groups of
 consecutive experts through steps 3-4: ragged groups of the largest expert's rows (as the eager loop's
 temporaries are one expert's) or, for tiny experts, of as many rows as keep the temporaries within the size of the
-``[T, D]`` output (inference) or ``TRAIN_STREAM_MIN_ROWS`` (training); padded groups of several tiny experts per
+``[T, D]`` output or ``INFER_STREAM_MIN_BYTES``, the larger (inference), or ``TRAIN_STREAM_MIN_ROWS`` (training); padded groups of several tiny experts per
 ``bmm`` whose gathered rows fill at most ``PADDED_STREAM_BYTES``. Temporaries stay bounded without a Python round
 per tiny expert.
 
@@ -80,6 +80,10 @@ PADDED_MAX_WASTE = 2.0
 # per expert made a training step 22% slower (E=128 k=8 D=512 F=128 T=256 bf16, weight lists). Inference groups
 # stay within the output's size (``_streamed_ffn``): one expert's rows at decode, where rows are wide (2F = 7168).
 TRAIN_STREAM_MIN_ROWS = 128
+# Inference groups may always hold this many bytes of temporaries, however small the output: each group costs
+# about ten ATen calls, and at decode (a few rows per expert) a group per expert made a compiled Mixtral 4% slower
+# than inductor on transformers' grouped_mm (one group: equal; hidden 1024, 4 tokens, fp32).
+INFER_STREAM_MIN_BYTES = 1 << 20
 # The padded layout streams groups of consecutive experts whose gathered input rows (E_group * C * D elements)
 # take at most this many bytes (at least one expert): smaller groups cost a few ATen calls each (measured: E=128
 # k=8 D=512 bf16 inference ran ~10% slower in groups of 512 or 2048 padded rows than whole).
@@ -401,9 +405,12 @@ def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, s
     ws = (_transposed(w1), _transposed(w2), _transposed(w3), b1, b2, b3)
     T, D = x_TD.shape
     row_bytes = D * x_TD.element_size()
-    if saved is None:   # inference: a group's temporaries (rows of xs, h, a, y) within one expert's or the output's
+    if saved is None:
+        # inference: a group's temporaries (rows of xs, h, a, y) within one expert's, the output's size or
+        # INFER_STREAM_MIN_BYTES
         F_ = w2[0].shape[-1]
-        min_rows = T * D // (2 * D + (2 * F_ if spec.gated else F_) + F_)
+        budget = max(T * D, INFER_STREAM_MIN_BYTES // x_TD.element_size())
+        min_rows = budget // (2 * D + (2 * F_ if spec.gated else F_) + F_)
     else:
         min_rows = TRAIN_STREAM_MIN_ROWS
     out_TD = None

@@ -84,6 +84,7 @@ def _inference_matches_reference(case: Case):
 def test_inference_streams_expert_groups(monkeypatch, glu, bias):
     """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows)."""
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
+    monkeypatch.setattr(cpu, "INFER_STREAM_MIN_BYTES", 0)
     seen = _streamed(monkeypatch)
     _, logits, _ = _inference_matches_reference(Case(T=60, D=24, F=20, E=7, k=2, dtype=torch.float32, glu=glu,
                                                      bias=bias))
@@ -96,8 +97,10 @@ def test_inference_streams_expert_groups(monkeypatch, glu, bias):
 @pytest.mark.parametrize("wide", [False, True])
 def test_inference_groups_tiny_experts_within_the_output_size(monkeypatch, wide):
     """Tiny experts with narrow rows share a group whose temporaries (rows of xs, h, a, y: 2D + 3F elements for a
-    GLU) fit in the [T, D] output; wide rows (decode: F >> D) go one expert at a time."""
+    GLU) fit in the [T, D] output; wide rows (decode: F >> D) go one expert at a time (without the bytes every
+    group may hold, see the next test)."""
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
+    monkeypatch.setattr(cpu, "INFER_STREAM_MIN_BYTES", 0)
     seen = _streamed(monkeypatch)
     T, D, F_, E = (6, 16, 96, 4) if wide else (64, 32, 8, 32)
     _, logits, _ = _inference_matches_reference(Case(T=T, D=D, F=F_, E=E, k=2, dtype=torch.float32,
@@ -111,6 +114,23 @@ def test_inference_groups_tiny_experts_within_the_output_size(monkeypatch, wide)
     else:
         assert budget_rows > counts.max() and len(seen) > 1
         assert max(n for _, _, n in seen) > counts.max()   # several experts per group, beyond the largest's rows
+
+def test_inference_groups_up_to_the_minimum_bytes(monkeypatch):
+    """Decode-like rows (a few tokens, F >> D) whose temporaries together fit in INFER_STREAM_MIN_BYTES run as one
+    group, not one per expert; beyond it the groups stay within it."""
+    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
+    seen = _streamed(monkeypatch)
+    _inference_matches_reference(Case(T=6, D=16, F=96, E=4, k=2, dtype=torch.float32, glu="separate"))
+    assert [n for _, _, n in seen] == [12]
+    row_bytes = (2 * 16 + 3 * 96) * 4
+    monkeypatch.setattr(cpu, "INFER_STREAM_MIN_BYTES", 5 * row_bytes)
+    seen.clear()
+    _, logits, _ = _inference_matches_reference(Case(T=6, D=16, F=96, E=4, k=2, dtype=torch.float32,
+                                                     glu="separate"))
+    counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=4)
+    assert sum(n for _, _, n in seen) == 12 and len(seen) > 1
+    assert all(n <= max(5, int(counts.max())) for _, _, n in seen)
+
 
 @pytest.mark.parametrize("glu,bias", [("separate", True), ("concat", False), (None, True)])
 def test_padded_layout_streams_groups_of_experts(monkeypatch, glu, bias):
