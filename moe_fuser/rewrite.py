@@ -174,6 +174,13 @@ def _op_inputs(m: Match) -> tuple[MoESpec, Optional[fx.Node], Optional[fx.Node],
     return spec, None, topk_weights, topk_ids, m.weights._replace(selection_bias=None)
 
 
+def _combine_in(spec: MoESpec, compute: torch.dtype) -> MoESpec:
+    """The spec with ``ExpertSpec.combine_dtype`` only where it differs from the experts' compute dtype."""
+    if spec.experts.combine_dtype is None or spec.experts.combine_dtype != compute:
+        return spec
+    return spec.replace(experts=dataclasses.replace(spec.experts, combine_dtype=None))
+
+
 def _router_notes(router: RouterSpec) -> tuple[str, ...]:
     """What the op reproduces of a recognised router beyond its kind (explain shows these)."""
     if router.external:
@@ -295,6 +302,10 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
             keep = _reuse_routing(ctx, item, keep)
             item.lowering = lowering_name
             item.dtype = dtypes[0]
+            item.spec = _combine_in(item.spec, dtypes[0])
+            if item.spec.experts.combine_dtype is not None:
+                item.notes += (f"weighted expert outputs summed in {dtype_name(item.spec.experts.combine_dtype)}, "
+                               "as the model forms them",)
             if dtypes[0] != val(item.x).dtype or (item.spec.shared is not None and dtypes[1] != val(item.x).dtype):
                 item.notes += (f"autocast: the experts compute in {dtype_name(dtypes[0])}"
                                + (f", the shared expert in {dtype_name(dtypes[1])}" if item.spec.shared else "")

@@ -35,6 +35,9 @@ Expert semantics (one expert e, row x; W weights in nn.Linear layout ``[out, in]
                           (limit defaults to GPT-OSS's 7)
     other gated activations with a limit (DeepSeek-V4's swiglu_limit): a = act(min(gate, limit)) * clamp(up,
                           -limit, limit); without one (the default) nothing is clamped
+    combine_dtype: y is weighted by w and summed over the token's experts in this dtype (a wider one than the
+                          experts compute in: a loop under autocast that adds bf16 expert outputs times fp32
+                          weights into an fp32 buffer); None: in the experts' compute dtype
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class ExpertSpec:
     bias: bool = False
     alpha: float = 1.702
     limit: Optional[float] = None
+    combine_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
         if self.activation == "gpt_oss" and self.limit is None:
@@ -157,6 +161,9 @@ class ExpertSpec:
                "projection: drop limit or give w3 / a fused gate_up layout")
         _check(self.limit is None or (isinstance(self.limit, (int, float)) and self.limit > 0),
                f"limit={self.limit!r} must be a positive number (or None: no clamp)")
+        _check(self.combine_dtype is None or (isinstance(self.combine_dtype, torch.dtype)
+                                              and self.combine_dtype.is_floating_point),
+               f"combine_dtype={self.combine_dtype!r} must be a floating torch.dtype (or None)")
 
     @property
     def gated(self) -> bool:
@@ -170,6 +177,15 @@ class ExpertSpec:
     @staticmethod
     def from_op_limit(limit: float) -> Optional[float]:
         return None if math.isinf(limit) else limit
+
+    @property
+    def op_combine(self) -> str:
+        """``combine_dtype`` as the custom ops' string argument: "" for none (``from_op_combine`` reverses it)."""
+        return "" if self.combine_dtype is None else str(self.combine_dtype).replace("torch.", "")
+
+    @staticmethod
+    def from_op_combine(combine: str) -> Optional[torch.dtype]:
+        return getattr(torch, combine) if combine else None
 
 
 @dataclass(frozen=True)

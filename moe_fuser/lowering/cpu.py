@@ -16,8 +16,10 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
      padding at most doubles the rows (``PADDED_*`` below);
 3. one gather of the token rows; the first projection (w1 and w3 into two halves of one buffer, or one GEMM
    for fused gate_up weights), the activation, the routing weight folded into the smaller of the activation
-   ``[n, F]`` or the output ``[n, D]``, the second projection;
-4. one ``index_add_`` combines into ``out [T, D]``: no ``[T, K, D]`` tensor, no per-token weight copy.
+   ``[n, F]`` or the output ``[n, D]``, the second projection (with ``ExpertSpec.combine_dtype``: the output
+   rows cast to it and weighted there);
+4. one ``index_add_`` combines into ``out [T, D]`` (in ``combine_dtype`` when set): no ``[T, K, D]`` tensor, no
+   per-token weight copy.
 
 Both forwards (``forward`` saving for backward, ``forward_inference`` keeping nothing) stream groups of
 consecutive experts through steps 3-4: ragged groups of the largest expert's rows (as the eager loop's
@@ -375,8 +377,9 @@ def _pair_weights(G: _Grouping, topk_weights_TK: torch.Tensor, dtype: torch.dtyp
 
 def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, saved_rows=None, out=None):
     """The experts on G's rows: gather, first projection (also written to ``saved_rows``, G's rows of the saved
-    halves, when given), activation, routing weight ``g_n`` (folded into the smaller operand), second projection,
-    combine -> [T, D] (added into ``out`` when given). ``w*t``: per-expert [in, out] views (``_transposed``)."""
+    halves, when given), activation, routing weight ``g_n`` (folded into the smaller operand; with a
+    ``combine_dtype``, applied to the output rows in that dtype), second projection, combine -> [T, D] (added into
+    ``out`` when given). ``w*t``: per-expert [in, out] views (``_transposed``)."""
     D = x_TD.shape[1]
     F_ = w2t[0].shape[0]
     xs = G.gather(x_TD)
@@ -388,10 +391,12 @@ def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, s
     a = _activate(parts, spec)
     del parts
     g = G.column(g_n)
-    fold_into_a = F_ <= D and b2 is None
+    fold_into_a = F_ <= D and b2 is None and spec.combine_dtype is None
     if fold_into_a:
         a.mul_(g)
     y = G.mm(a, w2t, b2)
+    if spec.combine_dtype is not None:
+        y = y.to(spec.combine_dtype)
     if not fold_into_a:
         y.mul_(g)
     return G.scatter_add(y, out)
@@ -401,7 +406,7 @@ def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, s
     """``_ffn`` over G's expert groups in turn (``_Grouping.groups``), so the temporaries are one group's instead
     of all T*K rows'. With ``saved`` (training: ``(part, h)`` pairs, see ``_saved_parts``) each group writes its
     rows of its part's saved tensor."""
-    g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
+    g_n = _pair_weights(G, topk_weights_TK, spec.combine_dtype or x_TD.dtype)
     ws = (_transposed(w1), _transposed(w2), _transposed(w3), b1, b2, b3)
     T, D = x_TD.shape
     row_bytes = D * x_TD.element_size()
@@ -418,7 +423,7 @@ def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, s
         for sub in part.groups(row_bytes, min_rows):
             rows = None if h is None else _rows_of(h, spec, sub, part)
             out_TD = _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, saved_rows=rows, out=out_TD)
-    return x_TD.new_zeros(x_TD.shape) if out_TD is None else out_TD
+    return x_TD.new_zeros(x_TD.shape, dtype=spec.combine_dtype or x_TD.dtype) if out_TD is None else out_TD
 
 
 def _rows_of(h: torch.Tensor, spec: ExpertSpec, sub: _Grouping, part: _Grouping) -> tuple[torch.Tensor, ...]:
@@ -473,6 +478,9 @@ class CpuLowering:
     """
 
     name = "cpu"
+    # Forms and sums the weighted expert outputs in ``ExpertSpec.combine_dtype`` when it is set (``_ffn``); its
+    # backward gets the output gradient in the compute dtype (``ops.experts``).
+    combine_dtypes = True
     # Takes rows in the compute dtype and weights in their own (autocast: bf16 rows, fp32 weights): each expert
     # group's weights are cast where used (forward and backward) and the weight gradients come back in the
     # weights' dtype. Casting all weights before the op instead would keep their low-precision copies alive

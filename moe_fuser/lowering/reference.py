@@ -2,8 +2,8 @@
 
 This is the oracle every other lowering is tested against, and what ``impl="reference"`` runs. It is written
 for clarity, not speed: one boolean mask per expert, a gather, the FFN, and an ``index_add_`` of the weighted
-result, accumulated in fp32 and cast back to the input dtype. Autograd differentiates it, so it also gives the
-reference gradients (float64 included, for gradcheck).
+result, accumulated in fp32 and cast back to the input dtype (to ``ExpertSpec.combine_dtype`` when set).
+Autograd differentiates it, so it also gives the reference gradients (float64 included, for gradcheck).
 
 Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k.
 """
@@ -37,4 +37,4 @@ def experts_reference(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_id
             h = torch.cat([h, F.linear(xe, w3[e], expert_param(b3, e))], dim=-1)
         y = F.linear(expert_activation(h, spec), w2[e], expert_param(b2, e))
         out_TD = out_TD.index_add(0, tok, y.to(out_TD.dtype) * topk_weights_TK[tok, slot, None].to(out_TD.dtype))
-    return out_TD.to(x_TD.dtype)
+    return out_TD.to(spec.combine_dtype or x_TD.dtype)

@@ -22,6 +22,7 @@ lowering's ``forward_inference`` (if it has one) runs instead, keeping less aliv
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Optional, Sequence, Union
 
@@ -56,35 +57,43 @@ def _unpack_all(w1, w2, w3, b1, b2, b3):
     return (_unpack(w1, 3), _unpack(w2, 3), _unpack(w3, 3), _unpack(b1, 2), _unpack(b2, 2), _unpack(b3, 2))
 
 
-def _spec(num_experts: int, activation: str, glu: str, has_bias: bool, alpha: float, limit: float) -> ExpertSpec:
+def _spec(num_experts: int, activation: str, glu: str, has_bias: bool, alpha: float, limit: float,
+          combine: str = "") -> ExpertSpec:
     return ExpertSpec(num_experts=num_experts, activation=activation, glu=glu or None, bias=has_bias,
-                      alpha=alpha, limit=ExpertSpec.from_op_limit(limit))
+                      alpha=alpha, limit=ExpertSpec.from_op_limit(limit),
+                      combine_dtype=ExpertSpec.from_op_combine(combine))
 
 
 @torch.library.custom_op("moe_fuser::grouped_experts", mutates_args=())
 def _grouped_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                         w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
                         b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
-                        num_experts: int, activation: str, glu: str, alpha: float, limit: float,
+                        num_experts: int, activation: str, glu: str, alpha: float, limit: float, combine: str,
                         impl: str, save: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     return _experts_forward(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha,
-                            limit, impl, save)
+                            limit, combine, impl, save)
 
 
 def _experts_forward(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit,
-                     impl, save):
-    """What the op computes: ``(out, h, order)`` (the op's kernel, and ``_EagerExperts``'s forward)."""
-    spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
+                     combine, impl, save):
+    """What the op computes: ``(out, h, order)`` (the op's kernel, and ``_EagerExperts``'s forward). A lowering
+    without ``combine_dtypes`` combines in the compute dtype, and the result is cast to ``combine_dtype``."""
+    spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit, combine)
     low = lowering.select(impl, x.device)
     weights = _unpack_all(w1, w2, w3, b1, b2, b3)
+    cast_to = None
+    if spec.combine_dtype is not None and not getattr(low, "combine_dtypes", False):
+        spec, cast_to = dataclasses.replace(spec, combine_dtype=None), spec.combine_dtype
     if save:
         chunked = {"chunks": save} if save > 1 else {}   # only a lowering with save_chunks is asked for chunks
         out, h, order = low.forward(x, topk_weights, topk_ids, *weights, spec, **chunked)
-        return out, list(h) if chunked else [h], order
-    infer = getattr(low, "forward_inference", None)
-    out = infer(x, topk_weights, topk_ids, *weights, spec) if infer else \
-        low.forward(x, topk_weights, topk_ids, *weights, spec)[0]
-    return out, [], topk_ids.new_empty((0,), dtype=torch.int64)
+        h = list(h) if chunked else [h]
+    else:
+        infer = getattr(low, "forward_inference", None)
+        out = infer(x, topk_weights, topk_ids, *weights, spec) if infer else \
+            low.forward(x, topk_weights, topk_ids, *weights, spec)[0]
+        h, order = [], topk_ids.new_empty((0,), dtype=torch.int64)
+    return (out if cast_to is None else out.to(cast_to)), h, order
 
 
 def _hidden_width(w2: list[torch.Tensor], glu: str) -> int:
@@ -93,7 +102,8 @@ def _hidden_width(w2: list[torch.Tensor], glu: str) -> int:
 
 
 @_grouped_experts_op.register_fake
-def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl, save):
+def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, combine, impl,
+      save):
     T, K = topk_ids.shape
     H = _hidden_width(w2, glu)
     if save > 1:
@@ -101,7 +111,8 @@ def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation
         h = [x.new_empty((ctx.new_dynamic_size(), H)) for _ in range(save)]
     else:
         h = [x.new_empty((T * K, H))] if save else []
-    return x.new_empty(x.shape), h, topk_ids.new_empty((T * K if save else 0,), dtype=torch.int64)
+    out = x.new_empty(x.shape, dtype=ExpertSpec.from_op_combine(combine) or x.dtype)
+    return out, h, topk_ids.new_empty((T * K if save else 0,), dtype=torch.int64)
 
 
 @torch.library.custom_op("moe_fuser::grouped_experts_backward", mutates_args=())
@@ -110,12 +121,13 @@ def _grouped_experts_backward_op(
         h: list[torch.Tensor], order: torch.Tensor,
         w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
         b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
-        num_experts: int, activation: str, glu: str, alpha: float, limit: float, impl: str,
+        num_experts: int, activation: str, glu: str, alpha: float, limit: float, combine: str, impl: str,
         needs_input_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                                list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
                                                list[torch.Tensor]]:
     dx, dweights, *dws = _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3,
-                                           num_experts, activation, glu, alpha, limit, impl, needs_input_grad)
+                                           num_experts, activation, glu, alpha, limit, combine, impl,
+                                           needs_input_grad)
     # Custom ops may not return None or alias inputs: absent grads become empty tensors / lists
     dx = x.new_zeros(0) if dx is None else dx
     dweights = topk_weights.new_zeros(0) if dweights is None else dweights
@@ -123,11 +135,13 @@ def _grouped_experts_backward_op(
 
 
 def _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation,
-                      glu, alpha, limit, impl, needs_input_grad):
+                      glu, alpha, limit, combine, impl, needs_input_grad):
     """What the backward op computes: ``(dx, dweights, *six weight-gradient lists)``, None where not needed, and
-    None in a per-expert list for an expert that got no rows (``moe_fuser.lowering``)."""
+    None in a per-expert list for an expert that got no rows (``moe_fuser.lowering``). The output's gradient
+    reaches the lowering in the compute dtype (``combine_dtype``'s cast, differentiated)."""
     spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
     low = lowering.select(impl, x.device)
+    grad = grad.to(x.dtype)
     # one saved tensor goes to the lowering as it came; chunks (see the module docstring) as the list
     dx, dweights, *dws = low.backward(grad, x, topk_weights, topk_ids, h[0] if len(h) == 1 else h, order,
                                       *_unpack_all(w1, w2, w3, b1, b2, b3), spec, tuple(needs_input_grad))
@@ -153,7 +167,7 @@ def _runs_eagerly(grad: torch.Tensor) -> bool:
 
 @_grouped_experts_backward_op.register_fake
 def _(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha,
-      limit, impl, needs_input_grad):
+      limit, combine, impl, needs_input_grad):
     need_x, need_weights, need_w = needs_input_grad
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
             topk_weights.new_empty(topk_weights.shape) if need_weights else topk_weights.new_empty(0),
@@ -226,7 +240,7 @@ def register_ep_autograd(op, backward_op, eager_backward=None) -> None:
 
 
 def _setup_context(ctx, inputs, output):
-    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, impl,
+    (x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha, limit, combine, impl,
      save) = inputs
     _, h, order = output
     save_with_weights(ctx, (x, topk_weights, topk_ids, order, *h), (w1, w2, w3, b1, b2, b3))
@@ -234,11 +248,11 @@ def _setup_context(ctx, inputs, output):
     # size of h, allocated and filled on every eager backward otherwise)
     ctx.mark_non_differentiable(*h, order)
     ctx.set_materialize_grads(False)
-    ctx.config = (num_experts, activation, glu, alpha, limit, impl)
+    ctx.config = (num_experts, activation, glu, alpha, limit, combine, impl)
     ctx.save = save
 
 
-_CONFIG_INPUTS = 7   # num_experts, activation, glu, alpha, limit, impl, save: no gradient
+_CONFIG_INPUTS = 8   # num_experts, activation, glu, alpha, limit, combine, impl, save: no gradient
 
 
 def _backward(ctx, grad_out, grad_h, grad_order):
@@ -338,7 +352,8 @@ def grouped_experts(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, topk_weights_TK, *sum(packed, []))):
         stacked = isinstance(w1, torch.Tensor)   # else a list of E tensors: E is static, the list's length
         save = _save_chunks(name, x_TD.device.type, stacked, 1 if stacked else len(packed[0]))
-    config = (spec.num_experts, spec.activation, spec.glu or "", float(spec.alpha), spec.op_limit, name)
+    config = (spec.num_experts, spec.activation, spec.glu or "", float(spec.alpha), spec.op_limit, spec.op_combine,
+              name)
     if _traced(x_TD):
         return _grouped_experts_op(x_TD, topk_weights_TK, topk_ids_TK, *packed, *config, save)[0]
     if not save:

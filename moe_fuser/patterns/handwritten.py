@@ -67,6 +67,7 @@ class _Expert:
     ids: fx.Node
     weights: Optional[fx.Node]
     weights_dtype: Optional[torch.dtype]   # the routing weight's dtype where it multiplies the expert output
+    combine_dtype: Optional[torch.dtype]   # the dtype the weighted output is formed and summed in
     activation: str
     glu: Optional[str]
     params: dict                  # role -> (kind, node): "param" (the expert's own tensor) or "row" (stacked[e])
@@ -154,8 +155,10 @@ def _functional_chain(buf: fx.Node) -> tuple[list, fx.Node]:
 
 # ---------------------------------------------------------------- WEIGHT: y -> (ffn output, weights node)
 
-def _split_weight(y: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], fx.Node]:
-    """y = f * w_e -> (f, topk weights node W, slot node or None, w_e); w_e = W[tok, slot, None] and friends."""
+def _split_weight(y: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], fx.Node,
+                                                                 fx.Node]:
+    """y = f * w_e -> (f, topk weights node W, slot node or None, w_e, the product); w_e = W[tok, slot, None] and
+    friends."""
     y = walk.casts(y)
     if not (is_op(y, "mul") and len(y.args) == 2 and all(isinstance(a, fx.Node) for a in y.args)):
         raise _NoMatch(f"the expert output {y.name} is not multiplied by its routing weight")
@@ -167,7 +170,7 @@ def _split_weight(y: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, fx.No
         except _NoMatch:
             continue
         walk.nodes |= sub.nodes
-        return f, W, slot, we
+        return f, W, slot, we, y
     raise _NoMatch(f"neither factor of {y.name} is the routing weight of the dispatched tokens")
 
 
@@ -392,11 +395,14 @@ def _dispatch(tok: fx.Node, slot: Optional[fx.Node], walk: _Walk) -> tuple[fx.No
 def _expert(write, walk: _Walk) -> _Expert:
     _writer, tok, y, nodes = write
     walk.nodes |= nodes
-    f, W, slot, we = _split_weight(y, walk, tok)
+    f, W, slot, we, product = _split_weight(y, walk, tok)
     ids, e = _dispatch(tok, slot, walk)
     x_e, params, act, glu = _ffn(f, e, walk)
     x = _gather(_skip_dropout(x_e, walk), tok, walk)
-    return _Expert(e, x, ids, W, val(we).dtype, act, glu, params)
+    # weighted and summed in one dtype (the buffer's): the op does the same (the rewrite drops it when it is the
+    # experts' compute dtype); a product cast before the sum is not modelled (the op then sums in compute dtype)
+    combine = val(product).dtype if val(product).dtype == val(y).dtype else None
+    return _Expert(e, x, ids, W, val(we).dtype, combine, act, glu, params)
 
 
 class HandwrittenLoop:
@@ -434,7 +440,7 @@ class HandwrittenLoop:
         if sorted(x.e for x in experts) != list(range(E)):
             raise _NoMatch(f"the loop covers experts {sorted(x.e for x in experts)}, not each of 0..{E - 1} once")
         for ex in experts[1:]:
-            for what in ("x", "ids", "weights", "weights_dtype", "activation", "glu"):
+            for what in ("x", "ids", "weights", "weights_dtype", "combine_dtype", "activation", "glu"):
                 if getattr(ex, what) is not getattr(first, what) and getattr(ex, what) != getattr(first, what):
                     raise _NoMatch(f"experts {first.e} and {ex.e} differ in {what}")
             if {k: (v[0] if v else None) for k, v in ex.params.items()} != \
@@ -447,7 +453,8 @@ class HandwrittenLoop:
             self._check_external_ids(first.ids, E)
         walk.nodes |= router.nodes
         expert_spec = ExpertSpec(num_experts=E, activation=first.activation, glu=first.glu,
-                                 bias=weights.b1 is not None or weights.b2 is not None or weights.b3 is not None)
+                                 bias=weights.b1 is not None or weights.b2 is not None or weights.b3 is not None,
+                                 combine_dtype=first.combine_dtype)
         spec = MoESpec(router=router.spec, experts=expert_spec)
         if router.selection_bias is not None:
             weights = weights._replace(selection_bias=router.selection_bias)

@@ -3,8 +3,9 @@
 ``LoopMoE(Variant(...))`` writes one MoE block the way research code does, with every style axis the
 hand-written pattern family claims to cover (router, dispatch loop, combine, FFN, activation, bias, weight
 position) plus *twists*: small departures the pattern must refuse (an extra scale, a skipped expert, an active
-dropout), so tests can show "fused and eager-equal, or untouched and eager-equal; never wrong", and experts that
-switch autocast off (fused, in fp32).
+dropout), so tests can show "fused and eager-equal, or untouched and eager-equal; never wrong", experts that
+switch autocast off (fused, in fp32) and a loop that weights the expert outputs in their own dtype before adding
+them to the buffer (under autocast: bf16 products summed in fp32, which the op sums in bf16).
 
 ``MixtralV4Block`` is the transformers-4 Mixtral sparse block, written out as it was (one_hot(...).permute(2, 1,
 0) + where loop). The seed article's Switch layer is the one in ``examples/switch_transformer.py``
@@ -31,7 +32,7 @@ LOOPS = ("where", "one_hot_210", "one_hot_201", "nonzero")
 COMBINES = ("index_add_", "scatter_add_", "iadd", "index_put_", "functional")
 FFNS = ("sequential", "swiglu", "concat", "stacked")
 ACTS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
-TWISTS = (None, "extra_scale", "skip_expert", "train_dropout", "expert_autocast_off")
+TWISTS = (None, "extra_scale", "skip_expert", "train_dropout", "expert_autocast_off", "weight_in_expert_dtype")
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
@@ -209,6 +210,8 @@ class LoopMoE(nn.Module):
             else:
                 y = self.expert(e, xe)
             we = (w[tok, slot, None] if slot is not None else w[tok, None])
+            if v.twist == "weight_in_expert_dtype":
+                we = we.to(y.dtype)
             y = we * y if v.weight_first else y * we
             if v.twist == "extra_scale":
                 y = y * 2.0
@@ -295,13 +298,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def check_train_step(model: nn.Module, compiled, x: torch.Tensor, tol: float) -> None:
-    """Forward and backward through the compiled model equal eager: outputs, input grad, every parameter grad."""
+def check_train_step(model: nn.Module, compiled, x: torch.Tensor, tol: float, autocast: bool = False) -> None:
+    """Forward and backward through the compiled model equal eager: outputs, input grad, every parameter grad.
+    ``autocast``: both forwards under ``torch.autocast`` (bf16), the backward outside it."""
     params = [p for p in model.parameters() if p.requires_grad]
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     outs = []
     for fn, xi in ((model, xs[0]), (compiled, xs[1])):
-        out = fn(xi)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = fn(xi)
         out = out if isinstance(out, tuple) else (out,)
         loss = sum(((o.float() * torch.linspace(0.5, 1.5, o.numel()).view_as(o)).sum() if o.dim() else o.float())
                    for o in out if o.is_floating_point())

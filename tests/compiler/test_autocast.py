@@ -84,6 +84,22 @@ def test_seed_switch_layer_under_autocast_with_inductor():
     assert rec.num_fused == len(rec.graphs) >= 1
 
 
+def test_loop_summing_in_fp32_under_autocast_computes_what_eager_does():
+    """Under autocast the seed's Switch layer multiplies its bf16 expert outputs by fp32 routing weights and adds
+    them into an fp32 buffer. The op forms and sums them in fp32 too (``ExpertSpec.combine_dtype``), so the
+    forward equals eager's; summing in bf16, it was 2e-3 off. (With inductor as the inner compiler the graph's
+    bf16 renormalisation of the routing weights is computed in fp32 and rounded once, which eager rounds twice:
+    that differs from eager by a bf16 ulp whatever the op does.)"""
+    model = load_example("switch_transformer").SwitchLayer(d_model=32, d_ff=64, top_k=2)
+    x = torch.randn(3, 7, 32)
+    report = _explained(model, x)
+    assert "weighted expert outputs summed in float32, as the model forms them" in report.matches[0].notes, report
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager"})
+    with torch.no_grad(), torch.autocast(**BF16):
+        assert torch.equal(compiled(x)[0], model(x)[0])
+
+
 def test_grouped_mm_experts_keep_the_graphs_fp32():
     """transformers' grouped_mm fallback is not autocast on CPU: the graph computes the experts in fp32 and so does
     the fused op (while the router's and shared expert's Linears run in bf16)."""
@@ -133,9 +149,10 @@ def test_router_with_autocast_switched_off_fuses():
 
 
 def test_verify_judges_autocast_outputs_by_the_experts_precision():
-    """The fp32 output of a layer whose experts run in bf16 differs from the original graph's by bf16 rounding:
-    verify accepts that (bf16 tolerance) instead of falling back."""
-    model = LoopMoE(Variant(ffn="swiglu", router="mixtral_f32"))
+    """The fp32 output of a layer whose experts run in bf16 differs from the original graph's by bf16 rounding (here
+    the loop sums bf16 products in fp32, the op in bf16): verify accepts that (bf16 tolerance) instead of falling
+    back."""
+    model = LoopMoE(Variant(ffn="swiglu", router="mixtral_f32", twist="weight_in_expert_dtype"))
     x = torch.randn(2, 5, 16)
     compiled = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager", "verify": True})
     with warnings.catch_warnings():

@@ -50,6 +50,37 @@ def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
     assert used == [padded, padded]  # forward and backward took the layout asked for
 
 
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("as_list", [False, True])
+def test_combine_dtype_weights_and_sums_in_it(monkeypatch, padded, as_list):
+    """bf16 experts with ``combine_dtype=float32`` (a loop under autocast adding bf16 expert outputs times fp32
+    routing weights into an fp32 buffer): the op forms and sums the weighted outputs in fp32, as the reference
+    does, forward and training forward; gradients as the reference's to bf16 precision. Summing in bf16 instead
+    is ~1e-3 off, which the test would see."""
+    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)
+    monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
+    from moe_fuser.lowering.reference import experts_reference
+    from moe_fuser.ops.experts import grouped_experts
+    from moe_fuser.spec import ExpertSpec
+
+    x, logits, kw = Case(T=45, D=24, F=20, E=6, k=3, dtype=torch.bfloat16, glu="separate",
+                         as_list=as_list).make(requires_grad=True)
+    tw, ti = logits.float().softmax(-1).topk(3)
+    ws = (kw["w1"], kw["w2"], kw["w3"])
+    spec = ExpertSpec(6, glu="separate", combine_dtype=torch.float32)
+    ref = experts_reference(x, tw, ti, *ws, None, None, None, spec)
+    with torch.no_grad():
+        assert rel_err(grouped_experts(x, tw, ti, *ws, spec=spec, impl="cpu"), ref) < 1e-6
+        assert rel_err(grouped_experts(x, tw, ti, *ws, spec=ExpertSpec(6, glu="separate"), impl="cpu"), ref) > 1e-4
+    out = grouped_experts(x, tw, ti, *ws, spec=spec, impl="cpu")
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6
+    grad = torch.randn_like(out)
+    ins = leaves(x, logits, kw)
+    got = torch.autograd.grad(out, ins, grad, retain_graph=True)   # the routing is shared with ref
+    for g, w in zip(got, torch.autograd.grad(ref, ins, grad)):
+        assert g.dtype == w.dtype and rel_err(g, w) < 2e-2
+
+
 def test_padded_layout_needs_every_expert_active():
     ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
     assert not cpu._Grouping(ids, 4, stacked=True).padded  # experts 2, 3 idle: their weights are never read

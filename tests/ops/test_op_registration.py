@@ -10,8 +10,8 @@ from moe_fuser.ops.experts import _grouped_experts_op
 from _moe_cases import Case, leaves, rel_err
 
 
-def _op_args(T, glu="separate", as_list=False, bias=False, save=1):
-    x, logits, kw = Case(T=T, D=16, F=24, E=4, k=2, dtype=torch.float32, glu=glu, as_list=as_list,
+def _op_args(T, glu="separate", as_list=False, bias=False, save=1, dtype=torch.float32, combine=""):
+    x, logits, kw = Case(T=T, D=16, F=24, E=4, k=2, dtype=dtype, glu=glu, as_list=as_list,
                          bias=bias).make(requires_grad=True)
     weights, ids = logits.detach().softmax(-1).topk(2)
     weights.requires_grad_()
@@ -21,11 +21,13 @@ def _op_args(T, glu="separate", as_list=False, bias=False, save=1):
         return [] if v is None else (v if isinstance(v, list) else [v])
 
     return (x, weights, ids, lst("w1"), lst("w2"), lst("w3"), lst("b1"), lst("b2"), lst("b3"), 4, "silu",
-            glu or "", 1.702, math.inf, "cpu", save)   # limit: none
+            glu or "", 1.702, math.inf, combine, "cpu", save)   # limit: none
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(glu=None, bias=True), dict(as_list=True), dict(glu="concat"),
-                                     dict(save=0), dict(as_list=True, save=3), dict(as_list=True, save=4, bias=True)])
+                                     dict(save=0), dict(as_list=True, save=3), dict(as_list=True, save=4, bias=True),
+                                     dict(dtype=torch.bfloat16, combine="float32"),
+                                     dict(dtype=torch.bfloat16, combine="float32", as_list=True, save=0)])
 def test_opcheck(variant):
     torch.library.opcheck(_grouped_experts_op, _op_args(T=7, **variant))
 
