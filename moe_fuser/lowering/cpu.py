@@ -479,7 +479,7 @@ class CpuLowering:
 
     name = "cpu"
     # Forms and sums the weighted expert outputs in ``ExpertSpec.combine_dtype`` when it is set (``_ffn``); its
-    # backward gets the output gradient in the compute dtype (``ops.experts``).
+    # backward then takes the output gradient in that dtype and casts each group's rows (no [T, D] copy).
     combine_dtypes = True
     # Takes rows in the compute dtype and weights in their own (autocast: bf16 rows, fp32 weights): each expert
     # group's weights are cast where used (forward and backward) and the weight gradients come back in the
@@ -608,7 +608,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     gradients is allocated."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
-    dy = G.gather(grad_TD)  # unweighted
+    dy = G.gather(grad_TD).to(x_TD.dtype)  # unweighted; cast per group where the output had a combine_dtype
     dA = G.mm(dy, w2)
     parts = tuple(G.from_sorted(h) for h in saved_rows)
     act_gate = None  # act(gate) of a GLU: needed for a and again for d_up, computed once

@@ -138,10 +138,12 @@ def _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1,
                       glu, alpha, limit, combine, impl, needs_input_grad):
     """What the backward op computes: ``(dx, dweights, *six weight-gradient lists)``, None where not needed, and
     None in a per-expert list for an expert that got no rows (``moe_fuser.lowering``). The output's gradient
-    reaches the lowering in the compute dtype (``combine_dtype``'s cast, differentiated)."""
+    comes in ``combine_dtype`` if one was set: a lowering with ``combine_dtypes`` takes it so, any other gets it
+    cast to the compute dtype."""
     spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
     low = lowering.select(impl, x.device)
-    grad = grad.to(x.dtype)
+    if not getattr(low, "combine_dtypes", False):
+        grad = grad.to(x.dtype)
     # one saved tensor goes to the lowering as it came; chunks (see the module docstring) as the list
     dx, dweights, *dws = low.backward(grad, x, topk_weights, topk_ids, h[0] if len(h) == 1 else h, order,
                                       *_unpack_all(w1, w2, w3, b1, b2, b3), spec, tuple(needs_input_grad))
