@@ -176,7 +176,7 @@ def _op_inputs(m: Match) -> tuple[MoESpec, Optional[fx.Node], Optional[fx.Node],
 
 def _combine_in(spec: MoESpec, compute: torch.dtype) -> MoESpec:
     """The spec with ``ExpertSpec.combine_dtype`` only where it differs from the experts' compute dtype."""
-    if spec.experts.combine_dtype is None or spec.experts.combine_dtype != compute:
+    if spec.experts.combine_dtype != compute:
         return spec
     return spec.replace(experts=dataclasses.replace(spec.experts, combine_dtype=None))
 

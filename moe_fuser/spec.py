@@ -35,9 +35,9 @@ Expert semantics (one expert e, row x; W weights in nn.Linear layout ``[out, in]
                           (limit defaults to GPT-OSS's 7)
     other gated activations with a limit (DeepSeek-V4's swiglu_limit): a = act(min(gate, limit)) * clamp(up,
                           -limit, limit); without one (the default) nothing is clamped
-    combine_dtype: y is weighted by w and summed over the token's experts in this dtype (a wider one than the
-                          experts compute in: a loop under autocast that adds bf16 expert outputs times fp32
-                          weights into an fp32 buffer); None: in the experts' compute dtype
+    combine_dtype: y is weighted by w and summed over the token's experts in this dtype, where a model does so in
+                          another than its experts compute in (a loop under autocast that adds bf16 expert outputs
+                          times fp32 weights into an fp32 buffer); None: in the experts' compute dtype
 """
 
 from __future__ import annotations

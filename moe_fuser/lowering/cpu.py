@@ -24,9 +24,9 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 Both forwards (``forward`` saving for backward, ``forward_inference`` keeping nothing) stream groups of
 consecutive experts through steps 3-4: ragged groups of the largest expert's rows (as the eager loop's
 temporaries are one expert's) or, for tiny experts, of as many rows as keep the temporaries within the size of the
-``[T, D]`` output or ``INFER_STREAM_MIN_BYTES``, the larger (inference), or ``TRAIN_STREAM_MIN_ROWS`` (training); padded groups of several tiny experts per
-``bmm`` whose gathered rows fill at most ``PADDED_STREAM_BYTES``. Temporaries stay bounded without a Python round
-per tiny expert.
+``[T, D]`` output or ``INFER_STREAM_MIN_BYTES``, the larger (inference), or ``TRAIN_STREAM_MIN_ROWS`` (training);
+padded groups of several tiny experts per ``bmm`` whose gathered rows fill at most ``PADDED_STREAM_BYTES``.
+Temporaries stay bounded without a Python round per tiny expert.
 
 Saved for backward: the first projection's output ``h [N, H]`` in sorted order (for separate w1/w3 its storage
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order; with
@@ -80,7 +80,7 @@ PADDED_MAX_WASTE = 2.0
 # Training (forward and backward) streams ragged groups of at least this many rows, several tiny experts each: the
 # saved activations and weight gradients dwarf a group's temporaries there, and one Python round of ~25 ATen calls
 # per expert made a training step 22% slower (E=128 k=8 D=512 F=128 T=256 bf16, weight lists). Inference groups
-# stay within the output's size (``_streamed_ffn``): one expert's rows at decode, where rows are wide (2F = 7168).
+# stay within the output's size or INFER_STREAM_MIN_BYTES (``_streamed_ffn``).
 TRAIN_STREAM_MIN_ROWS = 128
 # Inference groups may always hold this many bytes of temporaries, however small the output: each group costs
 # about ten ATen calls, and at decode (a few rows per expert) a group per expert made a compiled Mixtral 4% slower
