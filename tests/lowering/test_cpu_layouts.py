@@ -81,6 +81,28 @@ def test_combine_dtype_weights_and_sums_in_it(monkeypatch, padded, as_list):
         assert g.dtype == w.dtype and rel_err(g, w) < 2e-2
 
 
+def test_combine_dtype_on_a_lowering_without_it(monkeypatch):
+    """A lowering without ``combine_dtypes`` (triton, npu) sums in the compute dtype; the op casts its output to
+    the combine dtype and its output gradient back (the CPU lowering stands in, its support switched off)."""
+    monkeypatch.setattr(cpu.CpuLowering, "combine_dtypes", False)
+    from moe_fuser.lowering.reference import experts_reference
+    from moe_fuser.ops.experts import grouped_experts
+    from moe_fuser.spec import ExpertSpec
+
+    x, logits, kw = Case(T=29, D=24, F=20, E=5, k=2, dtype=torch.bfloat16, glu="separate").make(requires_grad=True)
+    tw, ti = logits.float().softmax(-1).topk(2)
+    ws = (kw["w1"], kw["w2"], kw["w3"])
+    spec = ExpertSpec(5, glu="separate", combine_dtype=torch.float32)
+    out = grouped_experts(x, tw, ti, *ws, spec=spec, impl="cpu")
+    ref = experts_reference(x, tw, ti, *ws, None, None, None, spec)
+    assert out.dtype == torch.float32 and 0 < rel_err(out, ref) < 2e-2
+    grad = torch.randn_like(out)
+    ins = leaves(x, logits, kw)
+    got = torch.autograd.grad(out, ins, grad, retain_graph=True)
+    for g, w in zip(got, torch.autograd.grad(ref, ins, grad)):
+        assert g.dtype == w.dtype and rel_err(g, w) < 2e-2
+
+
 def test_padded_layout_needs_every_expert_active():
     ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
     assert not cpu._Grouping(ids, 4, stacked=True).padded  # experts 2, 3 idle: their weights are never read
