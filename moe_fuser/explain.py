@@ -36,7 +36,8 @@ import torch.fx as fx
 from . import capture
 from .backend import BackendOptions, compile_graph
 from .patterns.base import Match, Rejection, router_kind
-from .rewrite import FuseResult, RegionPicture, dtype_name
+from .rewrite import FuseResult, RegionPicture
+from .spec import dtype_name
 
 __all__ = ["FusedRow", "RejectedRow", "Report", "explain"]
 

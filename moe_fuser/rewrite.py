@@ -52,9 +52,9 @@ from .fx.graph import is_op, module_path, op, val
 from .fx.region import absorb_plumbing, check_region, kept_closure
 from .ops.fused import moe_forward, validate
 from .patterns.base import Match, MatchContext, Rejection, patterns_for
-from .spec import MoESpec, MoEWeights, RouterSpec
+from .spec import MoESpec, MoEWeights, RouterSpec, dtype_name
 
-__all__ = ["FuseResult", "RegionPicture", "counters", "dtype_name", "fuse_graph"]
+__all__ = ["FuseResult", "RegionPicture", "counters", "fuse_graph"]
 
 log = logging.getLogger("moe_fuser")
 
@@ -431,11 +431,6 @@ def _reads_weight(node: Any, weights: set, depth: int = 8) -> bool:
             return False
         node, depth = node.args[0], depth - 1
     return False
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``bfloat16`` (explain's tables and notes)."""
-    return str(dtype).replace("torch.", "")
 
 
 def _gemm_dtypes(m: Match, fields: tuple) -> set:

@@ -58,6 +58,7 @@ __all__ = [
     "MoEWeights",
     "RouterSpec",
     "SharedExpertSpec",
+    "dtype_name",
 ]
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "gpt_oss")
@@ -66,6 +67,11 @@ SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 SIGMOID_RENORM_EPS = 1e-20      # what DeepSeek-V3 and its descendants add to the sum of sigmoid weights
 DROP_POLICIES = ("zero", "passthrough")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16`` (the custom ops' dtype arguments, explain's tables and notes)."""
+    return str(dtype).replace("torch.", "")
 
 
 def default_renorm_eps(scoring: str) -> float:
@@ -181,7 +187,7 @@ class ExpertSpec:
     @property
     def op_combine(self) -> str:
         """``combine_dtype`` as the custom ops' string argument: "" for none (``from_op_combine`` reverses it)."""
-        return "" if self.combine_dtype is None else str(self.combine_dtype).replace("torch.", "")
+        return "" if self.combine_dtype is None else dtype_name(self.combine_dtype)
 
     @staticmethod
     def from_op_combine(combine: str) -> Optional[torch.dtype]:

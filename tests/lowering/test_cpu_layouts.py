@@ -8,7 +8,9 @@ import torch
 
 import moe_fuser
 from moe_fuser.lowering import cpu
-from moe_fuser.ops.experts import _spec
+from moe_fuser.lowering.reference import experts_reference
+from moe_fuser.ops.experts import _spec, grouped_experts
+from moe_fuser.spec import ExpertSpec
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "ops"))
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
@@ -59,10 +61,6 @@ def test_combine_dtype_weights_and_sums_in_it(monkeypatch, padded, as_list):
     is ~1e-3 off, which the test would see."""
     monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
-    from moe_fuser.lowering.reference import experts_reference
-    from moe_fuser.ops.experts import grouped_experts
-    from moe_fuser.spec import ExpertSpec
-
     x, logits, kw = Case(T=45, D=24, F=20, E=6, k=3, dtype=torch.bfloat16, glu="separate",
                          as_list=as_list).make(requires_grad=True)
     tw, ti = logits.float().softmax(-1).topk(3)
@@ -85,10 +83,6 @@ def test_combine_dtype_on_a_lowering_without_it(monkeypatch):
     """A lowering without ``combine_dtypes`` (triton, npu) sums in the compute dtype; the op casts its output to
     the combine dtype and its output gradient back (the CPU lowering stands in, its support switched off)."""
     monkeypatch.setattr(cpu.CpuLowering, "combine_dtypes", False)
-    from moe_fuser.lowering.reference import experts_reference
-    from moe_fuser.ops.experts import grouped_experts
-    from moe_fuser.spec import ExpertSpec
-
     x, logits, kw = Case(T=29, D=24, F=20, E=5, k=2, dtype=torch.bfloat16, glu="separate").make(requires_grad=True)
     tw, ti = logits.float().softmax(-1).topk(2)
     ws = (kw["w1"], kw["w2"], kw["w3"])
