@@ -30,7 +30,6 @@ import datetime
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
