@@ -219,14 +219,17 @@ class TokenDispatcher:
                     groups["A"] = g
         self._groups = _LEVEL_GROUPS[key] = groups
 
-    def _a2a(self, level: str, inp: torch.Tensor, send: Sequence[int], recv: Sequence[int]):
-        """All-to-all within this rank's level-A (peers) or level-B (node) group; split sizes per group rank."""
+    def _a2a(self, level: str, inp: torch.Tensor, send: Sequence[int], recv: Sequence[int],
+             out: Optional[torch.Tensor] = None):
+        """All-to-all within this rank's level-A (peers) or level-B (node) group; split sizes per group rank.
+        Received into ``out`` when given (contiguous, ``sum(recv)`` rows), else into a fresh tensor."""
         self._level_groups()
         group = self._groups[level]
         if group is not self.group():
             members = self.peers if level == "A" else self.node_ranks
             send, recv = [send[r] for r in members], [recv[r] for r in members]
-        out = inp.new_empty((sum(recv),) + tuple(inp.shape[1:]))
+        if out is None:
+            out = inp.new_empty((sum(recv),) + tuple(inp.shape[1:]))
         work = dist.all_to_all_single(out, inp.contiguous(), list(recv), list(send), group=group, async_op=True)
         return out, work
 
@@ -382,13 +385,16 @@ class TokenDispatcher:
         weight = meta[:, 2].contiguous().view(torch.float32)
         return ComputePlan(sum(rows), row_abs, expert, weight)
 
-    def run(self, plan: DispatchPlan, send_rows: Callable[[int], torch.Tensor], compute: Compute
+    def run(self, plan: DispatchPlan, send_rows: Callable[[int], torch.Tensor], compute: Compute,
+            recv_into: Optional[Callable[[int], torch.Tensor]] = None
             ) -> tuple[DispatchPlan, list[tuple[torch.Tensor, Optional[torch.Tensor]]]]:
         """Dispatch ``send_rows(c)`` (rows in ``plan.origin[c].tok_rows`` order) of every chunk, call
         ``compute(c, compute_plan, rows_received)`` -> ``(rows_back [R, D], pairs_back [n] or None)``, and
-        combine. Returns the plan completed with its gateway and compute parts (built on the fly when the plan
-        came from ``plan``) and, per chunk, ``(rows, pairs)`` back at the origin in ``tok_rows`` /
-        ``tj_pairs`` order (rows summed over the node's ranks and pairs one per sent pair)."""
+        combine. ``recv_into(c)``, when given, is the buffer (``[R, D]``, contiguous) that chunk c's rows are
+        received into at the compute rank (the forward keeps them for backward without a copy). Returns the plan
+        completed with its gateway and compute parts (built on the fly when the plan came from ``plan``) and,
+        per chunk, ``(rows, pairs)`` back at the origin in ``tok_rows`` / ``tj_pairs`` order (rows summed over
+        the node's ranks and pairs one per sent pair)."""
         C = plan.num_chunks
         building = plan.compute[0] is None if C else False
         gateway, comp = list(plan.gateway), list(plan.compute)
@@ -406,9 +412,12 @@ class TokenDispatcher:
             row_bytes = rows.shape[1] * rows.element_size()
             meta = o.meta if building else None
             if not self.level_a:
+                if recv_into is not None and not self.level_b:   # this rank computes its own rows
+                    rows = recv_into(c).copy_(rows)
                 a_in[c] = (rows, None, meta, None)
                 return
-            rows_in, w1 = self._a2a("A", rows, s.a_send_rows, s.a_recv_rows)
+            into = recv_into(c) if recv_into is not None and not self.level_b else None
+            rows_in, w1 = self._a2a("A", rows, s.a_send_rows, s.a_recv_rows, out=into)
             meta_in, w2 = self._a2a("A", meta, s.a_send_pairs, s.a_recv_pairs) if meta is not None else (None, None)
             a_in[c] = (rows_in, w1, meta_in, w2)
 
@@ -426,7 +435,8 @@ class TokenDispatcher:
             if building:
                 gateway[c] = self._gateway_plan(s, meta_A, rows_A.shape[0])
             g = gateway[c]
-            rows_B, w1 = self._a2a("B", rows_A.index_select(0, g.row_src), s.b_send_rows, s.b_recv_rows)
+            rows_B, w1 = self._a2a("B", rows_A.index_select(0, g.row_src), s.b_send_rows, s.b_recv_rows,
+                                   out=None if recv_into is None else recv_into(c))
             meta_B, w2 = self._a2a("B", g.meta, s.b_send_pairs, s.b_recv_pairs) if building else (None, None)
             b_in[c] = (rows_B, w1, meta_B, w2)
 

@@ -47,7 +47,8 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .. import lowering
-from ..ops.experts import _spec, _unpack_all, fake_weight_grads, pack_weights, register_ep_autograd, zero_filled
+from ..ops.experts import (_hidden_width, _spec, _unpack_all, fake_weight_grads, pack_weights,
+                           register_ep_autograd, zero_filled)
 from ..ops.fused import (_shared_expert, cast_experts, experts_dtype, no_autocast, select_routing,
                          validate)
 from ..ops.routing import router_stats
@@ -127,34 +128,53 @@ def _ep_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
               chunks or auto_chunks(T)]
     plan = disp.plan(topk_ids, topk_weights, header[-1], header)
 
-    saved_rows, saved_h, saved_order = [], [], []
+    # Saved for backward: the received rows of every chunk, received straight into one tensor, and the
+    # lowering's saved first projection: written into one tensor too where the lowering can (``saves_into``:
+    # the kept pairs' rows only), else one per chunk, concatenated after.
+    into = save and getattr(low, "saves_into", False)
+    H = _hidden_width(w2, glu)
+    row_start = [0]
+    pair_start = [0]
+    for s in plan.splits:
+        row_start.append(row_start[-1] + s.compute_rows)
+        pair_start.append(pair_start[-1] + s.compute_pairs)
+    xrows = x.new_empty(row_start[-1] if save else 0, D)
+    h = x.new_empty(pair_start[-1] * H if into else 0)
+    saved_h, saved_order = [], []
 
     def compute(c, cp, rows_RD):
-        if save:
-            saved_rows.append(rows_RD)
         if cp.row_of_pair.numel() == 0:
             return rows_RD.new_zeros(cp.num_rows, D), None
         weights_RS, ids_RS, _ = _row_slots(cp)
         # the full forward also when nothing is kept: chunks already bound its temporaries, and it is faster here
         # than a lowering's streaming forward_inference
-        partial_RD, h_NH, order_N = low.forward(rows_RD, weights_RS, ids_RS, *ws, spec)
+        h_out = _rows(h, pair_start[c], pair_start[c + 1], H) if into else None
+        partial_RD, h_NH, order_N = low.forward(rows_RD, weights_RS, ids_RS, *ws, spec,
+                                                **({"h_out": h_out} if into else {}))
         if save:
-            saved_h.append(h_NH.reshape(-1))   # flat: a lowering may give its saved tensor a storage layout
+            if not into:
+                saved_h.append(h_NH.reshape(-1))   # flat: a lowering may give its saved tensor a storage layout
             saved_order.append(order_N)
         return partial_RD, None
 
-    plan, back = disp.run(plan, lambda c: x.index_select(0, plan.origin[c].tok_rows), compute)
+    plan, back = disp.run(plan, lambda c: x.index_select(0, plan.origin[c].tok_rows), compute,
+                          recv_into=(lambda c: xrows[row_start[c]:row_start[c + 1]]) if save else None)
     out_TD = torch.zeros_like(x)
     for c, (rows, _) in enumerate(back):
         out_TD.index_add_(0, plan.origin[c].tok_rows, rows)
     if not save:   # no gradient can flow: nothing kept for a backward
         return (out_TD, plan.table, topk_ids.new_zeros(0), topk_weights.new_zeros(0, dtype=torch.float32),
-                x.new_zeros(0, D), x.new_zeros(0), topk_ids.new_zeros(0))
+                xrows, h, topk_ids.new_zeros(0))
     idx, wpair = disp.pack(plan)
-    xrows = torch.cat(saved_rows) if saved_rows else x.new_zeros(0, D)
-    h = torch.cat(saved_h) if saved_h else x.new_zeros(0)
+    if not into:
+        h = torch.cat(saved_h) if saved_h else x.new_zeros(0)
     order = torch.cat(saved_order) if saved_order else topk_ids.new_zeros(0)
     return out_TD, plan.table, idx, wpair, xrows, h, order
+
+
+def _rows(flat: torch.Tensor, start: int, stop: int, width: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a flat tensor of rows of ``width`` elements, as ``[stop - start, width]``."""
+    return flat[start * width:stop * width].view(stop - start, width)
 
 
 def _row_slots(cp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,8 +237,9 @@ def _ep_backward(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, o
     plan = disp.restore(table, idx, wpair)
     grad = grad.contiguous()
     grads_w = [[None] * len(wl) if need_w else [] for wl in (w1, w2, w3, b1, b2, b3)]
-    H = 2 * w2[0].shape[-1] if glu else w2[0].shape[-1]
-    offsets = {"rows": 0, "slots": 0}
+    H = _hidden_width(w2, glu)
+    into = getattr(low, "saves_into", False)   # as the forward saved h: kept pairs' rows, or R*S per chunk
+    offsets = {"rows": 0, "slots": 0, "h": 0}
 
     def compute(c, cp, g_RD):
         R = cp.num_rows
@@ -227,10 +248,11 @@ def _ep_backward(grad, x, topk_weights, topk_ids, table, idx, wpair, xrows, h, o
         if cp.row_of_pair.numel() == 0:
             return g_RD.new_zeros(R, D), cp.weight.new_zeros(0)
         weights_RS, ids_RS, slot_n = _row_slots(cp)
-        N, s0 = ids_RS.numel(), offsets["slots"]
+        N, s0, h0 = ids_RS.numel(), offsets["slots"], offsets["h"]
         offsets["slots"] += N
+        offsets["h"] += cp.row_of_pair.numel() if into else N
         dx_RD, dweights_RS, *dws = low.backward(g_RD, xrows[r0:r0 + R], weights_RS, ids_RS,
-                                                h[s0 * H:(s0 + N) * H].view(N, H), order[s0:s0 + N], *ws, spec,
+                                                _rows(h, h0, offsets["h"], H), order[s0:s0 + N], *ws, spec,
                                                 (True, True, need_w))
         if need_w:   # the lowering's gradients are fresh: the first chunk's become the sums
             for acc, g in zip(grads_w, dws):

@@ -17,7 +17,10 @@ layout of its columns (or storage) is private to the lowering, since only its ow
 expert that got no rows (no gradient, as in an eager loop that skips it). A lowering may save ``h`` in several
 tensors instead: it then has ``save_chunks(device, stacked, num_experts) -> int``, and ``forward(..., chunks=n)``
 for ``n > 1`` returns a list of ``n`` tensors (row counts its own), which ``backward`` receives as that list
-(``cpu`` does, for per-expert weight lists; see ``CpuLowering``).
+(``cpu`` does, for per-expert weight lists; see ``CpuLowering``). A lowering with ``saves_into = True`` also
+takes ``forward(..., h_out=buf)``: it writes the saved rows of the kept pairs only (``[n, H]``, no rows for dropped
+slots) into ``buf`` and returns it as ``h``, and its ``backward`` takes such an ``h`` (expert parallelism saves
+every chunk into one tensor so; ``cpu`` does).
 
 Lowerings: ``cpu`` (``cpu.py``, ATen, any device), ``triton`` (``cuda.py``, Triton kernels in
 ``moe_fuser.kernels``), ``npu`` (``npu.py``, torch_npu's fused MoE ops).

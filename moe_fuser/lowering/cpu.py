@@ -487,6 +487,10 @@ class CpuLowering:
     # through the backward and return all low-precision gradients at once, each held until converted: 24 against
     # the eager loop's 16.8 MiB of peak for the Switch layer's training step under autocast.
     mixed_precision = True
+    # ``forward(..., h_out=buf)`` writes the saved rows of the kept pairs only into ``buf [n, H]`` and
+    # ``backward`` takes such an ``h`` back: expert parallelism saves every chunk's rows into one tensor, with
+    # no padding rows for the empty slots of its per-row pair tables.
+    saves_into = True
 
     def available(self, device: torch.device):
         return None
@@ -497,14 +501,21 @@ class CpuLowering:
         return 1 if stacked or device.type != "cpu" else min(num_experts, MAX_SAVE_CHUNKS)
 
     def forward(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec,
-                chunks: int = 1):
-        """-> (out, h, order): ``h`` one ``[T*K, H]`` tensor (rows past the kept pairs zero) or, for
-        ``chunks > 1``, a list of that many tensors holding the rows of each of ``expert_chunks``."""
+                chunks: int = 1, h_out: Optional[torch.Tensor] = None):
+        """-> (out, h, order): ``h`` one ``[T*K, H]`` tensor (rows past the kept pairs zero), ``h_out`` when
+        given (``[n, H]``, n the kept pairs: no padding rows; ``saves_into``), or, for ``chunks > 1``, a list of
+        that many tensors holding the rows of each of ``expert_chunks``."""
         T, K = topk_ids_TK.shape
         F_ = w2[0].shape[-1]
         H = 2 * F_ if spec.gated else F_
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3))
-        if chunks == 1:
+        if h_out is not None:
+            if chunks != 1 or tuple(h_out.shape) != (G.n, H) or not h_out.is_contiguous():
+                raise ValueError(f"h_out must be a contiguous [{G.n}, {H}] tensor (one row per kept pair) and "
+                                 f"chunks 1; got {tuple(h_out.shape)}, chunks {chunks}")
+            h_NH = h_out
+            saved = [(G, h_NH)]
+        elif chunks == 1:
             h_NH = _empty((T * K, H), x_TD)
             for h in _saved_halves(h_NH, spec):
                 h[G.n:].zero_()
