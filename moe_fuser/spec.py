@@ -13,7 +13,8 @@ Router semantics, with ``s`` the router logits computed in ``RouterSpec.dtype`` 
 
     scoring="softmax", topk_first=False:  p = softmax(s);  w, ids = topk(p (+ bias), k)
     scoring="softmax", topk_first=True:   v, ids = topk(s, k); w = softmax(v)          (GShard, Granite, GPT-OSS)
-    scoring="sigmoid":                    p = sigmoid(s);  ids = topk(p + bias, k);  w = p[ids]   (DeepSeek-V3)
+    scoring="sigmoid", topk_first=False:  p = sigmoid(s);  ids = topk(p + bias, k);  w = p[ids]   (DeepSeek-V3)
+    scoring="sigmoid", topk_first=True:   v, ids = topk(s, k); w = sigmoid(v)          (Llama 4)
     num_groups > 1: experts are split in num_groups groups; a group's score is its max (group_score="max") or
         the sum of its two best (group_score="top2_sum") biased scores; only the topk_groups best groups compete.
     renormalize: w = w / max(sum(w) + renorm_eps, renorm_min); renorm_eps None means the scoring's default,
@@ -38,6 +39,10 @@ Expert semantics (one expert e, row x; W weights in nn.Linear layout ``[out, in]
     combine_dtype: y is weighted by w and summed over the token's experts in this dtype, where a model does so in
                           another than its experts compute in (a loop under autocast that adds bf16 expert outputs
                           times fp32 weights into an fp32 buffer); None: in the experts' compute dtype
+
+Weight on input (``MoESpec.weight_on_input``, Llama 4; vLLM's ``apply_router_weight_on_input``): the routing
+weight scales the expert's input instead of its output, out[t] = sum_j expert_{ids[t, j]}(w[t, j] * x[t]); the
+product is formed in promote(x's dtype, weights_dtype or the routing dtype), as ``x * scores`` in the model.
 """
 
 from __future__ import annotations
@@ -111,8 +116,9 @@ class RouterSpec:
                f"group_score={self.group_score!r} is unknown; use one of {GROUP_SCORES}")
         _check(self.num_groups >= 1 and 1 <= self.topk_groups <= self.num_groups,
                f"topk_groups={self.topk_groups} must lie in [1, num_groups={self.num_groups}]")
-        _check(not (self.topk_first and self.scoring != "softmax"),
-               "topk_first=True (top-k on logits, softmax over the k) needs scoring='softmax'")
+        _check(not (self.topk_first and (self.num_groups > 1 or self.selection_bias)),
+               "topk_first=True (top-k on the logits, then softmax or sigmoid of the k) selects on the logits "
+               "alone: drop num_groups / selection_bias, or use topk_first=False")
         _check(self.renorm_min >= 0.0 and (self.renorm_min == 0.0 or self.renormalize),
                f"renorm_min={self.renorm_min!r} clamps the renormalisation's sum: it needs renormalize=True and "
                "a value >= 0")
@@ -228,10 +234,14 @@ class MoESpec:
     experts: ExpertSpec
     shared: Optional[SharedExpertSpec] = None
     capacity: Optional[CapacitySpec] = None
+    weight_on_input: bool = False
 
     def __post_init__(self) -> None:
         if not self.router.external:
             self.router.validate_for(self.experts.num_experts)
+        _check(not (self.weight_on_input and self.capacity is not None),
+               "weight_on_input (the routing weight scales the expert's input) with capacity (token dropping) is "
+               "not supported; drop one of them")
 
     @property
     def num_experts(self) -> int:
@@ -249,14 +259,16 @@ class MoESpec:
         if r.external:
             router = "external"
         elif r.scoring == "sigmoid":
-            router = "sigmoid-topk" + (f"(groups {r.topk_groups}/{r.num_groups})" if r.num_groups > 1 else "")
+            router = ("topk-sigmoid" if r.topk_first else "sigmoid-topk") + \
+                (f"(groups {r.topk_groups}/{r.num_groups})" if r.num_groups > 1 else "")
         else:
             router = "topk-softmax" if r.topk_first else "softmax-topk"
-        if r.renormalize and not r.external and not r.topk_first:
+        if r.renormalize and not r.external and not (r.topk_first and r.scoring == "softmax"):
             router += "+renorm"
         act = e.activation + ("-glu" if e.gated else "")
         extras = [x for x, on in (("bias", e.bias), ("shared", self.shared is not None),
-                                  ("capacity", self.capacity is not None)) if on]
+                                  ("capacity", self.capacity is not None),
+                                  ("weight on input", self.weight_on_input)) if on]
         return f"E={e.num_experts} k={r.top_k} {router} {act}" + (f" [{', '.join(extras)}]" if extras else "")
 
 

@@ -49,8 +49,8 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from .. import lowering
 from ..ops.experts import (_hidden_width, _spec, _unpack_all, fake_weight_grads, pack_weights,
                            register_ep_autograd, zero_filled)
-from ..ops.fused import (_shared_expert, cast_experts, experts_dtype, no_autocast, select_routing,
-                         validate)
+from ..ops.fused import (_shared_expert, cast_experts, experts_dtype, no_autocast, select_routing, sum_slots,
+                         validate, weighted_input_rows)
 from ..ops.routing import router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
 from .dispatch import HEADER_FIELDS, MAX_CHUNKS, TokenDispatcher, _dtype_code, _MAGIC, _KINDS
@@ -413,9 +413,14 @@ def _ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optiona
     if check:
         _validate_ep(spec, x_TD, router_logits_TE, w, E, rank, local, weights_TK, ids_TK)
     xe_TD, we = cast_experts(x_TD, w, expert_dtype)
-    out_TD = ep_experts(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3, spec=spec.experts,
+    rows, rows_w, rows_ids = xe_TD, weights_TK, ids_TK
+    if spec.weight_on_input:   # one row per (token, slot): a token's slots on one rank travel apart
+        rows, rows_w, rows_ids = weighted_input_rows(x_TD, weights_TK, ids_TK, spec.router, xe_TD.dtype)
+    out_TD = ep_experts(rows, rows_w, rows_ids, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3, spec=spec.experts,
                         group=group, placement=placement, ranks_per_node=rpn, chunks=overlap_chunks,
                         timeout_s=DEFAULT_TIMEOUT_S if ep_timeout is None else float(ep_timeout), impl=impl)
+    if spec.weight_on_input:
+        out_TD = sum_slots(out_TD, spec.top_k)
     out_TD = out_TD.to(x_TD.dtype)
     if spec.shared is not None:
         out_TD = (out_TD + _shared_expert(x_TD, spec.shared, w, shared_dtype)).to(x_TD.dtype)

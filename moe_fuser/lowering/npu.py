@@ -207,6 +207,8 @@ def route_plan(router: RouterSpec, num_experts: int, dtype: torch.dtype,
     E, k = num_experts, router.top_k
     if dtype not in NPU_DTYPES:
         return None, [f"routing dtype {dtype} is not supported by the gating ops (float16, bfloat16, float32)"]
+    if router.topk_first and router.scoring == "sigmoid":
+        return None, ["top-k of the logits then a sigmoid of the k (Llama 4): no gating op computes it"]
     if router.topk_first or (router.scoring == "softmax" and router.num_groups == 1 and not has_bias):
         if k > SOFTMAX_TOPK_MAX_K:
             return None, [f"k={k} exceeds npu_moe_gating_top_k_softmax's limit {SOFTMAX_TOPK_MAX_K}"]

@@ -186,6 +186,25 @@ def cast_experts(x_TD: torch.Tensor, w: MoEWeights, dtype: torch.dtype,
     return x_TD.to(dtype), w._replace(**{f: cast(getattr(w, f)) for f in ("w1", "w2", "w3", "b1", "b2", "b3")})
 
 
+def weighted_input_rows(x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, router: RouterSpec,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``MoESpec.weight_on_input``: the experts' input rows ``w[t, j] * x[t]`` (``[T*K, D]`` in ``dtype``, one per
+    (token, slot); ``[T, D]`` for K=1), each routed to its one expert with unit weight: ``(rows, ones [T*K, 1],
+    ids [T*K, 1])``. The product is formed in promote(x's dtype, the weights' rounding dtype), as a model's
+    ``x * scores`` is; ``sum_slots`` folds the experts' result back. Differentiable."""
+    T, K = ids_TK.shape
+    w_dtype = router.weights_dtype or weights_TK.dtype
+    prod = torch.promote_types(x_TD.dtype, w_dtype)
+    w_TK = weights_TK.to(w_dtype).to(prod)
+    rows = (x_TD.to(prod).unsqueeze(1) * w_TK.unsqueeze(-1)).reshape(T * K, x_TD.shape[-1])
+    return rows.to(dtype), weights_TK.new_ones(T * K, 1), ids_TK.reshape(T * K, 1)
+
+
+def sum_slots(out_ND: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The experts' result on ``weighted_input_rows`` summed over each token's K slots -> ``[T, D]``."""
+    return out_ND if top_k == 1 else out_ND.view(-1, top_k, out_ND.shape[-1]).sum(1)
+
+
 def no_autocast(device_type: str):
     """A context with autocast off for ``device_type`` (a no-op context when it is off already)."""
     if torch.is_autocast_enabled(device_type):
@@ -252,12 +271,16 @@ def _moe_forward(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, impl, top
 
     # a lowering that takes weights in their own dtype casts them where it uses them (``mixed_precision``)
     xe_TD, we = cast_experts(x_TD, w, expert_dtype, weights=not getattr(low, "mixed_precision", False))
+    rows, rows_w, rows_ids = xe_TD, weights_TK, ids_TK
+    if spec.weight_on_input:
+        rows, rows_w, rows_ids = weighted_input_rows(x_TD, weights_TK, ids_TK, spec.router, xe_TD.dtype)
     if impl == "reference":
-        out_TD = experts_reference(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
-                                   spec.experts)
+        out_TD = experts_reference(rows, rows_w, rows_ids, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3, spec.experts)
     else:
-        out_TD = grouped_experts(xe_TD, weights_TK, ids_TK, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
+        out_TD = grouped_experts(rows, rows_w, rows_ids, we.w1, we.w2, we.w3, we.b1, we.b2, we.b3,
                                  spec=spec.experts, impl=impl)
+    if spec.weight_on_input:
+        out_TD = sum_slots(out_TD, spec.top_k)
     out_TD = out_TD.to(x_TD.dtype)
     if spec.capacity is not None and spec.capacity.dropped == "passthrough":
         dropped_w_T = (weights_TK * (ids_TK < 0)).sum(-1, keepdim=True)
@@ -281,8 +304,8 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
               shared_w1: Optional[torch.Tensor] = None, shared_w2: Optional[torch.Tensor] = None,
               shared_w3: Optional[torch.Tensor] = None, shared_gate: Optional[torch.Tensor] = None,
               shared_activation: Optional[str] = None, alpha: float = 1.702, limit: Optional[float] = None,
-              return_router_stats: bool = False, ep_group=None, expert_placement=None,
-              overlap_chunks: Optional[int] = None, ranks_per_node: Optional[int] = None,
+              apply_router_weight_on_input: bool = False, return_router_stats: bool = False, ep_group=None,
+              expert_placement=None, overlap_chunks: Optional[int] = None, ranks_per_node: Optional[int] = None,
               ep_timeout: Optional[float] = None) -> Union[torch.Tensor, tuple[torch.Tensor, RouterStats]]:
     """Fused Mixture-of-Experts layer: routing (fp32), grouped experts, weighted combine.
 
@@ -294,7 +317,8 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
         p = softmax(router_logits in fp32); (w, ids) = top_k(p); if renormalize: w = w / sum(w)
         out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])          -> [T, D] in hidden_states' dtype
 
-    Routers: ``topk_first=True`` takes top-k of the logits then a softmax over the k (GShard, Granite, GPT-OSS);
+    Routers: ``topk_first=True`` takes top-k of the logits then a softmax over the k (GShard, Granite, GPT-OSS;
+    with ``scoring="sigmoid"`` a sigmoid of each: Llama 4);
     ``scoring="sigmoid"`` with ``selection_bias``, ``num_groups``/``topk_groups``/``group_score`` and
     ``routed_scaling_factor`` is DeepSeek-V3's; ``topk_weights``/``topk_ids`` (router_logits=None) bypass
     routing for any router at all; ``router_dtype=None`` routes in the logits' own dtype.
@@ -306,6 +330,8 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
     first come first served; dropped pairs contribute zero or, with ``dropped="passthrough"``, weight * x.
     ``shared_w1``/``shared_w2``(/``shared_w3``, ``shared_gate``): a dense shared expert added to the output,
     scaled by sigmoid(x @ shared_gate^T) when given.
+    ``apply_router_weight_on_input=True``: the routing weight scales the expert's input, not its output
+    (Llama 4): out[t] = sum_j expert_{ids[t, j]}(w[t, j] * x[t]).
     ``impl``: None/"auto" (best for the device), "reference" (plain PyTorch), "cpu", "triton", "npu".
     ``return_router_stats=True`` also returns ``RouterStats(topk_weights, topk_ids, tokens_per_expert)``.
     ``ep_group`` (a torch.distributed ProcessGroup): expert parallelism (``moe_fuser.distributed``): each rank
@@ -331,6 +357,7 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
             activation=shared_activation or (activation if activation != "gpt_oss" else "silu"),
             glu=shared_w3 is not None, gated=shared_gate is not None),
         capacity=None if capacity is None else CapacitySpec(capacity=capacity, dropped=dropped),
+        weight_on_input=apply_router_weight_on_input,
     )
     weights = MoEWeights(w1, w2, w3, b1, b2, b3, selection_bias, shared_w1, shared_w2, shared_w3, shared_gate)
     return moe_forward(spec, hidden_states, router_logits, weights, impl=impl, topk_weights_TK=topk_weights,

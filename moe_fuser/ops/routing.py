@@ -51,7 +51,12 @@ def route(router_logits_TE: torch.Tensor, spec: RouterSpec,
     k = spec.top_k
     if spec.topk_first:
         values_TK, ids_TK = logits.topk(k, dim=-1)
-        weights_TK = values_TK.softmax(dim=-1)
+        if spec.scoring == "softmax":    # sums to 1: no renormalisation
+            weights_TK = values_TK.softmax(dim=-1)
+        else:
+            weights_TK = values_TK.sigmoid()
+            if spec.renormalize:
+                weights_TK = renormalize(weights_TK, spec)
     else:
         scores_TE = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
         select_TE = scores_TE

@@ -63,9 +63,11 @@ def call(x, logits, weights: dict, K, activation, tw=None, ti=None, **kw):
 
 
 def check_case(group, rank, world, E, K, owners=None, rpn=None, chunks=None, dtype=torch.float32, glu=True,
-               bias=False, as_list=False, external=False, activation="silu", compile_backend=None, autocast=False):
+               bias=False, as_list=False, external=False, activation="silu", compile_backend=None, autocast=False,
+               **options):
     """EP forward + backward vs the reference on gathered inputs: the max abs errors per tensor. ``autocast``:
-    both forwards under ``torch.autocast`` (bf16), fp32 inputs and weights."""
+    both forwards under ``torch.autocast`` (bf16), fp32 inputs and weights; ``options``: more ``fused_moe``
+    arguments, for both."""
     autocast_ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     w, xs, logits, grads = make_problem(world, E, K, dtype=dtype, glu=glu, bias=bias)
     placement = ExpertPlacement.from_owners(owners, world) if owners else ExpertPlacement.balanced(E, world)
@@ -82,7 +84,7 @@ def check_case(group, rank, world, E, K, owners=None, rpn=None, chunks=None, dty
     def ep(x, lg, tw, ti):
         ws = {k: list(v.unbind(0)) for k, v in mine.items()} if as_list and local else mine
         return call(x, lg, ws, K, activation, tw, ti, ep_group=group, expert_placement=placement,
-                    overlap_chunks=chunks, ranks_per_node=rpn)
+                    overlap_chunks=chunks, ranks_per_node=rpn, **options)
 
     fn = ep if compile_backend is None else torch.compile(ep, backend=compile_backend, fullgraph=True)
     with autocast_ctx:
@@ -94,11 +96,11 @@ def check_case(group, rank, world, E, K, owners=None, rpn=None, chunks=None, dty
     if external:
         pairs = [external_routing(lgr, K) for lgr in logits]
         TW = torch.cat([p[0] for p in pairs]).requires_grad_()
-        ref = call(X, None, W, K, activation, TW, torch.cat([p[1] for p in pairs]), impl="reference")
+        ref = call(X, None, W, K, activation, TW, torch.cat([p[1] for p in pairs]), impl="reference", **options)
     else:
         L = torch.cat(logits).requires_grad_()
         with autocast_ctx:
-            ref = call(X, L, W, K, activation, impl="reference")
+            ref = call(X, L, W, K, activation, impl="reference", **options)
     (ref.float() * torch.cat(grads).float()).sum().backward()
     start = sum(tokens(world)[:rank])
     sl = slice(start, start + tokens(world)[rank])
@@ -346,6 +348,8 @@ def scenario_two(group, rank, world):
         "compiled_aot_eager": check_case(group, rank, world, E=5, K=2, rpn=1, chunks=2,
                                          compile_backend="aot_eager"),
         "bf16_autocast": check_case(group, rank, world, E=5, K=2, chunks=2, autocast=True),
+        "weight_on_input": check_case(group, rank, world, E=5, K=2, chunks=2, apply_router_weight_on_input=True,
+                                      scoring="sigmoid", topk_first=True, renormalize=False),
     }}
     res["autocast"] = autocast_experts_dtype(group, rank, world)
     res["mismatch"] = {

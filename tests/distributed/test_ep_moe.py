@@ -29,8 +29,8 @@ def two():
 
 def test_two_ranks_equal_reference(two):
     """Uneven placement (5 experts on 2), top-1 and top-k, SwiGLU and biased GELU, per-expert lists, an
-    external router with dropped pairs, bf16, bf16 autocast, forced chunking, and the op under
-    torch.compile(aot_eager)."""
+    external router with dropped pairs, bf16, bf16 autocast, the routing weight on the experts' input (Llama 4),
+    forced chunking, and the op under torch.compile(aot_eager)."""
     _check_cases(two)
 
 

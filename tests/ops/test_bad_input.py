@@ -30,6 +30,9 @@ def _args(**over):
     (dict(num_groups=3), r"cannot be split into num_groups=3"),
     (dict(w3=None, limit=5.0), r"limit=5.0 clamps the gate and up halves of a gated \(GLU\) expert.*drop limit"),
     (dict(limit=-1.0), r"limit=-1.0 must be a positive number"),
+    (dict(topk_first=True, num_groups=2), r"topk_first=True .* selects on the logits alone: drop num_groups"),
+    (dict(topk_first=True, selection_bias=torch.zeros(4)), r"topk_first=True .* drop num_groups / selection_bias"),
+    (dict(apply_router_weight_on_input=True, capacity=4), r"weight_on_input .* with capacity .* drop one of them"),
 ])
 def test_bad_input_raises_with_fix(over, match):
     with pytest.raises(ValueError, match=match):

@@ -40,6 +40,19 @@ def test_topk_then_softmax():
     assert torch.allclose(dense(w, ids, 16), dense(v.softmax(-1), i, 16), atol=1e-6)
 
 
+@pytest.mark.parametrize("renorm", [False, True])
+def test_topk_then_sigmoid(renorm):
+    """Llama 4: top-k of the logits, a sigmoid of each (selection on the logits, not on the sigmoids)."""
+    logits = torch.randn(40, 16, dtype=torch.bfloat16)
+    w, ids = route(logits, RouterSpec(top_k=3, scoring="sigmoid", topk_first=True, renormalize=renorm))
+    v, i = logits.topk(3)
+    want = v.float().sigmoid()
+    if renorm:
+        want = want / (want.sum(-1, keepdim=True) + 1e-20)
+    assert w.dtype == torch.float32
+    assert torch.equal(ids, i) and torch.allclose(w, want, atol=1e-6)
+
+
 def _deepseek_v3_router(logits, bias, top_k, n_group, topk_group, scale, norm):
     """DeepSeek-V3's router as its reference code writes it (masking unselected groups with 0)."""
     E = logits.shape[-1]
