@@ -5,6 +5,8 @@ Models (unchanged user code, random weights, no download):
 - ``switch``: the seed's hand-written Switch layer (``examples/switch_transformer.py``: fp32 gate, top-k,
   ``torch.where`` loop over a ``ModuleList`` of ``Sequential(Linear, SiLU, Linear)`` experts, load-balancing loss);
 - ``mixtral``: a small transformers ``MixtralForCausalLM`` built from a config (grouped_mm experts, v5);
+- ``llama4``: a small transformers ``Llama4ForCausalLM`` (top-1 of ``--experts``, as Llama 4 routes; transformers
+  runs every expert on every token, moe_fuser the chosen one);
 - ``dense``: a small transformers ``LlamaForCausalLM`` with the same shapes: no MoE. It shows what the pass costs
   a graph it does not rewrite (compile time; its generated code is identical to inductor's, see
   ``tests/compiler/test_backend.py``).
@@ -79,7 +81,20 @@ def _hf(args, moe: bool):
     return model, (lambda m: m(input_ids=ids)), (lambda out: out.logits.float().pow(2).mean())
 
 
-MODELS = {"switch": lambda a: _switch_layer(a), "mixtral": lambda a: _hf(a, True), "dense": lambda a: _hf(a, False)}
+def _llama4(args):
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    model = Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=512, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        intermediate_size_mlp=2 * args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=args.hidden // 4, num_local_experts=args.experts, num_experts_per_tok=1,
+        interleave_moe_layer_step=1, max_position_embeddings=4096))
+    ids = torch.randint(0, 512, (args.batch, args.tokens))
+    return model, (lambda m: m(input_ids=ids)), (lambda out: out.logits.float().pow(2).mean())
+
+
+MODELS = {"switch": lambda a: _switch_layer(a), "mixtral": lambda a: _hf(a, True), "llama4": _llama4,
+          "dense": lambda a: _hf(a, False)}
 
 
 class _PassTimer:
