@@ -44,7 +44,8 @@ OVERRIDES = {"deepseek_v4": dict(q_lora_rank=16, o_lora_rank=16, o_groups=2, ind
              "lfm2_moe": dict(ATTENTION, num_dense_layers=0),
              "granitemoehybrid": dict(ATTENTION, mamba_n_heads=4, mamba_d_head=16, mamba_expand=2),
              "beam": dict(ATTENTION, mlp_layer_types=["sparse", "sparse"], n_group=2, topk_group=1),
-             "jamba": dict(attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0)}
+             "jamba": dict(attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0),
+             "flint": dict(mlp_only_layers=[])}
 
 IDS = (2, 7)   # batch, tokens
 # DeepSeek-V4's hyper-connection head (hc_head.*) reaches the loss through 20 Sinkhorn iterations: a reassociated
@@ -58,7 +59,7 @@ ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm
        "granitemoehybrid": 2, "deepseek_v32": 2, "glm_moe_dsa": 2, "hy_v4": 1,
        "beam": 2, "exaone_moe": 2, "flex_olmo": 2, "solar_open": 2, "mellum": 2, "minimax_m2": 2, "laguna": 1,
        "kolibri1": 2, "hy_v3": 1, "granitemoe": 2, "granitemoe_swa": 2, "glm4_moe_lite": 1, "llama4_text": 2,
-       "sarvam_moe": 2, "sarvam_mla": 2, "inkling_text": 2}
+       "sarvam_moe": 2, "sarvam_mla": 2, "inkling_text": 2, "flint": 2}
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
