@@ -6,7 +6,9 @@ driver collects the pattern's Matches and Rejections, then for each match:
 1. *Overlap*: a node already replaced by an earlier match rejects it.
 2. *Shapes and dtypes*: ``moe_fuser.ops.fused.validate`` runs on the nodes' fake values (``meta``), so a
    mismatch is found at compile time and the fused op can run with ``check=False``; the output must have the
-   hidden states' shape and dtype.
+   hidden states' shape, and their dtype or, for a routing weight on the input (Llama 4 under autocast: the
+   block returns the sum of its bf16 expert matmuls; no shared expert), the experts' compute dtype, which the
+   op's result is then cast to: exactly, since it was formed in that dtype (unit combine weights).
 3. *Closure*: ``moe_fuser.fx.region.check_region`` (nothing unmodelled feeds the output, nothing escapes that is
    not kept unchanged, side effects stay inside).
 4. *Precision*: the dtypes the routed and the shared experts compute in, read from the region's matmuls on
@@ -138,11 +140,12 @@ def _flatten_tokens(x, logits, topk_weights, topk_ids):
 
 
 def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index: int, dtypes: tuple,
-                 transposed=frozenset()):
+                 transposed=frozenset(), out_dtype: Optional[torch.dtype] = None):
     """The function the new node calls; it closes over the op's ``spec`` (FX keeps it as a graph global). Its
     ``spec`` attribute is the MoE as ``recognised`` (whose routing the call may take from the graph instead,
     ``Match.reuse_routing``). The routed and shared experts compute in ``dtypes`` (``_compute_dtypes``)
-    whatever autocast state the call is traced or run in."""
+    whatever autocast state the call is traced or run in; ``out_dtype``: the dtype the region's output has
+    where it is not the hidden states' (``_check_values``)."""
 
     def fused_moe_call(x, logits, topk_weights, topk_ids, capacity_groups, w1, w2, w3, b1, b2, b3,
                        selection_bias, shared_w1, shared_w2, shared_w3, shared_gate, op_kwargs):
@@ -155,6 +158,8 @@ def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index:
         out = moe_forward(spec, x, logits, weights, impl=impl, topk_weights_TK=topk_weights,
                           topk_ids_TK=topk_ids, capacity_groups=capacity_groups, check=False,
                           expert_dtype=dtypes[0], shared_dtype=dtypes[1], **op_kwargs)
+        if out_dtype is not None:
+            out = out.to(out_dtype)
         return out.view(x_shape) if len(x_shape) != 2 else out
 
     fused_moe_call.__name__ = fused_moe_call.__qualname__ = f"moe_fuser_fused_moe_{index}"
@@ -217,7 +222,9 @@ def _check_values(m: Match, ctx: MatchContext) -> Optional[str]:
     ov = val(m.output)
     if not isinstance(xv, torch.Tensor) or xv.dim() < 2:
         return f"the hidden states {m.x.name} are not a [T, D] (or [..., D]) tensor"
-    if not isinstance(ov, torch.Tensor) or tuple(ov.shape) != tuple(xv.shape) or ov.dtype != xv.dtype:
+    if not isinstance(ov, torch.Tensor) or tuple(ov.shape) != tuple(xv.shape) or not (
+            ov.dtype == xv.dtype or (m.spec.weight_on_input and m.spec.shared is None
+                                     and _gemm_dtypes(m, ("w1", "w2", "w3")) == {ov.dtype})):
         return (f"the MoE output {m.output.name} does not have the hidden states' shape and dtype "
                 f"({getattr(ov, 'shape', None)}, {getattr(ov, 'dtype', None)} vs {tuple(xv.shape)}, {xv.dtype})")
     spec, logits, topk_weights, topk_ids, weights = _op_inputs(m)
@@ -247,7 +254,9 @@ def _rewrite(ctx: MatchContext, m: Match, keep: frozenset, last: fx.Node, impl: 
     result.before.append(_picture(region, keep, inputs, users))
     spec, logits, topk_weights, topk_ids, w = _op_inputs(m)
     args = (m.x, logits, topk_weights, topk_ids, m.capacity_groups, *w, dict(m.op_kwargs))
-    target = _make_target(spec, m.spec, None if impl in (None, "auto") else impl, index, dtypes, m.transposed)
+    out_dtype = val(m.output).dtype
+    target = _make_target(spec, m.spec, None if impl in (None, "auto") else impl, index, dtypes, m.transposed,
+                          None if out_dtype == val(m.x).dtype else out_dtype)
     with graph.inserting_after(last):
         new = graph.call_function(target, args=tuple(
             list(a) if isinstance(a, (list, tuple)) else a for a in args))

@@ -135,7 +135,7 @@ def _walk(ctx: MatchContext, rep: fx.Node) -> Union[Match, Rejection]:
     _want(_is(nxt, "sum") and _shape(node) == (E, T, D) and fxg.arg(nxt, 1, "dim") in (0, [0], (0,))
           and not fxg.arg(nxt, 2, "keepdim", False), f"{_describe(nxt)}: expected the sum over the experts (dim 0)")
     region.add(nxt)
-    _want(fxg.val(nxt).dtype == fxg.val(mul).dtype, f"{nxt.name}: the summed output changes dtype")
+    _want(fxg.val(nxt).dtype == fxg.val(down).dtype, f"{nxt.name}: the sum over the experts changes dtype")
     where = _block_path(up, (logits,))
     try:
         spec = MoESpec(router=RouterSpec(top_k=K, scoring="sigmoid", topk_first=True, renormalize=False,

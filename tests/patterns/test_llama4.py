@@ -9,7 +9,7 @@ from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
 import moe_fuser
 from moe_fuser.spec import ExpertSpec, MoESpec, RouterSpec
-from tiny_hf import TOL, FusedSpecs, block_step, randomize, train_step
+from tiny_hf import TOL, FusedSpecs, block_step, randomize, rel_err, train_step
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -81,3 +81,27 @@ def test_dense_soft_routing_is_left_alone():
     errs = block_step(blk, _compile(blk, rec), x)
     assert max(errs.values()) <= TOL[F32], errs
     assert not rec.specs
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_block_under_autocast_equals_eager(k):
+    """Under bf16 autocast the block scales fp32 rows by bf16-rounded scores and returns the sum of its bf16 expert
+    matmuls: the op forms the same rows, computes the experts in bf16 and hands back bf16 (the region's output
+    dtype, not the hidden states'): the forward equals eager's, the gradients within bf16 rounding."""
+    blk = randomize(Llama4TextMoe(llama4_config(num_experts_per_tok=k)))
+    rec = FusedSpecs()
+    compiled = _compile(blk, rec)
+    x = torch.randn(12, 32)
+    results = []
+    for fn in (blk, compiled):
+        blk.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            out, _ = fn(xi)
+        out.float().pow(2).sum().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad for n, p in blk.named_parameters() if p.grad is not None}))
+    (want, dx_want, g_want), (got, dx_got, g_got) = results
+    assert [s.weight_on_input for s in rec.specs] == [True]
+    assert got.dtype == want.dtype == BF16 and torch.equal(got, want)
+    assert g_got.keys() == g_want.keys()
+    assert max(rel_err(dx_got, dx_want), *(rel_err(g_got[n], g_want[n]) for n in g_want)) <= TOL[BF16]
