@@ -25,6 +25,11 @@ Limits.
 - Code that iterates a data-dependent tensor (transformers' own ``experts_implementation="eager"`` loop,
   ``for e in expert_hit:``) can never be captured whole under any setting; compile such models with their
   default ``grouped_mm`` implementation (the default for whole ``*ForCausalLM`` models).
+- Where the settings make dynamo fail outright on code plain dynamo would only break the graph at (a
+  ``.tolist()`` of a tensor whose length is data-dependent, e.g. ``torch.bincount(ids, minlength=E).tolist()``:
+  a ``GuardOnDataDependentSymNode`` error), that frame is traced again without them, as plain
+  ``torch.compile`` traces it (``install`` wraps dynamo's ``ConvertFrame.__call__`` for this; logged at INFO).
+  An MoE in such a frame is then not captured whole and stays unfused.
 - ``options={"capture": False}`` turns the settings off (the loop then runs in eager, unfused).
 - Settings given explicitly via ``torch._dynamo.config.patch(...)`` around the call are overridden during it.
 """
@@ -38,6 +43,7 @@ import logging
 from typing import Any, Callable, Optional
 
 import torch._dynamo.config as dynamo_config
+import torch._dynamo.convert_frame as convert_frame
 import torch._dynamo.eval_frame as eval_frame
 
 __all__ = ["CAPTURE_SETTINGS", "capture_context", "install", "installed"]
@@ -48,24 +54,37 @@ log = logging.getLogger("moe_fuser")
 CAPTURE_SETTINGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
 
 
+# Whether the current call runs under moe_fuser's capture settings (set by ``_CaptureSettings``).
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("moe_fuser_capture_active", default=False)
+
+
 class _CaptureSettings:
-    """Sets CAPTURE_SETTINGS for the duration of a ``with`` block.
+    """Sets CAPTURE_SETTINGS (or, with ``on=False``, their plain-dynamo values) for a ``with`` block.
 
     Dynamo enters this around *every* call of a moe_fuser-compiled function, cache hits included, so it must be
     cheap: ``torch._dynamo.config.patch`` costs ~25 us per call, this ~1 us. It sets the same per-context
     override dynamo's own ``config.patch`` sets (each config entry's ``user_override`` ContextVar) and falls
     back to ``config.patch`` if that internal layout ever changes."""
 
-    __slots__ = ("_undo",)
+    __slots__ = ("_undo", "_on")
+
+    def __init__(self, on: bool = True) -> None:
+        self._on = on
 
     def __enter__(self) -> None:
         entries = _override_vars()
+        active = _ACTIVE.set(self._on)
         if entries is None:
-            patch = dynamo_config.patch(**CAPTURE_SETTINGS)
+            patch = dynamo_config.patch(**{k: v and self._on for k, v in CAPTURE_SETTINGS.items()})
             patch.__enter__()
-            self._undo = lambda: patch.__exit__(None, None, None)
+
+            def undo_patch() -> None:
+                patch.__exit__(None, None, None)
+                _ACTIVE.reset(active)
+            self._undo = undo_patch
             return
-        tokens = [(var, var.set(value)) for var, value in entries]
+        tokens = [(var, var.set(value and self._on)) for var, value in entries]
+        tokens.append((_ACTIVE, active))
 
         def undo() -> None:
             for var, token in reversed(tokens):
@@ -124,10 +143,40 @@ def installed() -> bool:
     return getattr(eval_frame.get_compiler_fn, "_moe_fuser_wrapped", False)
 
 
+def _install_retry() -> None:
+    """Wrap ``ConvertFrame.__call__`` (dynamo's per-frame entry) so that a frame whose tracing under the capture
+    settings fails on a data-dependent guard is traced again without them (see the module docstring). Frames
+    compiled outside moe_fuser's calls are untouched. A no-op where this torch has no such class."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    cls = getattr(convert_frame, "ConvertFrame", None)
+    original = getattr(cls, "__call__", None)
+    if original is None or getattr(original, "_moe_fuser_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def __call__(self, frame, *args, **kwargs):
+        try:
+            return original(self, frame, *args, **kwargs)
+        except GuardOnDataDependentSymNode as exc:
+            if not _ACTIVE.get():
+                raise
+            log.info("moe_fuser: tracing %s with data-dependent capture failed (%s); tracing it again as plain "
+                     "dynamo does (graph breaks at such ops; an MoE there stays unfused)",
+                     frame.f_code.co_name, str(exc).splitlines()[0])
+            with _CaptureSettings(on=False):
+                return original(self, frame, *args, **kwargs)
+
+    __call__._moe_fuser_wrapped = True
+    cls.__call__ = __call__
+
+
 def install() -> None:
-    """Make dynamo honour ``backend_ctx_ctor`` of backends wrapped by ``torch.compile`` (idempotent)."""
+    """Make dynamo honour ``backend_ctx_ctor`` of backends wrapped by ``torch.compile``, and retry frames the
+    capture settings cannot trace (idempotent)."""
     if installed():
         return
+    _install_retry()
     original = eval_frame.get_compiler_fn
 
     @functools.wraps(original)
