@@ -59,7 +59,7 @@ ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm
        "granitemoehybrid": 2, "deepseek_v32": 2, "glm_moe_dsa": 2, "hy_v4": 1,
        "beam": 2, "exaone_moe": 2, "flex_olmo": 2, "solar_open": 2, "mellum": 2, "minimax_m2": 2, "laguna": 1,
        "kolibri1": 2, "hy_v3": 1, "granitemoe": 2, "granitemoe_swa": 2, "glm4_moe_lite": 1, "llama4_text": 2,
-       "sarvam_moe": 2, "sarvam_mla": 2, "inkling_text": 2, "flint": 2}
+       "sarvam_moe": 2, "sarvam_mla": 2, "inkling_text": 2, "flint": 2, "jetmoe": 2}
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
