@@ -75,6 +75,23 @@ def test_capture_settings_are_scoped_to_moe_fuser_calls():
     assert all("index_add_" not in gm.code for gm in rec.graphs)
 
 
+def test_code_the_capture_settings_cannot_trace_runs_as_under_plain_dynamo():
+    """Listing a tensor of data-dependent length (``bincount(...).tolist()``) fails outright under the capture
+    settings, where plain dynamo breaks the graph: the frame is traced again without them and runs, as under
+    inductor; the settings are back on for the next frame of the same call (the loop is still fused)."""
+    def count_then_moe(model, ids, x):
+        sizes = torch.bincount(ids.flatten(), minlength=4).tolist()
+        return model(x)[0] * sizes[0], sizes
+
+    model = LoopMoE(Variant())
+    ids, x = torch.randint(0, 4, (5, 2)), torch.randn(2, 3, 16)
+    rec = Recorder("eager")
+    got, got_sizes = torch.compile(count_then_moe, backend="moe_fuser", options={"inner": rec})(model, ids, x)
+    want, want_sizes = count_then_moe(model, ids, x)
+    assert got_sizes == want_sizes and rel_err(got, want) <= 1e-6
+    assert rec.num_fused == 1
+
+
 def test_capture_off_leaves_the_loop_eager():
     model = LoopMoE(Variant())
     rec = Recorder("eager")
