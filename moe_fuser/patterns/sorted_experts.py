@@ -18,7 +18,8 @@ traced as plain dynamo traces it, see ``moe_fuser.capture``; the MoE then stays 
 each split holds exactly expert e's pairs only because the counts are those of the sorted ids in expert order:
 the walk proves it (the same ``counts`` list feeds both splits, element e is ``counts[e]`` of a per-expert count
 of the same ids, the sort is ascending on those ids) and takes nothing on trust. Weights: ``W[e]`` rows of a
-stacked parameter (JetMoE's ``[E, out, in]``) or per-expert parameters, with optional biases.
+stacked parameter (JetMoE's ``[E, out, in]``) or per-expert parameters, with optional biases. Under autocast the
+weighted outputs may be formed and summed in the buffer's fp32 (``ExpertSpec.combine_dtype``), as the layer does.
 
 Entry point: the pattern ``handwritten.sorted`` (family ``"handwritten"``), registered at import; it runs before
 ``handwritten.loop``, which would otherwise report the same buffer as a loop it does not understand.
@@ -208,8 +209,10 @@ def _match(ctx: MatchContext, write: fx.Node) -> Match:
     xv, bv = val(x), val(buf)
     _want(isinstance(xv, torch.Tensor) and xv.dim() == 2 and isinstance(bv, torch.Tensor)
           and tuple(bv.shape) == tuple(xv.shape), f"{buf.name}: the combine buffer should be shaped like x [T, D]")
-    _want(val(src).dtype == bv.dtype == a_dtype, f"{src.name}: the weighted outputs are formed in {val(src).dtype} "
-                                                 f"and summed in {bv.dtype}; expected the experts' {a_dtype}")
+    # Under autocast bf16 expert outputs times fp32 weights are formed and summed in fp32: ExpertSpec.combine_dtype
+    _want(val(src).dtype == bv.dtype, f"{src.name}: the weighted outputs are formed in {val(src).dtype} but summed "
+                                      f"in {bv.dtype}")
+    combine_dtype = None if bv.dtype == a_dtype else bv.dtype
     experts = [dict(w1=w1, b1=b1, w2=w2, b2=b2) for (w1, b1), (w2, b2) in zip(w1s, w2s)]
     weights = HandwrittenLoop._weights([_Params(p) for p in experts])
     router = recognise_router(weights_TK, ids, applied_dtype=val(g).dtype)
@@ -218,7 +221,8 @@ def _match(ctx: MatchContext, write: fx.Node) -> Match:
     walk.nodes |= router.nodes
     spec = MoESpec(router=router.spec.replace(top_k=K) if router.spec.top_k != K else router.spec,
                    experts=ExpertSpec(num_experts=E, activation=activation, glu=glu,
-                                      bias=weights.b1 is not None or weights.b2 is not None))
+                                      bias=weights.b1 is not None or weights.b2 is not None,
+                                      combine_dtype=combine_dtype))
     if router.selection_bias is not None:
         weights = weights._replace(selection_bias=router.selection_bias)
     notes = ("pairs sorted by expert, one run per expert (split by the captured counts)",)
