@@ -73,7 +73,8 @@ def _walk_scores(scale: fx.Node, region: set, T: int, E: int):
         node = node.args[0]
     scatter = _expect(node, ("scatter_", "scatter"), "the top-k logits scattered into a -inf tensor")
     region.add(scatter)
-    _want(fxg.arg(scatter, 1, "dim") in (1, -1), f"{scatter.name}: expected a scatter along the experts")
+    _want(fxg.arg(scatter, 1, "dim") in (1, -1) and fxg.arg(scatter, 4, "reduce") is None,
+          f"{scatter.name}: expected a plain scatter (no reduce) along the experts")
     base, ids, vals = scatter.args[0], fxg.arg(scatter, 2, "index"), fxg.arg(scatter, 3, "src")
     _want(_is(base, "full_like") and fxg.arg(base, 1, "fill_value") == float("-inf"),
           f"{_describe(base)}: expected full_like(logits, -inf) under the scattered logits")

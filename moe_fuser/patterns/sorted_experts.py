@@ -141,9 +141,9 @@ def _sorted_tokens(tok: fx.Node, walk: _Walk) -> tuple[fx.Node, fx.Node, int]:
     _want(is_op(flat, "flatten", "view", "reshape"), f"{flat.name}: expected the flattened [T, K] ids")
     walk.take(flat)
     ids = flat.args[0]
-    v = val(ids)
-    _want(isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == K,
-          f"{ids.name}: the sorted ids should be [T, K={K}]")
+    v, fv = val(ids), val(flat)
+    _want(isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == K and isinstance(fv, torch.Tensor)
+          and fv.dim() == 1, f"{ids.name}: the sorted ids should be [T, K={K}], flattened")
     return order, ids, K
 
 
