@@ -33,7 +33,9 @@ Expert gates (``self._apply_gate`` / ``self.act_fn``):
                                                                                      gelu_tanh, relu, relu2)
                 [g = g.clamp(max=L);  u = u.clamp(-L, L) before that]               (DeepSeek-V4: ExpertSpec limit)
     interleaved g, u = h[..., ::2], h[..., 1::2];  g = g.clamp(max=L);  u = u.clamp(-L, L)
-                (u + 1) * (g * sigmoid(g * alpha))                                  (GPT-OSS: activation gpt_oss)
+                (u + 1) * (g * sigmoid(g * alpha))                                  (GPT-OSS: activation gpt_oss;
+                                                                                     MiniMax-M3: the same on
+                                                                                     concat halves)
     plain       act(h)                                                              (``has_gate=False``)
 
 The router in front (``topk_weights``, ``topk_ids``) is recognised by ``moe_fuser.patterns.routers``: a known
@@ -276,6 +278,8 @@ def _concat_gate(chunk: fx.Node, region: set) -> _Gate:
     limit = None
     if _is(act, "clamp", "clamp_max"):  # DeepSeek-V4: gate.clamp(max=L), up.clamp(-L, L), then act(gate) * up
         gate, up, limit = _clamped(gate, _only_user(up, region, "the up clamp"), region)
+        if len(_users(gate, region)) == 2:   # GPT-OSS's clamped SwiGLU on concatenated halves (MiniMax-M3)
+            return _gpt_oss_gate(gate, up, limit, region, "concat")
         act = _only_user(gate, region, "the activation")
     found = _act_from_input(act)
     _want(found is not None, f"unsupported expert activation {_describe(act)}; supported: silu, gelu, gelu_tanh, "
@@ -340,6 +344,11 @@ def _interleaved_gate(h: fx.Node, users: list, region: set) -> _Gate:
     gate, up = steps[(0, None, 2)], steps[(1, None, 2)]
     region.update((gate, up))
     gc, uc, limit = _clamped(gate, _only_user(up, region, "a clamp"), region)
+    return _gpt_oss_gate(gc, uc, limit, region, "interleaved")
+
+
+def _gpt_oss_gate(gc: fx.Node, uc: fx.Node, limit: float, region: set, layout: str) -> _Gate:
+    """GPT-OSS's gate on the clamped halves ``gc``, ``uc``: (up + 1) * (gate * sigmoid(gate * alpha))."""
     gusers = _users(gc, region)
     _want(len(gusers) == 2, f"{gc.name}: the clamped gate should feed gate*alpha and the product")
     scale = next((u for u in gusers if _is(u, "mul") and _const(u.args[1]) is not None), None)
@@ -355,7 +364,7 @@ def _interleaved_gate(h: fx.Node, users: list, region: set) -> _Gate:
     _want(_is(out, "mul") and set(out.args) == {add1, glu} and _only_user(glu, region, "the product") is out,
           f"{out.name}: expected (up + 1) * glu")
     region.add(out)
-    return _Gate("gpt_oss", "interleaved", out, alpha=alpha, limit=limit)
+    return _Gate("gpt_oss", layout, out, alpha=alpha, limit=limit)
 
 
 # ------------------------------------------------------------------------------------------- the combine tail

@@ -62,7 +62,11 @@ ZOO = {"qwen3_moe": 2, "olmoe": 2, "granitemoeshared": 2, "deepseek_v2": 2, "glm
        "sarvam_moe": 2, "sarvam_mla": 2, "inkling_text": 2, "flint": 2, "jetmoe": 2}
 
 
-def tiny_model(model_type: str) -> torch.nn.Module:
+# Text backbones of vision-language models (no causal-LM head of their own): model_type -> MoE layers fused.
+BACKBONES = {"qwen3_vl_moe_text": 2, "mistral_large4_text": 2, "minimax_m3_vl_text": 2}
+
+
+def tiny_model(model_type: str, auto=transformers.AutoModelForCausalLM) -> torch.nn.Module:
     if model_type not in transformers.CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     cls = transformers.CONFIG_MAPPING[model_type]
@@ -72,7 +76,7 @@ def tiny_model(model_type: str) -> torch.nn.Module:
         kw.update(MLA)
     kw.update({k: v for k, v in OVERRIDES.get(model_type, {}).items() if hasattr(default, k)})
     torch.manual_seed(0)
-    model = randomize(transformers.AutoModelForCausalLM.from_config(cls(**kw)))
+    model = randomize(auto.from_config(cls(**kw)))
     try:   # the shrink is written against one transformers; another may want other fields
         model(torch.randint(0, 64, IDS))
     except Exception as exc:  # noqa: BLE001 - reported in the skip
@@ -97,6 +101,29 @@ def test_model_fuses_and_trains_eager_equal(model_type):
     grads = errs.pop("grads")
     assert max(errs.values()) <= TOL[torch.float32] and grads <= GRAD_TOL.get(model_type, TOL[torch.float32]), \
         (errs, grads)
+
+
+@pytest.mark.parametrize("model_type", sorted(BACKBONES))
+def test_text_backbone_fuses_and_trains_eager_equal(model_type):
+    """The text models inside vision-language MoE models (Qwen3-VL-MoE, Mistral-Large-4; MiniMax-M3: GPT-OSS's
+    clamped SwiGLU on concatenated gate/up halves), as bare backbones: fused, forward and gradients eager-equal."""
+    model = tiny_model(model_type, transformers.AutoModel).train()
+    ids = torch.randint(0, 64, IDS)
+    report = moe_fuser.explain(model, input_ids=ids)
+    assert report.num_fused == BACKBONES[model_type], report
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager"})
+    results = []
+    for fn in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        hidden = fn(ids).last_hidden_state
+        hidden.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((hidden.detach(), grads))
+    (want, g_want), (got, g_got) = results
+    assert g_got.keys() == g_want.keys()
+    assert rel_err(got, want) <= TOL[torch.float32]
+    assert max(rel_err(g_got[n], g_want[n]) for n in g_want) <= TOL[torch.float32]
 
 
 def test_gate_computed_in_fp32_inside_a_bf16_model_is_refused():
