@@ -383,15 +383,28 @@ def _combine_tail(z: fx.Node, region: set, K: int, D: int) -> fx.Node:
 
 def _weighted(y: fx.Node, users: list, w_node_ok, region: set) -> fx.Node:
     """``y * w.unsqueeze(-1)`` where ``w_node_ok(w)`` accepts the routing-weight node."""
-    _want(len(users) == 1 and _is(users[0], "mul"),
-          f"{y.name}: the down projection should be multiplied by the routing weights; found "
-          f"{', '.join(_describe(u) for u in users) or 'no user'}")
+    if not (len(users) == 1 and _is(users[0], "mul")):
+        _want(not _normalises(y), f"{y.name}: a norm of each expert's output (transformers' has_post_expert_norm, "
+                                  "an RMSNorm) comes before the routing weight; the fused op has no post-expert norm")
+        raise _Miss(f"{y.name}: the down projection should be multiplied by the routing weights; found "
+                    f"{', '.join(_describe(u) for u in users) or 'no user'}")
     mul = users[0]
     other = mul.args[1] if mul.args[0] is y else mul.args[0]
     _want(_is(other, "unsqueeze") and fxg.arg(other, 1, "dim") in (-1, 1) and w_node_ok(other.args[0]),
           f"{mul.name}: expected y * routing_weights.unsqueeze(-1)")
     region.update((mul, other))
     return mul
+
+
+def _normalises(y: fx.Node, depth: int = 6) -> bool:
+    """Whether a norm of ``y`` follows it closely: an ``rsqrt`` (RMSNorm's ``x * rsqrt(mean(x^2) + eps)``) or a norm op
+    within ``depth`` steps (only to name the reason of a rejection)."""
+    frontier = [y]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users]
+        if any(_is(u, "rsqrt", "norm", "rms_norm", "layer_norm") for u in frontier):
+            return True
+    return False
 
 
 def _flat(node, region: set, what: str) -> fx.Node:

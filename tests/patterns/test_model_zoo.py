@@ -126,6 +126,21 @@ def test_text_backbone_fuses_and_trains_eager_equal(model_type):
     assert max(rel_err(g_got[n], g_want[n]) for n in g_want) <= TOL[torch.float32]
 
 
+def test_post_expert_norm_is_refused_with_the_reason():
+    """Muse Spark normalises each expert's output (an RMSNorm, transformers' has_post_expert_norm) before the
+    routing weight: the op has no such norm, so its experts stay as written, explain says why, eager-equal."""
+    model = tiny_model("muse_spark_text", transformers.AutoModel).eval()
+    ids = torch.randint(0, 64, IDS)
+    report = moe_fuser.explain(model, input_ids=ids)
+    assert report.num_fused == 0
+    assert any("post-expert norm" in r.reason for r in report.rejected), report.rejected
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager"})(ids).last_hidden_state
+        want = model(ids).last_hidden_state
+    assert rel_err(got, want) <= TOL[torch.float32]
+
+
 def test_gate_computed_in_fp32_inside_a_bf16_model_is_refused():
     """Beam's gate runs ``act(gate.float()) * up.float()``: a no-op in an fp32 model (fused above), a precision
     change in a bf16 one, where the fused op would round differently: refused with the reason, nothing fused, the
