@@ -447,7 +447,7 @@ class HandwrittenLoop:
                     {k: (v[0] if v else None) for k, v in first.params.items()}:
                 raise _NoMatch(f"experts {first.e} and {ex.e} hold their weights differently")
         experts.sort(key=lambda x: x.e)
-        weights = self._weights(experts)
+        weights = self._weights([ex.params for ex in experts])
         router = recognise_router(first.weights, first.ids, applied_dtype=first.weights_dtype)
         if router.external:
             self._check_external_ids(first.ids, E)
@@ -469,10 +469,12 @@ class HandwrittenLoop:
                      router_outputs=None if router.external else (first.weights, first.ids))
 
     @staticmethod
-    def _weights(experts: list) -> MoEWeights:
+    def _weights(params: list[dict]) -> MoEWeights:
+        """The MoEWeights of the experts whose weight sources (``_Expert.params``) are ``params``, in expert
+        order: per-expert parameters as lists, rows of one stacked parameter as that parameter."""
         out = {}
         for key in _EXPERT_KEYS:
-            srcs = [ex.params.get(key) for ex in experts]
+            srcs = [p.get(key) for p in params]
             if all(s is None for s in srcs):
                 out[key] = None
                 continue
@@ -486,9 +488,9 @@ class HandwrittenLoop:
                 out[key] = nodes
             elif kinds == {"row"} and len({s[1] for s in srcs}) == 1:
                 stacked = srcs[0][1]
-                if val(stacked).shape[0] != len(experts):
+                if val(stacked).shape[0] != len(params):
                     raise _NoMatch(f"the stacked {key} {stacked.name} holds {val(stacked).shape[0]} experts, "
-                                   f"the loop {len(experts)}")
+                                   f"the loop {len(params)}")
                 out[key] = stacked
             else:
                 raise _NoMatch(f"experts take {key} from different places")

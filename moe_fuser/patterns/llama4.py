@@ -34,8 +34,8 @@ import torch.fx as fx
 from ..fx import graph as fxg
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
 from .base import Match, MatchContext, Rejection, register_pattern
-from .transformers_experts import (FAMILY, _CASTS, _block_path, _describe, _expect, _int, _is, _match_gate, _Miss,
-                                   _only_user, _shape, _users, _want)
+from .transformers_experts import (FAMILY, _block_path, _describe, _expect, _int, _is, _match_gate, _Miss, _only_user,
+                                   _shape, _strip_casts, _users, _want)
 
 __all__ = ["find_llama4"]
 
@@ -61,17 +61,10 @@ def _walk_scores(scale: fx.Node, region: set, T: int, E: int):
     scores = tr.args[0]
     _want(_shape(scores) == (T, E), f"{_describe(scores)}: the scores should be [T={T}, E={E}]")
     score_dtype = fxg.val(scores).dtype
-    node = scores
-    while _is(node, *_CASTS):     # sigmoid(...).to(dtype)
-        region.add(node)
-        node = node.args[0]
-    sig = _expect(node, ("sigmoid",), "a sigmoid of the scattered top-k logits")
+    sig = _expect(_strip_casts(scores, region), ("sigmoid",), "a sigmoid of the scattered top-k logits")  # .to(dtype)
     region.add(sig)
-    node = sig.args[0]
-    while _is(node, *_CASTS):     # sigmoid(S.float())
-        region.add(node)
-        node = node.args[0]
-    scatter = _expect(node, ("scatter_", "scatter"), "the top-k logits scattered into a -inf tensor")
+    scatter = _expect(_strip_casts(sig.args[0], region), ("scatter_", "scatter"),   # sigmoid(S.float())
+                      "the top-k logits scattered into a -inf tensor")
     region.add(scatter)
     _want(fxg.arg(scatter, 1, "dim") in (1, -1) and fxg.arg(scatter, 4, "reduce") is None,
           f"{scatter.name}: expected a plain scatter (no reduce) along the experts")

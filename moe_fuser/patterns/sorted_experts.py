@@ -32,10 +32,12 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..fx.dag import mutated_arg
 from ..fx.graph import arg, is_op, module_path, op, val
 from ..spec import ExpertSpec, MoESpec
 from .base import Match, MatchContext, Rejection, register_pattern
-from .handwritten import _ALLOCS, FAMILY, HandwrittenLoop, _activation, _is_activation, _linear, _NoMatch, _Walk
+from .handwritten import (_ALLOCS, _CASTS, FAMILY, HandwrittenLoop, _activation, _is_activation, _linear, _NoMatch,
+                          _Walk)
 from .routers import recognise_router
 
 __all__ = ["find_sorted"]
@@ -152,9 +154,8 @@ def _match(ctx: MatchContext, write: fx.Node) -> Match:
     buf, tok, src = write.args[0], arg(write, 2, "index"), arg(write, 3, "source")
     output = buf if op(write) == "index_add_" else write
     if output is buf:
-        others = [u for u in buf.users if u is not write and (is_op(u, "index_add_", "index_put_", "copy_")
-                                                              or op(u).endswith("_"))]
-        _want(not others, f"{buf.name}: written by more than the combine")
+        _want(not [u for u in buf.users if u is not write and mutated_arg(u) is buf],
+              f"{buf.name}: written by more than the combine")
     walk.take(buf)
     walk.take(write)
     src = walk.casts(src)
@@ -214,7 +215,7 @@ def _match(ctx: MatchContext, write: fx.Node) -> Match:
                                       f"in {bv.dtype}")
     combine_dtype = None if bv.dtype == a_dtype else bv.dtype
     experts = [dict(w1=w1, b1=b1, w2=w2, b2=b2) for (w1, b1), (w2, b2) in zip(w1s, w2s)]
-    weights = HandwrittenLoop._weights([_Params(p) for p in experts])
+    weights = HandwrittenLoop._weights(experts)
     router = recognise_router(weights_TK, ids, applied_dtype=val(g).dtype)
     if router.external:
         HandwrittenLoop._check_external_ids(ids, E)
@@ -235,13 +236,6 @@ def _match(ctx: MatchContext, write: fx.Node) -> Match:
                  router_outputs=None if router.external else (weights_TK, ids))
 
 
-class _Params:
-    """An expert's weight sources as ``HandwrittenLoop._weights`` reads them."""
-
-    def __init__(self, params: dict):
-        self.params = {k: v for k, v in params.items() if v is not None}
-
-
 def find_sorted(ctx: MatchContext):
     """Each ``index_add`` of weighted, concatenated per-expert runs into a fresh zeros buffer is a candidate;
     other index_adds are left to the loop pattern without a word."""
@@ -256,7 +250,7 @@ def find_sorted(ctx: MatchContext):
 
 
 def _uncast(node):
-    while is_op(node, "to", "float", "type_as", "half", "bfloat16", "type") and isinstance(node.args[0], fx.Node):
+    while is_op(node, *_CASTS) and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import moe_fuser
 from moe_models import TOL, Recorder, check_train_step
 
+BF16 = torch.bfloat16
+
 
 class SortedMoE(nn.Module):
     """Top-k softmax router; pairs sorted by expert; per-expert runs of a split; one index_add (ScatterMoE,
@@ -120,9 +122,6 @@ def test_bincount_counts_are_traced_as_plain_dynamo_does(caplog):
     with caplog.at_level("INFO", logger="moe_fuser"):
         _run(SortedMoE(counts="bincount"), fused=0)
     assert "tracing it again as plain dynamo does" in caplog.text
-
-
-BF16 = torch.bfloat16
 
 
 @pytest.mark.parametrize("seed", range(8))
