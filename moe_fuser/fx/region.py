@@ -14,8 +14,12 @@ graph alone, using the mutation-aware networkx view (``moe_fuser.fx.dag``):
    readers are redirected to the fused op; all of them must come after the region) or is *kept*: it stays in the
    graph with its region ancestors, unchanged, which is only sound when none of them writes or reads a buffer the
    region writes in place.
-5. *Side effects stay inside.* In-place writes in the region go to storage allocated in the region; no node
-   outside the region writes to memory between the region's first and last node.
+5. *Side effects stay inside.* In-place writes in the region go to storage allocated in the region; a node
+   outside the region that writes memory between the region's first and last node writes storage the region
+   neither reads nor writes (a statistics buffer updated in the middle of an MoE block).
+6. *One grad mode.* The fused op runs where the region ends, so every region node must have been traced under
+   the grad mode in force there: routing computed under ``torch.no_grad()`` gives the router no gradient, which
+   a differentiable fused op would.
 
 On success it returns the set of region nodes to keep; on failure the reason, in words explain() can print.
 ``absorb_plumbing`` adds the shape plumbing dynamo emits around data-dependent ops (``sym_size``, range asserts)
@@ -34,7 +38,8 @@ import torch.fx as fx
 from .dag import mutated_arg, storage_key
 from .graph import val
 
-__all__ = ["RegionCheck", "absorb_plumbing", "check_region", "final_node", "is_tensor_node", "kept_closure"]
+__all__ = ["RegionCheck", "absorb_plumbing", "check_region", "final_node", "grad_modes", "is_tensor_node",
+           "kept_closure"]
 
 
 def is_tensor_node(node: fx.Node) -> bool:
@@ -164,10 +169,21 @@ def check_region(dag: nx.DiGraph, position: dict, region: frozenset, output: fx.
         m = mutated_arg(n)
         if m is not None and storage_key(m) not in region_storages:
             return _fail(f"{n.name} writes in place into {m.name}, which lives outside the region")
+    touched = {storage_key(i) for n in region for i in (n, *n.all_input_nodes)} - {None}
     for n in list(position):
-        if first is not None and position[first] < position[n] < position[last] and n not in region \
-                and mutated_arg(n) is not None:
-            return _fail(f"{n.name} (outside the MoE) writes memory in the middle of the MoE region")
+        if position[first] < position[n] < position[last] and n not in region and mutated_arg(n) is not None:
+            key = storage_key(mutated_arg(n))
+            if key is None or key in touched:
+                return _fail(f"{n.name} (outside the MoE) writes memory the MoE reads, in the middle of the MoE "
+                             "region")
+
+    # 6. Grad mode.
+    modes = grad_modes(position)
+    differ = sorted((n for n in region if modes[n] != modes[last]), key=position.__getitem__)
+    if differ:
+        return _fail(f"{differ[0].name} runs with grad mode {'on' if modes[differ[0]] else 'off'} (torch.no_grad() "
+                     f"or enable_grad() inside the MoE), {last.name} with it {'on' if modes[last] else 'off'}; the "
+                     "fused op computes the whole MoE under one grad mode")
 
     # 4. Escapes.
     escaping = [n for n in region if n is not output and any(u not in region for u in n.users)]
@@ -178,6 +194,17 @@ def check_region(dag: nx.DiGraph, position: dict, region: frozenset, output: fx.
     if isinstance(keep, str):
         return _fail(keep)
     return RegionCheck(True, keep=keep, last=last)
+
+
+def grad_modes(position: dict) -> dict:
+    """node -> whether grad mode is on where it runs: ``torch._C._set_grad_enabled`` nodes (dynamo's record of
+    ``torch.no_grad()`` and friends) switch it; before the first, the mode the graph is being compiled under."""
+    mode, out = torch.is_grad_enabled(), {}
+    for n in sorted(position, key=position.__getitem__):
+        if n.op == "call_function" and n.target is torch._C._set_grad_enabled and isinstance(n.args[0], bool):
+            mode = n.args[0]
+        out[n] = mode
+    return out
 
 
 def kept_closure(dag: nx.DiGraph, region: Iterable[fx.Node], output: fx.Node,

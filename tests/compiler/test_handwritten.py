@@ -104,6 +104,39 @@ def test_active_dropout_is_not_fused():
     _run(model, torch.float32, dynamic=None)
 
 
+def test_routing_under_no_grad_is_left_alone():
+    """Routing weights computed under ``torch.no_grad()`` give the router no gradient; the fused op, placed where
+    the loop ends, would make them differentiable. The match is refused with the reason and the gate's gradient
+    stays None, as in eager."""
+    class NoGradRouting(torch.nn.Module):
+        def __init__(self, D=16, E=4, k=2):
+            super().__init__()
+            self.E, self.k = E, k
+            self.gate = torch.nn.Linear(D, E, bias=False)
+            self.experts = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(D, 24), torch.nn.SiLU(), torch.nn.Linear(24, D))
+                for _ in range(E))
+
+        def forward(self, h):
+            x = h.reshape(-1, h.shape[-1])
+            logits = self.gate(x)
+            with torch.no_grad():
+                w, ids = logits.softmax(-1).topk(self.k, -1)
+            out = torch.zeros_like(x)
+            for e in range(self.E):
+                tok, slot = torch.where(ids == e)
+                out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+            return out.view_as(h)
+
+    model = NoGradRouting()
+    report = moe_fuser.explain(model, torch.randn(2, 5, 16))
+    assert report.num_fused == 0 and "grad mode" in report.rejected[0].reason, report
+    torch._dynamo.reset()
+    _run(model, torch.float32, fused=0)
+    model(torch.randn(2, 5, 16)).sum().backward()
+    assert model.gate.weight.grad is None
+
+
 def test_buffer_only_copied_into_is_no_candidate():
     """A zeros buffer that only ``copy_`` writes (a recurrent state, as in Mamba mixers) is no MoE output: explain
     neither fuses nor lists it."""
