@@ -427,7 +427,8 @@ def _accept(ctx: MatchContext, m: Match, impl: Optional[str]):
 _GEMMS = ("linear", "matmul", "bmm", "addmm", "baddbmm", "grouped_mm", "einsum")
 # What a weight may pass through on its way into such an op (layout, selection and dtype only).
 _WEIGHT_PLUMBING = ("t", "transpose", "permute", "view", "reshape", "contiguous", "getitem", "to", "float", "type",
-                    "unsqueeze", "squeeze", "expand", "chunk", "split", "unbind", "select", "index_select")
+                    "bfloat16", "half", "type_as", "getattr", "unsqueeze", "squeeze", "expand", "chunk", "split",
+                    "unbind", "select", "index_select")
 _AUTOCAST_MARKS = ("_enter_autocast", "_exit_autocast")
 _SHARED_FIELDS = ("shared_w1", "shared_w2", "shared_w3", "shared_gate")
 

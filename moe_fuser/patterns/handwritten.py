@@ -405,6 +405,15 @@ def _expert(write, walk: _Walk) -> _Expert:
     return _Expert(e, x, ids, W, val(we).dtype, combine, act, glu, params)
 
 
+def _all_experts_at_once(y: fx.Node) -> bool:
+    """Whether one write's contribution ``y`` (casts and the weighting aside) comes from a grouped matmul or a cat
+    of per-expert runs: all experts in one write is no loop (``grouped_mm`` and ``sorted_experts`` report it)."""
+    walk = _Walk()
+    y = walk.casts(y)
+    factors = y.args if is_op(y, "mul") else (y,)
+    return any(is_op(walk.casts(f), "grouped_mm", "cat") for f in factors if isinstance(f, fx.Node))
+
+
 class HandwrittenLoop:
     """Per-expert loops accumulating into one buffer (see the module docstring)."""
 
@@ -421,7 +430,7 @@ class HandwrittenLoop:
                 output = buf
                 if not writes:
                     writes, output = _functional_chain(buf)
-                if not writes:
+                if not writes or len(writes) == 1 and _all_experts_at_once(writes[0][2]):
                     continue
             except _NoMatch as exc:
                 yield Rejection(FAMILY, self.name, str(exc), module_path(buf))

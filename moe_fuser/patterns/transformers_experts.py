@@ -785,12 +785,26 @@ def _to_match(ctx: MatchContext, ex: _Experts, pattern: str) -> Union[Match, Rej
                  router_outputs=None if router.external else (router.topk_weights, router.topk_ids))
 
 
+def inverted(mm: fx.Node) -> bool:
+    """Whether a sort permutation near this projection's input feeds an inverse permutation (``empty_like(perm)``):
+    transformers' form. Other grouped matmuls are hand-written ones (``moe_fuser.patterns.grouped_mm``)."""
+    frontier = [mm.args[0]]
+    for _ in range(6):
+        for n in frontier:
+            if _is(n, "getitem") and n.args[1] == 1 and _is(n.args[0], "sort") \
+                    and any(_is(u, "empty_like") for u in n.users):
+                return True
+        frontier = [i for n in frontier if isinstance(n, fx.Node) for i in n.all_input_nodes]
+    return False
+
+
 def find_grouped_mm(ctx: MatchContext):
-    """Each set of ``grouped_mm`` offsets shared by an up and a down projection is one candidate block."""
+    """Each set of ``grouped_mm`` offsets shared by an up and a down projection whose rows come back through an
+    inverse permutation is one candidate block."""
     seen = set()
     for mm in ctx.nodes_of("grouped_mm"):
         offs = fxg.arg(mm, 2, "offs")
-        if not isinstance(offs, fx.Node) or offs in seen or mm in ctx.claimed:
+        if not isinstance(offs, fx.Node) or offs in seen or mm in ctx.claimed or not inverted(mm):
             continue
         seen.add(offs)
         try:
