@@ -7,6 +7,8 @@ Models (unchanged user code, random weights, no download):
 - ``mixtral``: a small transformers ``MixtralForCausalLM`` built from a config (grouped_mm experts, v5);
 - ``llama4``: a small transformers ``Llama4ForCausalLM`` (top-1 of ``--experts``, as Llama 4 routes; transformers
   runs every expert on every token, moe_fuser the chosen one);
+- ``grouped``: ``examples/grouped_mm_moe.py``, an MoE written on ``F.grouped_mm`` as torchtitan lays one out (fp32
+  weights, bf16 grouped matmuls, sigmoid router with a selection bias, shared expert, ``scatter_add`` combine);
 - ``dense``: a small transformers ``LlamaForCausalLM`` with the same shapes: no MoE. It shows what the pass costs
   a graph it does not rewrite (compile time; its generated code is identical to inductor's, see
   ``tests/compiler/test_backend.py``).
@@ -57,14 +59,24 @@ COLUMNS = ("eager", "inductor", "moe_fuser")
 QUIET_CORES = 0.3        # a timed round during which other processes kept this many cores busy is dropped
 
 
-def _switch_layer(args):
-    spec = importlib.util.spec_from_file_location("switch_example", ROOT / "examples" / "switch_transformer.py")
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_example", ROOT / "examples" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod   # dynamo finds the globals of inlined functions through their module's name
     spec.loader.exec_module(mod)
-    model = mod.SwitchLayer(args.hidden, 4 * args.hidden, args.experts, args.top_k)
+    return mod
+
+
+def _switch_layer(args):
+    model = _example("switch_transformer").SwitchLayer(args.hidden, 4 * args.hidden, args.experts, args.top_k)
     x = torch.randn(args.batch, args.tokens, args.hidden)
     return model, (lambda m: m(x)), (lambda out: out[0].float().pow(2).mean() + 0.01 * out[1])
+
+
+def _grouped(args):
+    model = _example("grouped_mm_moe").GroupedMoE(args.hidden, 4 * args.hidden, args.experts, args.top_k)
+    x = torch.randn(args.batch, args.tokens, args.hidden)
+    return model, (lambda m: m(x)), (lambda out: out.float().pow(2).mean())
 
 
 def _hf(args, moe: bool):
@@ -93,7 +105,7 @@ def _llama4(args):
     return model, (lambda m: m(input_ids=ids)), (lambda out: out.logits.float().pow(2).mean())
 
 
-MODELS = {"switch": lambda a: _switch_layer(a), "mixtral": lambda a: _hf(a, True), "llama4": _llama4,
+MODELS = {"switch": _switch_layer, "mixtral": lambda a: _hf(a, True), "llama4": _llama4, "grouped": _grouped,
           "dense": lambda a: _hf(a, False)}
 
 

@@ -18,3 +18,11 @@ def test_hf_mixtral_example():
                                     "--inner", "aot_eager"])
     assert out["report"].num_fused == 2
     assert out["error"] < 1e-4 and out["grad_error"] < 1e-4
+
+
+def test_grouped_mm_moe_example(capsys):
+    out = _load("grouped_mm_moe").main(["--d-model", "32", "--d-ff", "48", "--batch", "2", "--seq", "8",
+                                        "--iters", "1", "--no-inductor", "--inner", "aot_eager"])
+    assert out["report"].num_fused == 1
+    assert out["error"] < 2e-2 and out["grad_error"] < 2e-2
+    assert "torch.compile (moe_fuser)" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moe_fuser
-from moe_models import TOL, Recorder, check_train_step
+from moe_models import TOL, Recorder, check_train_step, load_example
 
 BF16 = torch.bfloat16
 D, F_ = 16, 24
@@ -207,69 +207,13 @@ def test_fuzz_fused_and_equal_or_untouched_and_equal(seed):
     _run(model, fused=0 if twist else 1)
 
 
-class _Router(nn.Module):
-    """torchtitan-style token-choice router: fp32 sigmoid scores, a selection-only bias, per-expert counts."""
-
-    def __init__(self, E, k):
-        super().__init__()
-        self.gate, self.E, self.k = nn.Linear(D, E, bias=False), E, k
-
-    def forward(self, x, bias):
-        scores = torch.sigmoid(self.gate(x).to(torch.float32))
-        _, ids = torch.topk(scores + bias, k=self.k, dim=1)
-        top = scores.gather(dim=1, index=ids)
-        top = top / (top.sum(dim=-1, keepdim=True) + 1e-20) * 1.5
-        counts = torch.histc(ids.view(-1).float(), bins=self.E, min=0, max=self.E)
-        return top, ids, counts
-
-
-class _Experts(nn.Module):
-    def __init__(self, E):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(E, F_, D) / D ** 0.5)
-        self.w2 = nn.Parameter(torch.randn(E, D, F_) / F_ ** 0.5)
-        self.w3 = nn.Parameter(torch.randn(E, F_, D) / D ** 0.5)
-
-    def forward(self, x, counts):
-        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        h = F.silu(F.grouped_mm(x.bfloat16(), self.w1.bfloat16().transpose(-2, -1), offs=offs))
-        h = h * F.grouped_mm(x.bfloat16(), self.w3.bfloat16().transpose(-2, -1), offs=offs)
-        return F.grouped_mm(h, self.w2.bfloat16().transpose(-2, -1), offs=offs).type_as(x)
-
-
-class TitanStyleMoE(nn.Module):
-    """An MoE laid out as torchtitan's (router, reorderer, grouped experts, shared expert, combine by scatter_add
-    into the shared output; fp32 weights, bf16 grouped matmuls) with its load-balancing statistics buffer."""
-
-    def __init__(self, E=4, k=2):
-        super().__init__()
-        self.E, self.k = E, k
-        self.router, self.experts = _Router(E, k), _Experts(E)
-        self.shared = nn.Sequential(nn.Linear(D, F_, bias=False), nn.SiLU(), nn.Linear(F_, D, bias=False))
-        self.register_buffer("expert_bias", torch.randn(E) * 0.1)
-        self.register_buffer("tokens_per_expert", torch.zeros(E))
-
-    def forward(self, h):
-        B, S, _ = h.shape
-        x = h.view(-1, D)
-        top, ids, counts = self.router(x, self.expert_bias)
-        with torch.no_grad():
-            self.tokens_per_expert.add_(counts)
-        counts = torch.histc(ids.view(-1).float(), bins=self.E, min=0, max=self.E)
-        order = torch.argsort(ids.view(-1), stable=True)
-        top_sorted = top.view(-1)[order]
-        index = (order // self.k).reshape(-1, 1).expand(-1, D)
-        rows = torch.gather(x, dim=0, index=index)
-        rows = (rows.to(torch.float32) * top_sorted.reshape(-1, 1)).to(x.dtype)
-        routed = self.experts(rows, counts)
-        out = self.shared(x).scatter_add(dim=0, index=index, src=routed)
-        return out.reshape(B, S, D)
-
-
 class _Layers(nn.Module):
+    """``examples/grouped_mm_moe.py``'s torchtitan-style block at ``layers.0.moe`` behind a residual."""
+
     def __init__(self):
         super().__init__()
-        self.layers = nn.ModuleList([nn.ModuleDict({"moe": TitanStyleMoE()})])
+        moe = load_example("grouped_mm_moe").GroupedMoE(D, F_, num_experts=4, top_k=2)
+        self.layers = nn.ModuleList([nn.ModuleDict({"moe": moe})])
 
     def forward(self, h):
         return h + self.layers[0]["moe"](h)
