@@ -143,6 +143,15 @@ def _order(tok: fx.Node, walk: _Walk, K: int) -> fx.Node:
     return tok.args[0]
 
 
+def _same_division(a: fx.Node, b: fx.Node, walk: _Walk) -> bool:
+    """Whether ``a`` computes what ``b`` does, ``order // K`` written twice (into the walk when so)."""
+    if not (op(a) == op(b) and op(a) in ("floordiv", "floor_divide", "div") and a.args == b.args
+            and a.kwargs == b.kwargs):
+        return False
+    walk.take(a)
+    return True
+
+
 def _sorted_ids(order: fx.Node, walk: _Walk, sort_counted: Optional[fx.Node]) -> fx.Node:
     """The ascending sort behind ``order`` -> the [T, K] ids it sorts."""
     if is_op(order, "getitem") and order.args[1] == 1 and is_op(order.args[0], "sort"):
@@ -403,7 +412,8 @@ def _match(ctx: MatchContext, offs: fx.Node, mms: list) -> Match:
     _want(len(transposed) in (0, len(weights)), "the expert weights mix the [E, out, in] and [E, in, out] layouts")
     # the combine
     write, tok_c, mul, col, src = _to_write(mm2, walk.nodes, walk)
-    _want(tok_c is tok, f"{_name(write)}: the combine adds at another index than the gathered tokens {tok.name}")
+    _want(tok_c is tok or _same_division(tok_c, tok, walk),
+          f"{_name(write)}: the combine adds at another index than the gathered tokens {tok.name}")
     buf = write.args[0]
     buf_dtype = _dtype(buf)
     if mul is not None:
@@ -425,7 +435,10 @@ def _match(ctx: MatchContext, offs: fx.Node, mms: list) -> Match:
                                         f"in {_dtype(src)}")
     shared = _buffer(buf, write, x, walk)
     walk.take(write)
-    output = buf if op(write).endswith("_") else write
+    # an in-place combine's buffer is the output, or the write's own result when the code reads that instead
+    # (``return zeros_like(x).index_add_(...)``)
+    output = buf if op(write).endswith("_") and (not write.users or len(buf.users) > 1) else write
+    _want(output is write or not write.users, f"{_name(write)}: both the buffer and the write's result are read")
     router = recognise_router(w_tk, ids, applied_dtype=applied)
     if router.external:
         HandwrittenLoop._check_external_ids(ids, E)

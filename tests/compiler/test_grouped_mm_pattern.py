@@ -24,7 +24,8 @@ class GroupedMoE(nn.Module):
     order: "argsort" | "sort";  offs: "to" (cumsum(0).to(int32)) | "dtype" (cumsum(0, dtype=int32))
     gather: "index" | "index_select" | "gather";  gate: "separate" (w1, w3) | "concat" (chunk) | "plain"
     weight: "output" | "output_col" (``[order][:, None]``) | "input" (torchtitan: fp32 product, cast back)
-    combine: "index_add" | "index_add_" | "scatter_add" | "scatter_add_";  shared: add into a shared expert's output
+    combine: "index_add" | "index_add_" | "index_add_result" (its result read, its index computed again) |
+    "scatter_add" | "scatter_add_";  shared: add into a shared expert's output
     router: "softmax_topk_renorm" | "softmax_topk" | "topk_softmax" | "sigmoid_bias" (selection bias, gather,
     renormalise, scale)
     layout: "linear" ([E, out, in], transpose(-2, -1) for the matmul) | "mT" (the same, ``.mT``) | "kn" ([E, in, out]
@@ -85,7 +86,8 @@ class GroupedMoE(nn.Module):
             counts = torch.bincount(flat, minlength=self.E)
         else:
             src = sorted_ids if self.counts == "histc_sorted" else flat
-            counts = torch.histc(src.float(), bins=self.E, min=0, max=self.E if self.counts == "histc_e" else self.E - 1)
+            top = self.E if self.counts == "histc_e" else self.E - 1
+            counts = torch.histc(src.float(), bins=self.E, min=0, max=top)
         if self.twist == "flip":
             counts = counts.flip(0)
         if self.offs == "to":
@@ -126,6 +128,8 @@ class GroupedMoE(nn.Module):
             out = out.index_add(0, tok, y)
         elif self.combine == "index_add_":
             out.index_add_(0, tok, y)
+        elif self.combine == "index_add_result":   # the in-place write's result, at order // k computed again
+            out = out.index_add_(0, tok if self.twist == "other_index" else order // self.k, y)
         elif self.combine == "scatter_add":
             out = out.scatter_add(0, index, y)
         else:
@@ -152,7 +156,7 @@ def _run(model, fused=1, inner="aot_eager"):
     dict(layout="mT", mixed=True, shared=True, combine="index_add_"),
     dict(counts="histc_sorted", order="sort", gate="plain", act="gelu", weight="output_col", combine="scatter_add_",
          layout="kn", router="topk_softmax"),
-    dict(k=1, E=3, weight="input", router="softmax_topk"),
+    dict(k=1, E=3, weight="input", router="softmax_topk", combine="index_add_result"),
 ])
 def test_grouped_mm_styles_fuse_and_train_eager_equal(kw):
     _run(GroupedMoE(**kw))
@@ -196,7 +200,8 @@ def test_fuzz_fused_and_equal_or_untouched_and_equal(seed):
     pick = {name: rng.choice(choices) for name, choices in dict(
         counts=["bincount", "histc", "histc_e", "histc_sorted"], order=["argsort", "sort"], offs=["to", "dtype"],
         gather=["index", "index_select", "gather"], gate=["separate", "concat", "plain"],
-        weight=["output", "output_col", "input"], combine=["index_add", "index_add_", "scatter_add", "scatter_add_"],
+        weight=["output", "output_col", "input"],
+        combine=["index_add", "index_add_", "index_add_result", "scatter_add", "scatter_add_"],
         # (renormalised top-1 weights are constant: the router's gradient is rounding noise, no relative check holds)
         router=["softmax_topk_renorm", "softmax_topk", "topk_softmax", "sigmoid_bias"] if k > 1 else ["softmax_topk"],
         layout=["linear", "mT", "kn"], act=["silu", "gelu", "relu"]).items()}
