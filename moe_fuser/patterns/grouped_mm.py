@@ -48,7 +48,7 @@ from .base import Match, MatchContext, Rejection, register_pattern
 from .handwritten import (_ALLOCS, _CASTS, FAMILY, HandwrittenLoop, _activation, _is_activation, _NoMatch,
                           _Walk)
 from .routers import recognise_router
-from .sorted_experts import _gate_column
+from .sorted_experts import _gate_column, ascending_order
 from .transformers_experts import _Miss, _match_gate, _shared_mlp, inverted
 
 __all__ = ["find_grouped_mm"]
@@ -153,22 +153,9 @@ def _same_division(a: fx.Node, b: fx.Node, walk: _Walk) -> bool:
 
 
 def _sorted_ids(order: fx.Node, walk: _Walk, sort_counted: Optional[fx.Node]) -> fx.Node:
-    """The ascending sort behind ``order`` -> the [T, K] ids it sorts."""
-    if is_op(order, "getitem") and order.args[1] == 1 and is_op(order.args[0], "sort"):
-        srt = order.args[0]
-        _want(arg(srt, 1, "dim", -1) in (0, -1) and not arg(srt, 2, "descending", False),
-              f"{_name(srt)}: expected an ascending sort of the flat ids")
-        walk.take(srt)
-        flat = srt.args[0]
-    else:
-        _want(is_op(order, "argsort") and arg(order, 1, "dim", -1) in (0, -1)
-              and not arg(order, 2, "descending", False), f"{_name(order)}: expected an ascending argsort of the "
-                                                          "flat expert ids")
-        _want(sort_counted is None, f"{_name(order)}: the counts read another sort's values")
-        flat = order.args[0]
-    walk.take(order)
-    _want(sort_counted is None or order.args[0] is sort_counted,
-          f"{_name(order)}: the counts read another sort's values")
+    """The ascending sort behind ``order`` -> the [T, K] ids it sorts (whose values the counts may read)."""
+    flat, srt = ascending_order(order, walk)
+    _want(sort_counted is None or srt is sort_counted, f"{_name(order)}: the counts read another sort's values")
     return _flat_ids(flat, walk)
 
 

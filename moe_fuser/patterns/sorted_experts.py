@@ -40,7 +40,7 @@ from .handwritten import (_ALLOCS, _CASTS, FAMILY, HandwrittenLoop, _activation,
                           _Walk)
 from .routers import recognise_router
 
-__all__ = ["find_sorted"]
+__all__ = ["ascending_order", "find_sorted"]
 
 PATTERN = "handwritten.sorted"
 
@@ -129,17 +129,7 @@ def _sorted_tokens(tok: fx.Node, walk: _Walk) -> tuple[fx.Node, fx.Node, int]:
     _want(isinstance(K, int) and K >= 1, f"{tok.name}: divided by {K!r}, not the top-k count")
     walk.take(tok)
     order = tok.args[0]
-    if is_op(order, "getitem") and order.args[1] == 1 and is_op(order.args[0], "sort"):
-        srt = order.args[0]
-        _want(arg(srt, 1, "dim", -1) in (0, -1) and not arg(srt, 2, "descending", False),
-              f"{srt.name}: expected an ascending sort of the flat ids")
-        walk.take(srt)
-        flat = srt.args[0]
-    else:
-        _want(is_op(order, "argsort") and arg(order, 1, "dim", -1) in (0, -1)
-              and not arg(order, 2, "descending", False), f"{order.name}: expected the order of sorted ids")
-        flat = order.args[0]
-    walk.take(order)
+    flat, _ = ascending_order(order, walk)
     _want(is_op(flat, "flatten", "view", "reshape"), f"{flat.name}: expected the flattened [T, K] ids")
     walk.take(flat)
     ids = flat.args[0]
@@ -147,6 +137,23 @@ def _sorted_tokens(tok: fx.Node, walk: _Walk) -> tuple[fx.Node, fx.Node, int]:
     _want(isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == K and isinstance(fv, torch.Tensor)
           and fv.dim() == 1, f"{ids.name}: the sorted ids should be [T, K={K}], flattened")
     return order, ids, K
+
+
+def ascending_order(order: fx.Node, walk: _Walk) -> tuple[fx.Node, Optional[fx.Node]]:
+    """``order``, the permutation of an ascending sort of a flat tensor (``sort(flat)[1]`` or ``argsort(flat)``;
+    stable or not) -> (flat, the sort node, None for an argsort)."""
+    srt = None
+    if is_op(order, "getitem") and order.args[1] == 1 and is_op(order.args[0], "sort"):
+        srt = order.args[0]
+        _want(arg(srt, 1, "dim", -1) in (0, -1) and not arg(srt, 2, "descending", False),
+              f"{srt.name}: expected an ascending sort of the flat ids")
+        walk.take(srt)
+    else:
+        _want(is_op(order, "argsort") and arg(order, 1, "dim", -1) in (0, -1)
+              and not arg(order, 2, "descending", False), f"{order.name} ({op(order)}): expected an ascending "
+                                                          "argsort or sort of the flat ids")
+    walk.take(order)
+    return (srt or order).args[0], srt
 
 
 def _match(ctx: MatchContext, write: fx.Node) -> Match:
