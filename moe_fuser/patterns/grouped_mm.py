@@ -9,6 +9,7 @@ optional, casts allowed where the model casts):
     order = flat.argsort(stable=True)                      | sort(flat)[1]; ascending
     counts = bincount(flat, minlength=E)                   | histc(flat.float(), bins=E, min=0, max=E-1 or E),
                                                              of the flat ids or of the sorted ones
+                                                           | one_hot(flat, E).sum(0) | one_hot(ids, E).sum((0, 1))
     offs = counts.cumsum(0).to(torch.int32)                | cumsum(counts, 0, dtype=torch.int32)
     tok = order // K                                       | div(order, K, rounding_mode=...); order itself (K=1)
     xs = x[tok]                                            | index_select(x, 0, tok)
@@ -119,10 +120,21 @@ def _offsets(offs: fx.Node, walk: _Walk) -> tuple[fx.Node, int, Optional[fx.Node
         _want(isinstance(E, int) and arg(counts, 2, "min", 0) == 0 and arg(counts, 3, "max", 0) in (E - 1, E),
               f"{_name(counts)}: expected histc(ids, bins=E, min=0, max=E-1 or E)")
         counted = _uncast(counts.args[0], walk, _INT_CASTS)
+    elif is_op(counts, "sum") and is_op(counts.args[0], "one_hot"):
+        onehot = counts.args[0]
+        E = arg(onehot, 1, "num_classes", -1)
+        rank = getattr(val(onehot.args[0]), "ndim", 0)
+        _want(isinstance(E, int) and E >= 1 and rank in (1, 2)
+              and arg(counts, 1, "dim") in ({1: (0, [0], (0,)), 2: ((0, 1), [0, 1])}[rank]),
+              f"{_name(counts)}: expected one_hot(ids, E) summed over every pair")
+        walk.take(onehot)
+        counted = onehot.args[0]
     else:
-        raise _NoMatch(f"{_name(counts)}: the offsets should sum a per-expert count (bincount or histc of the "
-                       "expert ids)")
+        raise _NoMatch(f"{_name(counts)}: the offsets should sum a per-expert count (bincount, histc or a summed "
+                       "one_hot of the expert ids)")
     _want(_shape(counts) == (E,), f"{_name(counts)}: expected [E={E}] counts, found {_shape(counts)}")
+    if getattr(val(counted), "ndim", 0) == 2:   # one_hot of the [T, K] ids themselves
+        return counted, E, None
     if is_op(counted, "getitem") and counted.args[1] == 0 and is_op(counted.args[0], "sort"):
         walk.take(counted)
         srt = counted.args[0]

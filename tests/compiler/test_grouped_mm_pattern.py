@@ -20,7 +20,8 @@ D, F_ = 16, 24
 class GroupedMoE(nn.Module):
     """Router -> sort the (token, slot) pairs by expert -> offsets -> grouped_mm experts -> one combine.
 
-    counts: "bincount" | "histc" (max E-1) | "histc_e" (max E) | "histc_sorted" (of the sorted ids)
+    counts: "bincount" | "histc" (max E-1) | "histc_e" (max E) | "histc_sorted" (of the sorted ids) | "one_hot"
+    (of the [T, K] ids, summed over both dims) | "one_hot_flat"
     order: "argsort" | "sort";  offs: "to" (cumsum(0).to(int32)) | "dtype" (cumsum(0, dtype=int32))
     gather: "index" | "index_select" | "gather";  gate: "separate" (w1, w3) | "concat" (chunk) | "plain"
     weight: "output" | "output_col" (``[order][:, None]``) | "input" (torchtitan: fp32 product, cast back)
@@ -84,6 +85,10 @@ class GroupedMoE(nn.Module):
             sorted_ids, order = flat.sort(descending=self.twist == "descending")
         if self.counts == "bincount":
             counts = torch.bincount(flat, minlength=self.E)
+        elif self.counts == "one_hot":
+            counts = F.one_hot(ids, self.E).sum((0, 1))
+        elif self.counts == "one_hot_flat":
+            counts = F.one_hot(flat, self.E).sum(0)
         else:
             src = sorted_ids if self.counts == "histc_sorted" else flat
             top = self.E if self.counts == "histc_e" else self.E - 1
@@ -153,7 +158,7 @@ def _run(model, fused=1, inner="aot_eager"):
     dict(counts="histc", order="sort", offs="dtype", gather="index_select", gate="concat", combine="index_add_"),
     dict(counts="histc_e", gather="gather", weight="input", combine="scatter_add", router="sigmoid_bias",
          shared=True, mixed=True),                                           # torchtitan's MoE
-    dict(layout="mT", mixed=True, shared=True, combine="index_add_"),
+    dict(layout="mT", mixed=True, shared=True, combine="index_add_", counts="one_hot"),
     dict(counts="histc_sorted", order="sort", gate="plain", act="gelu", weight="output_col", combine="scatter_add_",
          layout="kn", router="topk_softmax"),
     dict(k=1, E=3, weight="input", router="softmax_topk", combine="index_add_result"),
@@ -198,7 +203,7 @@ def test_fuzz_fused_and_equal_or_untouched_and_equal(seed):
     E = rng.choice([2, 3, 4, 6])
     k = rng.randint(1, min(3, E))
     pick = {name: rng.choice(choices) for name, choices in dict(
-        counts=["bincount", "histc", "histc_e", "histc_sorted"], order=["argsort", "sort"], offs=["to", "dtype"],
+        counts=["bincount", "histc", "histc_e", "histc_sorted", "one_hot", "one_hot_flat"], order=["argsort", "sort"], offs=["to", "dtype"],
         gather=["index", "index_select", "gather"], gate=["separate", "concat", "plain"],
         weight=["output", "output_col", "input"],
         combine=["index_add", "index_add_", "index_add_result", "scatter_add", "scatter_add_"],
