@@ -28,7 +28,8 @@ Limits.
 - Where the settings make dynamo fail outright on code plain dynamo would only break the graph at (a
   ``.tolist()`` of a tensor whose length is data-dependent, e.g. ``torch.bincount(ids, minlength=E).tolist()``:
   a ``GuardOnDataDependentSymNode`` error), that frame is traced again without them, as plain
-  ``torch.compile`` traces it (``install`` wraps dynamo's ``ConvertFrame.__call__`` for this; logged at INFO).
+  ``torch.compile`` traces it (``install`` wraps dynamo's ``ConvertFrame.__call__`` for this; logged at INFO,
+  and recorded for ``explain`` by ``recording_retries``).
   An MoE in such a frame is then not captured whole and stays unfused.
 - ``options={"capture": False}`` turns the settings off (the loop then runs in eager, unfused).
 - Settings given explicitly via ``torch._dynamo.config.patch(...)`` around the call are overridden during it.
@@ -56,6 +57,19 @@ CAPTURE_SETTINGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_ou
 
 # Whether the current call runs under moe_fuser's capture settings (set by ``_CaptureSettings``).
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("moe_fuser_capture_active", default=False)
+# Where frames traced again without the settings are recorded, while ``recording_retries`` is entered.
+_RETRIES: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("moe_fuser_capture_retries", default=None)
+
+
+@contextlib.contextmanager
+def recording_retries():
+    """A list that collects ``(frame name, "file:line", reason)`` for each frame traced again without the capture
+    settings during the block (``explain`` reports them: an MoE in such a frame stays unfused)."""
+    token = _RETRIES.set([])
+    try:
+        yield _RETRIES.get()
+    finally:
+        _RETRIES.reset(token)
 
 
 class _CaptureSettings:
@@ -161,9 +175,15 @@ def _install_retry() -> None:
         except GuardOnDataDependentSymNode as exc:
             if not _ACTIVE.get():
                 raise
+            reason = str(exc).splitlines()[0]
             log.info("moe_fuser: tracing %s with data-dependent capture failed (%s); tracing it again as plain "
-                     "dynamo does (graph breaks at such ops; an MoE there stays unfused)",
-                     frame.f_code.co_name, str(exc).splitlines()[0])
+                     "dynamo does (graph breaks at such ops; an MoE there stays unfused)", frame.f_code.co_name,
+                     reason)
+            retries = _RETRIES.get()
+            if retries is not None:
+                code = frame.f_code
+                retries.append((code.co_name, f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno}",
+                                reason))
             with _CaptureSettings(on=False):
                 return original(self, frame, *args, **kwargs)
 

@@ -9,7 +9,8 @@ The ``Report``:
     num_fused     how many MoE regions were replaced
     fused         one ``FusedRow`` per match: module path, family, pattern, router kind, E, k, activation, dtype,
                   lowering, notes
-    rejected      one ``RejectedRow`` per candidate left alone: module path, family, pattern, reason
+    rejected      one ``RejectedRow`` per candidate left alone: module path, family, pattern, reason; and one
+                  (pattern ``capture``) per frame dynamo could not trace with the capture settings
     graphs        the (rewritten) GraphModules, one per dynamo graph
     str(report)   a readable table;  report.draw(path)  the before/after of each fused region, rendered by
                   Graphviz ``dot`` (format from the suffix: .svg, .png, .pdf; ``report.to_dot()`` gives the text)
@@ -249,8 +250,15 @@ def explain(model: Any, *args: Any, options: Optional[Mapping[str, Any]] = None,
     """Compile ``model`` with moe_fuser, run it once on ``*args, **kwargs`` and report what was fused."""
     opts = BackendOptions.from_dict({"inner": "eager", **dict(options or {})})
     report = Report()
-    with _as_written(model):
+    with _as_written(model), capture.recording_retries() as retries:
         _own_compile(model, _ExplainBackend(report, opts))(*args, **kwargs)
+    for i, (name, where, reason) in enumerate(retries):   # listed first: they explain what follows
+        report.rejected.insert(i, RejectedRow(
+            f"<frame {name}, {where}>", "capture", "capture",
+            f"dynamo could not trace this frame with the capture settings ({reason}): it was traced as plain dynamo "
+            "does, with graph breaks at its data-dependent ops, so an MoE in it is not seen whole. The usual cause "
+            "is .tolist() of a tensor of data-dependent length, such as bincount(ids, minlength=E).tolist(); count "
+            "with zeros(T, E).scatter(1, ids, 1).sum(0), whose length is E"))
     if not report.graphs:
         log.warning("moe_fuser.explain: dynamo handed the backend no graph, so nothing was examined; is the model "
                     "compiled in a way explain cannot see through, or excluded with torch.compiler.disable?")

@@ -118,10 +118,14 @@ def test_explain_names_the_pattern():
 def test_bincount_counts_are_traced_as_plain_dynamo_does(caplog):
     """``bincount(ids, minlength=E).tolist()`` has a data-dependent length: under the capture settings dynamo fails
     outright on it (plain dynamo breaks the graph there). The frame is traced again without them: the layer runs,
-    unfused, eager-equal, and the log says why."""
+    unfused, eager-equal, and the log and explain say why."""
     with caplog.at_level("INFO", logger="moe_fuser"):
         _run(SortedMoE(counts="bincount"), fused=0)
     assert "tracing it again as plain dynamo does" in caplog.text
+    torch._dynamo.reset()
+    report = moe_fuser.explain(SortedMoE(counts="bincount"), torch.randn(2, 5, 16))
+    row = report.rejected[0]
+    assert row.pattern == "capture" and row.module_path.startswith("<frame forward") and "bincount" in row.reason
 
 
 @pytest.mark.parametrize("seed", range(8))
