@@ -238,6 +238,7 @@ def _stacked_weight(w, walk: _Walk, E: int, what: str) -> tuple[fx.Node, bool]:
     """The [E, ., .] parameter a grouped_mm reads -> (node, transposed storage?): ``W.transpose(-2, -1)`` (or
     ``W.mT``) is the nn.Linear layout [E, out, in]; ``W`` used as is holds [E, in, out]."""
     transposed = True
+    w = _uncast(w, walk)   # a cast on either side of the transpose
     if is_op(w, "getattr") and w.args[1] == "mT":
         walk.take(w)
         w, transposed = w.args[0], False

@@ -70,8 +70,8 @@ class GroupedMoE(nn.Module):
         return (w / w.sum(-1, keepdim=True) if self.router == "softmax_topk_renorm" else w), ids
 
     def mm(self, rows, w, offs):
-        w = w.to(BF16) if self.mixed else w
         w = {"linear": lambda: w.transpose(-2, -1), "mT": lambda: w.mT, "kn": lambda: w}[self.layout]()
+        w = w.to(BF16) if self.mixed else w    # cast after the transpose (torchtitan casts before it)
         return F.grouped_mm(rows, w, offs=offs)
 
     def forward(self, h):
