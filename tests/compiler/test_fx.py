@@ -3,6 +3,7 @@
 import operator
 
 import networkx as nx
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -167,3 +168,30 @@ def test_writing_memory_outside_the_region_is_refused():
     region = _region_of(gm) + [n for n in gm.graph.nodes if op(n) == "mul_"]
     res = _check(gm, region, [x, ids, w1])
     assert not res.ok and "lives outside the region" in res.reason
+
+
+def _writes_mid_region(target: str):
+    def fn(x, ids, w1, stats):
+        out = torch.zeros_like(x)
+        tok = torch.where(ids == 0)[0]
+        out.index_add_(0, tok, x[tok] @ w1[0])
+        (stats if target == "stats" else x).add_(1.0)    # between the experts
+        tok = torch.where(ids == 1)[0]
+        out.index_add_(0, tok, x[tok] @ w1[1])
+        return out
+    return fn
+
+
+@pytest.mark.parametrize("target", ["stats", "input"])
+def test_an_outside_write_mid_region_must_miss_what_the_region_touches(target):
+    """The fused op runs where the region ends: an outside write in between may stay only if the region neither
+    reads nor writes that memory (a statistics buffer); one into an input the later experts read is refused."""
+    gm = _dynamo_graph(_writes_mid_region(target), torch.randn(6, 4), torch.randint(0, 2, (6,)),
+                       torch.randn(2, 4, 4), torch.zeros(2))
+    x, ids, w1 = [n for n in gm.graph.nodes if n.op == "placeholder"][:3]   # (stats only where it is used)
+    region = [n for n in _region_of(gm) if op(n) != "add_"]
+    res = _check(gm, region, [x, ids, w1])
+    if target == "stats":
+        assert res.ok, res.reason
+    else:   # (the influence check names it first: the write changes what the later experts compute)
+        assert not res.ok and "add_ affects the MoE output" in res.reason
