@@ -156,15 +156,29 @@ def zero_filled(grad_lists: Sequence[list], weight_lists: Sequence[list[torch.Te
             for gs, ws in zip(grad_lists, weight_lists)]
 
 
+def _functorch_levels() -> int:
+    """How many ``torch.func`` transforms (grad, vjp, vmap, ...) the current call runs under (0: none)."""
+    if not torch._C._are_functorch_transforms_active():
+        return 0
+    return len(torch._C._functorch.get_interpreter_stack() or ())
+
+
 def _runs_eagerly(grad: torch.Tensor) -> bool:
     """Whether a backward (handed ``grad``) runs on real tensors with no dispatch mode or compiled autograd
     watching, so that it may return what depends on the data; traced (AOTAutograd, compiled autograd, make_fx) it
     must return what the backward op's fake kernel promises. Grad mode is on in a backward only for
     ``create_graph=True``: then the backward op runs too, so that backpropagating through the gradients it gave
-    fails naming the op (it has no derivative) instead of deep inside a lowering."""
+    fails naming the op (it has no derivative) instead of deep inside a lowering. Under one ``torch.func``
+    transform (``torch.func.grad``, ``vjp``) grad mode is on as well, for transforms around it; with none around
+    it the gradients are plain values and the backward runs eagerly (``_grads``); nested transforms are refused."""
+    levels = _functorch_levels()
+    if levels > 1:
+        raise RuntimeError("moe_fuser: the fused MoE op has a first derivative only; a torch.func transform around "
+                           "torch.func.grad/vjp of it (grad of grad, jacrev, vmap) is not supported")
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
     return not (is_fake(grad) or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
-                or (ca is not None and ca.in_compiled_autograd_region) or torch.is_grad_enabled())
+                or (ca is not None and ca.in_compiled_autograd_region)
+                or (torch.is_grad_enabled() and not levels))
 
 
 @_grouped_experts_backward_op.register_fake
@@ -275,6 +289,9 @@ def _grads(ctx, grad_out, x, topk_weights, topk_ids, h, order, lists, needs_inpu
     # Where nothing traces, an expert that got no rows keeps no gradient (None, as in an eager loop that skips it;
     # an optimizer then leaves it alone) instead of the zeros the op's fixed outputs force.
     eager = _runs_eagerly(grad_out)
+    if eager and _functorch_levels():   # torch.func.grad/vjp: the gradients' values (nothing differentiates them)
+        with torch.no_grad():
+            return _experts_backward(*args)
     return (_experts_backward if eager else _grouped_experts_backward_op)(*args)
 
 
