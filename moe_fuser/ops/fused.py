@@ -193,10 +193,9 @@ def weighted_input_rows(x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: to
     ids [T*K, 1])``. The product is formed in promote(x's dtype, the weights' rounding dtype), as a model's
     ``x * scores`` is; ``sum_slots`` folds the experts' result back. Differentiable."""
     T, K = ids_TK.shape
-    w_dtype = router.weights_dtype or weights_TK.dtype
-    prod = torch.promote_types(x_TD.dtype, w_dtype)
-    w_TK = weights_TK.to(w_dtype).to(prod)
-    rows = (x_TD.to(prod).unsqueeze(1) * w_TK.unsqueeze(-1)).reshape(T * K, x_TD.shape[-1])
+    w_TK = weights_TK.to(router.weights_dtype or weights_TK.dtype)
+    # formed in promote(x, w) by type promotion, without a promoted copy of x (which autograd would keep)
+    rows = (x_TD.unsqueeze(1) * w_TK.unsqueeze(-1)).reshape(T * K, x_TD.shape[-1])
     return rows.to(dtype), weights_TK.new_ones(T * K, 1), ids_TK.reshape(T * K, 1)
 
 
