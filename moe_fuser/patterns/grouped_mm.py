@@ -48,9 +48,10 @@ from ..spec import ExpertSpec, MoESpec, MoEWeights, SharedExpertSpec
 from .base import Match, MatchContext, Rejection, register_pattern
 from .handwritten import (_ALLOCS, _CASTS, FAMILY, HandwrittenLoop, _activation, _is_activation, _NoMatch,
                           _Walk)
+from .routers import _dtype_of as _dtype
 from .routers import recognise_router
-from .sorted_experts import _gate_column, ascending_order
-from .transformers_experts import _Miss, _match_gate, _shared_mlp, inverted
+from .sorted_experts import _gate_column, _want, ascending_order
+from .transformers_experts import _match_gate, _Miss, _shape, _shared_mlp, inverted
 
 __all__ = ["find_grouped_mm"]
 
@@ -58,31 +59,8 @@ PATTERN = "handwritten.grouped_mm"
 _INT_CASTS = ("to", "int", "long", "float", "type", "double")
 
 
-def _want(cond: bool, reason: str) -> None:
-    if not cond:
-        raise _NoMatch(reason)
-
-
 def _name(node) -> str:
     return f"{node.name} ({op(node) or node.op})" if isinstance(node, fx.Node) else repr(node)
-
-
-def _dtype(node) -> Optional[torch.dtype]:
-    v = val(node)
-    return v.dtype if isinstance(v, torch.Tensor) else None
-
-
-def _shape(node) -> Optional[tuple]:
-    v = val(node)
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _uncast(node, walk: _Walk, casts: tuple = _CASTS) -> fx.Node:
-    """Up through dtype casts (into the walk)."""
-    while is_op(node, *casts) and isinstance(node.args[0], fx.Node):
-        walk.take(node)
-        node = node.args[0]
-    return node
 
 
 def _flat_ids(flat: fx.Node, walk: _Walk) -> fx.Node:
@@ -102,24 +80,22 @@ def _offsets(offs: fx.Node, walk: _Walk) -> tuple[fx.Node, int, Optional[fx.Node
     """``cumsum(counts)`` as int32 of a per-expert count: (the counted [T, K] ids, E, the sort node whose values
     were counted or None)."""
     walk.take(offs)
-    node = offs
-    if is_op(node, "to", "int", "type"):
-        node = _uncast(node, walk, ("to", "int", "type"))
+    node = walk.casts(offs, ("to", "int", "type"))
     _want(is_op(node, "cumsum") and arg(node, 1, "dim") in (0, -1),
           f"{_name(offs)}: the grouped_mm offsets should be a cumsum of tokens per expert")
     walk.take(node)
-    counts = _uncast(node.args[0], walk, _INT_CASTS)
+    counts = walk.casts(node.args[0], _INT_CASTS)
     walk.take(counts)
     if is_op(counts, "bincount"):
         _want(arg(counts, 1, "weights") is None, f"{_name(counts)}: a weighted bincount does not count pairs")
         E = arg(counts, 2, "minlength")
         _want(isinstance(E, int) and E >= 1, f"{_name(counts)}: bincount needs minlength=E (the expert count)")
-        counted = _uncast(counts.args[0], walk, _INT_CASTS)
+        counted = walk.casts(counts.args[0], _INT_CASTS)
     elif is_op(counts, "histc"):
         E = arg(counts, 1, "bins", 100)
         _want(isinstance(E, int) and arg(counts, 2, "min", 0) == 0 and arg(counts, 3, "max", 0) in (E - 1, E),
               f"{_name(counts)}: expected histc(ids, bins=E, min=0, max=E-1 or E)")
-        counted = _uncast(counts.args[0], walk, _INT_CASTS)
+        counted = walk.casts(counts.args[0], _INT_CASTS)
     elif is_op(counts, "sum") and is_op(counts.args[0], "one_hot"):
         onehot = counts.args[0]
         E = arg(onehot, 1, "num_classes", -1)
@@ -211,7 +187,7 @@ def _pair_weights(col: fx.Node, order: fx.Node, walk: _Walk) -> Optional[tuple[f
     (casts allowed) -> (the [T, K] weights, their dtype where applied), else None."""
     applied = _dtype(col)
     sub = _Walk()
-    node = _uncast(col, sub)
+    node = sub.casts(col)
     if is_op(node, "getitem") and node.args[1] == (order, None):
         sub.take(node)
         g = node
@@ -219,7 +195,7 @@ def _pair_weights(col: fx.Node, order: fx.Node, walk: _Walk) -> Optional[tuple[f
         g = _gate_column(node, sub)
         if g is None:
             return None
-        g = _uncast(g, sub)
+        g = sub.casts(g)
         if not (is_op(g, "getitem") and g.args[1] is order):
             return None
         sub.take(g)
@@ -238,7 +214,7 @@ def _stacked_weight(w, walk: _Walk, E: int, what: str) -> tuple[fx.Node, bool]:
     """The [E, ., .] parameter a grouped_mm reads -> (node, transposed storage?): ``W.transpose(-2, -1)`` (or
     ``W.mT``) is the nn.Linear layout [E, out, in]; ``W`` used as is holds [E, in, out]."""
     transposed = True
-    w = _uncast(w, walk)   # a cast on either side of the transpose
+    w = walk.casts(w)   # a cast on either side of the transpose
     if is_op(w, "getattr") and w.args[1] == "mT":
         walk.take(w)
         w, transposed = w.args[0], False
@@ -247,23 +223,22 @@ def _stacked_weight(w, walk: _Walk, E: int, what: str) -> tuple[fx.Node, bool]:
         _want(dims in ((-2, -1), (-1, -2), (1, 2), (2, 1), (0, 2, 1)), f"{_name(w)}: expected {what}.transpose(-2, -1)")
         walk.take(w)
         w, transposed = w.args[0], False
-    w = _uncast(w, walk)
+    w = walk.casts(w)
     _want(isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") and _shape(w) is not None
           and len(_shape(w)) == 3 and _shape(w)[0] == E,
           f"{_name(w)}: {what} should be a stacked [E={E}, ., .] parameter; found shape {_shape(w)}")
     return w, transposed
 
 
-def _grouped(node: fx.Node, offs: fx.Node) -> None:
+def _grouped(node: fx.Node) -> None:
     _want(arg(node, 3, "bias") is None and arg(node, 4, "out_dtype") is None,
           f"{_name(node)}: grouped_mm with a bias or an out_dtype is not modelled")
-    _want(arg(node, 2, "offs") is offs, f"{_name(node)}: reads other offsets")
 
 
 def _rows(mm: fx.Node) -> tuple:
     """The rows a projection reads, dtype casts aside, and their dtype: ``x.bfloat16()`` written once per up
     projection reads the same rows."""
-    return _uncast(mm.args[0], _Walk()), _dtype(mm.args[0])
+    return _Walk().casts(mm.args[0]), _dtype(mm.args[0])
 
 
 def _up_and_gate(ups: list, region: set, walk: _Walk):
@@ -294,19 +269,19 @@ def _up_and_gate(ups: list, region: set, walk: _Walk):
 def _input_rows(rows: fx.Node, K: int, walk: _Walk):
     """From the up projection's input back to the gather: (x, tok, order, the [T, K] weights and their applied
     dtype and the product when the routing weight is on the input, else None for those three)."""
-    core = _uncast(rows, walk)
+    core = walk.casts(rows)
     if not is_op(core, "mul"):
         x, tok = _gathered(core, walk)
         return x, tok, _order(tok, walk, K), None, None, None
     _want(len(core.args) == 2 and all(isinstance(a, fx.Node) for a in core.args),
           f"{_name(core)}: the experts' input rows are multiplied by something other than their routing weights")
     for xs, col in (core.args, core.args[::-1]):
-        if is_op(_uncast(xs, _Walk()), "getitem", "index_select", "gather"):
+        if is_op(_Walk().casts(xs), "getitem", "index_select", "gather"):
             break
     else:
         raise _NoMatch(f"{_name(core)}: neither factor is the gathered rows x[tok]")
     walk.take(core)
-    x, tok = _gathered(_uncast(xs, walk), walk)
+    x, tok = _gathered(walk.casts(xs), walk)
     order = _order(tok, walk, K)
     found = _pair_weights(col, order, walk)
     _want(found is not None, f"{_name(core)}: the experts' input rows are multiplied by something other than "
@@ -376,7 +351,7 @@ def _match(ctx: MatchContext, offs: fx.Node, mms: list) -> Match:
           f"{_name(offs)}: expected two or three grouped matmuls (up, [up,] down) on these offsets; found "
           f"{', '.join(_name(u) for u in offs.users)}")
     for mm in mms:
-        _grouped(mm, offs)
+        _grouped(mm)
     walk.nodes |= set(mms)
     ups = [m for m in mms if _rows(m) == _rows(mms[0])]
     downs = [m for m in mms if m not in ups]
@@ -386,7 +361,7 @@ def _match(ctx: MatchContext, offs: fx.Node, mms: list) -> Match:
     K = val(counted_ids).shape[1]
     x, tok, order, w_in, w_in_dtype, product = _input_rows(ups[0].args[0], K, walk)
     for up in ups[1:]:
-        _uncast(up.args[0], walk)
+        walk.casts(up.args[0])
     ids = _sorted_ids(order, walk, sort_counted)
     _want(ids is counted_ids, f"the counts read {counted_ids.name}, the sort {ids.name}: not the same ids")
     _want(_shape(x) is not None and len(_shape(x)) == 2, f"{_name(x)}: the hidden states should be [T, D]")

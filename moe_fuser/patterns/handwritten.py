@@ -81,8 +81,9 @@ class _Walk:
         self.nodes.add(node)
         return node
 
-    def casts(self, node):
-        while is_op(node, *_CASTS) and isinstance(node.args[0], fx.Node) and _same_shape(node, node.args[0]):
+    def casts(self, node, names: tuple = _CASTS):
+        """Up through the dtype casts ``names`` (taken into the walk) -> the tensor they cast."""
+        while is_op(node, *names) and isinstance(node.args[0], fx.Node) and _same_shape(node, node.args[0]):
             self.take(node)
             node = node.args[0]
         return node

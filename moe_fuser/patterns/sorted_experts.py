@@ -36,7 +36,7 @@ from ..fx.dag import mutated_arg
 from ..fx.graph import arg, is_op, module_path, op, val
 from ..spec import ExpertSpec, MoESpec
 from .base import Match, MatchContext, Rejection, register_pattern
-from .handwritten import (_ALLOCS, _CASTS, FAMILY, HandwrittenLoop, _activation, _is_activation, _linear, _NoMatch,
+from .handwritten import (_ALLOCS, FAMILY, HandwrittenLoop, _activation, _is_activation, _linear, _NoMatch,
                           _Walk)
 from .routers import recognise_router
 
@@ -256,17 +256,12 @@ def find_sorted(ctx: MatchContext):
             yield Rejection(FAMILY, PATTERN, str(exc), module_path(write))
 
 
-def _uncast(node):
-    while is_op(node, *_CASTS) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def _concatenated(src) -> bool:
     """Whether ``src`` is (a cast of) a product one of whose factors is (a cast of) a cat: the sorted form's
     combine."""
-    src = _uncast(src)
-    return is_op(src, "mul") and any(is_op(_uncast(a), "cat") for a in src.args)
+    walk = _Walk()
+    src = walk.casts(src)
+    return is_op(src, "mul") and any(is_op(walk.casts(a), "cat") for a in src.args)
 
 
 register_pattern(find_sorted, name=PATTERN, family=FAMILY, priority=10)
