@@ -12,8 +12,9 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
    - *padded*: ``[E, C, X]`` with C the largest count and zero rows after each expert's own; each GEMM is one
      ``bmm``. On CPU a batched GEMM beats E small ``mm`` calls when experts get few rows each (fine-grained MoE:
      E=128 experts of ~16 rows ran ~1.6x faster single-threaded), at the price of the padding; it is used only
-     when every expert has tokens (so no idle expert's weights are read), the mean count is small and the
-     padding at most doubles the rows (``PADDED_*`` below);
+     when every expert has tokens (so no idle expert's weights are read), the mean count is small for the
+     dtype (bf16's batched GEMM wins up to ~100 rows per expert, fp32's only up to ~24) and the padding at most
+     doubles the rows (``PADDED_*`` below);
 3. one gather of the token rows; the first projection (w1 and w3 into two halves of one buffer, or one GEMM
    for fused gate_up weights), the activation, the routing weight folded into the smaller of the activation
    ``[n, F]`` or the output ``[n, D]``, the second projection (with ``ExpertSpec.combine_dtype``: the output
@@ -72,9 +73,14 @@ try:  # Linux: transparent huge pages for large fresh buffers (see _advise_huge_
 except (OSError, AttributeError):
     _MADVISE = None
 
-# Padded (bmm) layout: only when the mean rows per expert is at most this (larger groups run as well as
-# separate mm calls, which skip the padding) ...
-PADDED_MAX_MEAN_ROWS = 96
+# Padded (bmm) layout: only when the mean rows per expert is at most this for the GEMMs' dtype (beyond it separate
+# mm calls, which skip the padding, run as well or better) ... Measured on this project's CPU (AMD EPYC with
+# avx512_bf16, 2 threads; fused_moe, padded against ragged): bf16's batched GEMM beats per-expert mm calls up to
+# ~100 rows per expert (E=64 k=8 D=1024 F=256: 15.4 vs 18.0 ms at 64 rows, even at 128); fp32's runs no faster per
+# row than mm, so its padding pays only while the per-call cost dominates (E=128 D=512 F=128: 12.7 vs 13.8 ms at
+# 16 rows, even at 24, 5% slower at 32; E=8 k=2 D=1024 F=3584 at 64 rows: 101 vs 79 ms); fp16's lost at 16 rows
+# already (51 vs 30 ms). Dtypes not listed never take it.
+PADDED_MAX_MEAN_ROWS = {torch.bfloat16: 96, torch.float32: 24, torch.float64: 24}
 # ... and the padding at most multiplies the rows by this.
 PADDED_MAX_WASTE = 2.0
 # Training (forward and backward) streams ragged groups of at least this many rows, several tiny experts each: the
@@ -148,7 +154,7 @@ class _Grouping:
     """Where the kept (token, slot) pairs live while the experts run: ragged ``[n, X]`` or padded ``[E, C, X]``
     (see the module docstring). Every method takes and returns tensors in the chosen layout."""
 
-    def __init__(self, topk_ids_TK: torch.Tensor, num_experts: int, stacked: bool,
+    def __init__(self, topk_ids_TK: torch.Tensor, num_experts: int, stacked: bool, dtype: torch.dtype,
                  order_N: Optional[torch.Tensor] = None):
         self.T, K = topk_ids_TK.shape
         self.E = num_experts
@@ -167,7 +173,8 @@ class _Grouping:
         self.tok_n = self.order_n // K
         self.expert_n = topk_ids_TK.flatten()[self.order_n]
         self.C = C = max(counts, default=0)
-        self.padded = (stacked and n > 0 and all(counts) and n <= PADDED_MAX_MEAN_ROWS * num_experts
+        max_mean = PADDED_MAX_MEAN_ROWS.get(dtype, 0)
+        self.padded = (stacked and n > 0 and all(counts) and n <= max_mean * num_experts
                        and num_experts * C <= PADDED_MAX_WASTE * n)
         # the padded layout's row indices (``_pad``) are built by the grouping that runs (``groups``): one streamed
         # in several expert groups never needs its own
@@ -508,7 +515,7 @@ class CpuLowering:
         T, K = topk_ids_TK.shape
         F_ = w2[0].shape[-1]
         H = 2 * F_ if spec.gated else F_
-        G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3))
+        G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3), x_TD.dtype)
         if h_out is not None:
             if chunks != 1 or tuple(h_out.shape) != (G.n, H) or not h_out.is_contiguous():
                 raise ValueError(f"h_out must be a contiguous [{G.n}, {H}] tensor (one row per kept pair) and "
@@ -529,14 +536,15 @@ class CpuLowering:
 
     def forward_inference(self, x_TD, topk_weights_TK, topk_ids_TK, w1, w2, w3, b1, b2, b3, spec: ExpertSpec):
         """Forward that keeps nothing for backward."""
-        G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3))
+        G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3), x_TD.dtype)
         return _streamed_ffn(G, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec)
 
     def backward(self, grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, order_N, w1, w2, w3, b1, b2, b3,
                  spec: ExpertSpec, needs_input_grad):
         need_x, need_weights, need_w = needs_input_grad
         T, K = topk_ids_TK.shape
-        G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3), order_N=order_N)
+        G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3), x_TD.dtype,
+                      order_N=order_N)
         if isinstance(h_NH, torch.Tensor):
             saved, release = [(G, h_NH)], False
         else:

@@ -18,13 +18,18 @@ from _common import peak_bytes  # noqa: E402  (the benchmarks' profiler-based pe
 from _moe_cases import Case, leaves, rel_err  # noqa: E402
 
 
+def _padded_rows(monkeypatch, rows: int) -> None:
+    """Let the padded layout take up to ``rows`` mean rows per expert, whatever the dtype (0: never)."""
+    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", {dt: rows for dt in (torch.float32, torch.bfloat16)})
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("glu,act,bias", [("separate", "silu", False), ("separate", "gelu", True),
                                           ("concat", "gelu_tanh", True), ("interleaved", "gpt_oss", False),
                                           (None, "relu", True), ("concat", "relu2", False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
-    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)
+    _padded_rows(monkeypatch, 10**9 if padded else 0)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
     # Forward and backward then stream several expert groups (each group writes / reads its rows of the saved h).
     monkeypatch.setattr(cpu, "TRAIN_STREAM_MIN_ROWS", 1)
@@ -59,7 +64,7 @@ def test_combine_dtype_weights_and_sums_in_it(monkeypatch, padded, as_list):
     routing weights into an fp32 buffer): the op forms and sums the weighted outputs in fp32, as the reference
     does, forward and training forward; gradients as the reference's to bf16 precision. Summing in bf16 instead
     is ~1e-3 off, which the test would see."""
-    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9 if padded else 0)
+    _padded_rows(monkeypatch, 10**9 if padded else 0)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
     x, logits, kw = Case(T=45, D=24, F=20, E=6, k=3, dtype=torch.bfloat16, glu="separate",
                          as_list=as_list).make(requires_grad=True)
@@ -99,9 +104,20 @@ def test_combine_dtype_on_a_lowering_without_it(monkeypatch):
 
 def test_padded_layout_needs_every_expert_active():
     ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
-    assert not cpu._Grouping(ids, 4, stacked=True).padded  # experts 2, 3 idle: their weights are never read
-    assert cpu._Grouping(ids, 2, stacked=True).padded
-    assert not cpu._Grouping(ids, 2, stacked=False).padded  # per-expert lists are never stacked
+    bf16 = torch.bfloat16
+    assert not cpu._Grouping(ids, 4, stacked=True, dtype=bf16).padded  # experts 2, 3 idle: their weights unread
+    assert cpu._Grouping(ids, 2, stacked=True, dtype=bf16).padded
+    assert not cpu._Grouping(ids, 2, stacked=False, dtype=bf16).padded  # per-expert lists are never stacked
+
+
+def test_padded_layout_rows_per_expert_depend_on_dtype():
+    """32 rows per expert: padded for bf16 (its batched GEMM beats per-expert mm there), ragged for fp32 (whose
+    batched GEMM is no faster per row, so the padding would be pure waste) and never for fp16."""
+    ids = torch.arange(4).repeat_interleave(32).view(-1, 1)
+    assert cpu._Grouping(ids, 4, stacked=True, dtype=torch.bfloat16).padded
+    assert not cpu._Grouping(ids, 4, stacked=True, dtype=torch.float32).padded
+    assert not cpu._Grouping(ids, 4, stacked=True, dtype=torch.float16).padded
+    assert cpu._Grouping(ids[::2], 4, stacked=True, dtype=torch.float32).padded   # 16 rows each
 
 
 def _streamed(monkeypatch) -> list:
@@ -130,7 +146,7 @@ def _inference_matches_reference(case: Case):
 @pytest.mark.parametrize("glu,bias", [("separate", False), ("concat", True), (None, True)])
 def test_inference_streams_expert_groups(monkeypatch, glu, bias):
     """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows)."""
-    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
+    _padded_rows(monkeypatch, 0)
     monkeypatch.setattr(cpu, "INFER_STREAM_MIN_BYTES", 0)
     seen = _streamed(monkeypatch)
     _, logits, _ = _inference_matches_reference(Case(T=60, D=24, F=20, E=7, k=2, dtype=torch.float32, glu=glu,
@@ -146,7 +162,7 @@ def test_inference_groups_tiny_experts_within_the_output_size(monkeypatch, wide)
     """Tiny experts with narrow rows share a group whose temporaries (rows of xs, h, a, y: 2D + 3F elements for a
     GLU) fit in the [T, D] output; wide rows (decode: F >> D) go one expert at a time (without the bytes every
     group may hold, see the next test)."""
-    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
+    _padded_rows(monkeypatch, 0)
     monkeypatch.setattr(cpu, "INFER_STREAM_MIN_BYTES", 0)
     seen = _streamed(monkeypatch)
     T, D, F_, E = (6, 16, 96, 4) if wide else (64, 32, 8, 32)
@@ -165,7 +181,7 @@ def test_inference_groups_tiny_experts_within_the_output_size(monkeypatch, wide)
 def test_inference_groups_up_to_the_minimum_bytes(monkeypatch):
     """Decode-like rows (a few tokens, F >> D) whose temporaries together fit in INFER_STREAM_MIN_BYTES run as one
     group, not one per expert; beyond it the groups stay within it."""
-    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 0)
+    _padded_rows(monkeypatch, 0)
     seen = _streamed(monkeypatch)
     _inference_matches_reference(Case(T=6, D=16, F=96, E=4, k=2, dtype=torch.float32, glu="separate"))
     assert [n for _, _, n in seen] == [12]
@@ -184,7 +200,7 @@ def test_padded_layout_streams_groups_of_experts(monkeypatch, glu, bias):
     """The padded layout runs several experts per bmm, in groups whose gathered rows fill at most
     PADDED_STREAM_BYTES (each group padded to its own largest expert), inference and backward, equal to the
     reference."""
-    monkeypatch.setattr(cpu, "PADDED_MAX_MEAN_ROWS", 10**9)
+    _padded_rows(monkeypatch, 10**9)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
     monkeypatch.setattr(cpu, "PADDED_STREAM_BYTES", 40 * 24 * 4)  # 40 rows of D=24 fp32
     seen = _streamed(monkeypatch)
