@@ -444,10 +444,13 @@ def find_grouped_mm(ctx: MatchContext):
     seen = set()
     for mm in ctx.nodes_of("grouped_mm"):
         offs = arg(mm, 2, "offs")
-        if not isinstance(offs, fx.Node) or offs in seen or mm in ctx.claimed or inverted(mm):
+        if not isinstance(offs, fx.Node) or offs in seen:
             continue
         seen.add(offs)
         mms = sorted((u for u in offs.users if is_op(u, "grouped_mm")), key=lambda n: ctx.position[n])
+        # transformers' block as a whole: only its first projection's input shows the inverted permutation
+        if any(m in ctx.claimed or inverted(m) for m in mms):
+            continue
         try:
             yield _match(ctx, offs, mms)
         except _NoMatch as exc:

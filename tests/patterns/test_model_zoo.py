@@ -94,7 +94,8 @@ def test_model_fuses_and_trains_eager_equal(model_type):
         pytest.skip(f"transformers {transformers.__version__} masks expert-parallel sentinels in every graph; behind "
                     "a router left as written that is refused (test_transformers_experts checks the refusal)")
     assert report.num_fused == ZOO[model_type], report
-    assert not [r for r in report.rejected if r.family == "transformers"], report
+    fused = {r.module_path for r in report.fused}   # and no other pattern's failed candidate in a fused block
+    assert not [r for r in report.rejected if r.family == "transformers" or r.module_path in fused], report
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="moe_fuser", options={"inner": "aot_eager"})
     errs = train_step(model, compiled, ids)

@@ -173,10 +173,11 @@ def test_bare_block_eager_loop_is_reported_unfused():
 
 
 def test_explain_reports_each_family():
-    """explain() names the block, family, router kind, E, k and activation of a fused whole model."""
+    """explain() names the block, family, router kind, E, k and activation of a fused whole model, and reports
+    no other pattern's failed candidate there (the hand-written grouped_mm pattern leaves the block alone)."""
     model = build("deepseek_v3", F32)
     report = moe_fuser.explain(model, torch.randint(0, 64, (1, 6)))
-    assert report.num_fused == 1
+    assert report.num_fused == 1 and report.rejected == [], report.rejected
     row = report.fused[0]
     assert (row.module_path, row.family, row.pattern) == ("model.layers.0.mlp", "transformers",
                                                           "transformers.grouped_mm")
