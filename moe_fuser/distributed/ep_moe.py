@@ -361,7 +361,7 @@ def _validate_ep(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, E: int, r
         return
     local_spec = spec.replace(router=RouterSpec(top_k=spec.top_k, external=True),
                               experts=dataclasses.replace(spec.experts, num_experts=held), capacity=None)
-    validate(local_spec, x_TD, None, w._replace(selection_bias=None), weights_TK, ids_TK)
+    validate(local_spec, x_TD, None, w._replace(selection_bias=None), weights_TK, ids_TK, num_ids=E)
 
 
 def ep_moe_forward(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights,

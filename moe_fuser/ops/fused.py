@@ -85,8 +85,22 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
+def _check_ids(topk_ids_TK: torch.Tensor, E: int) -> None:
+    """Given top-k ids name experts: each in [0, E), or -1 for a pair that goes to no expert. Any other id would
+    silently contribute nothing (the lowerings treat it as a dropped pair). A value check: real data only."""
+    if torch.compiler.is_compiling() or is_fake(topk_ids_TK) or not topk_ids_TK.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(topk_ids_TK))
+    if lo < -1 or hi >= E:
+        _fail(f"topk_ids hold ids from {lo} to {hi} but there are {E} experts: each id must be in [0, {E}) (or "
+              "-1 for a pair that goes to no expert); map the router's choices to expert indices first")
+
+
 def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights,
-             topk_weights_TK: Optional[torch.Tensor] = None, topk_ids_TK: Optional[torch.Tensor] = None) -> None:
+             topk_weights_TK: Optional[torch.Tensor] = None, topk_ids_TK: Optional[torch.Tensor] = None,
+             num_ids: Optional[int] = None) -> None:
+    """Raise ValueError naming the problem and the fix for inputs the op cannot take. ``num_ids``: the number of
+    experts the given top-k ids index (default: the weights' E; expert parallelism passes the global count)."""
     if x_TD.dim() != 2:
         _fail(f"hidden_states must be [T, D]; got shape {tuple(x_TD.shape)}: flatten it with "
               "x.reshape(-1, x.shape[-1])")
@@ -130,6 +144,7 @@ def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch
                   f"{tuple(topk_weights_TK.shape)} and {tuple(topk_ids_TK.shape)}")
         if topk_ids_TK.dtype not in (torch.int64, torch.int32):
             _fail(f"topk_ids must be int64 or int32; got {topk_ids_TK.dtype}")
+        _check_ids(topk_ids_TK, E if num_ids is None else num_ids)
     else:
         if router_logits_TE is None:
             _fail("router_logits is required unless topk_weights and topk_ids are given")
@@ -320,7 +335,8 @@ def fused_moe(hidden_states: torch.Tensor, router_logits: Optional[torch.Tensor]
     with ``scoring="sigmoid"`` a sigmoid of each: Llama 4);
     ``scoring="sigmoid"`` with ``selection_bias``, ``num_groups``/``topk_groups``/``group_score`` and
     ``routed_scaling_factor`` is DeepSeek-V3's; ``topk_weights``/``topk_ids`` (router_logits=None) bypass
-    routing for any router at all; ``router_dtype=None`` routes in the logits' own dtype.
+    routing for any router at all (ids in [0, E), or -1 for a pair that goes to no expert);
+    ``router_dtype=None`` routes in the logits' own dtype.
     Experts: ``activation`` in silu, gelu, gelu_tanh, relu, relu2 (squared ReLU), gpt_oss (clamped SwiGLU with
     ``alpha``, ``limit``, default 7); ``limit`` with another gated activation clamps as DeepSeek-V4's
     ``swiglu_limit``: act(min(gate, limit)) * clamp(up, -limit, limit);

@@ -44,3 +44,27 @@ def test_unknown_or_unavailable_impl():
         moe_fuser.fused_moe(**_args(), impl="cuda_magic")
     with pytest.raises(ValueError, match=r"impl='npu' cannot"):
         moe_fuser.fused_moe(**_args(), impl="npu")
+
+
+@pytest.mark.parametrize("shift,match", [(4, r"ids from 4 to 7 but there are 4 experts.*\[0, 4\)"),
+                                         (-6, r"ids from -6 to -3 but there are 4 experts")])
+def test_external_ids_out_of_range(shift, match):
+    """Given top-k ids outside [0, E) (other than -1) would silently contribute nothing: refused, either impl."""
+    args = _args()
+    weights, ids = args.pop("router_logits").softmax(-1).topk(2)
+    for impl in ("cpu", "reference"):
+        with pytest.raises(ValueError, match=match):
+            moe_fuser.fused_moe(**args, router_logits=None, topk_weights=weights, topk_ids=ids + shift, impl=impl)
+
+
+def test_external_id_minus_one_goes_to_no_expert():
+    """-1 marks a pair that goes to no expert (as a dropped pair): it contributes nothing, like a zero weight."""
+    args = _args()
+    weights, ids = args.pop("router_logits").softmax(-1).topk(2)
+    ids[::2, 1] = -1
+    got = moe_fuser.fused_moe(**args, router_logits=None, topk_weights=weights, topk_ids=ids)
+    zeroed = weights.clone()
+    zeroed[::2, 1] = 0
+    want = moe_fuser.fused_moe(**args, router_logits=None, topk_weights=zeroed, topk_ids=ids.clamp(min=0),
+                               impl="reference")
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
