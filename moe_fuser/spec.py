@@ -84,6 +84,11 @@ def default_renorm_eps(scoring: str) -> float:
     return SIGMOID_RENORM_EPS if scoring == "sigmoid" else 0.0
 
 
+def _finite(v) -> bool:
+    """A real number that is neither NaN nor infinite (a config value that the op computes with)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and -math.inf < v < math.inf  # False for NaN
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -109,9 +114,13 @@ class RouterSpec:
     renorm_eps: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.top_k, int) and self.top_k >= 1,
+        _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 1,
                f"top_k must be a positive int, got {self.top_k!r}; pass top_k=1 or more")
         _check(self.scoring in SCORINGS, f"scoring={self.scoring!r} is unknown; use one of {SCORINGS}")
+        if not _finite(self.scaling_factor):   # the message only on failure: under dynamo the value may be symbolic
+            _check(False, f"routed_scaling_factor={self.scaling_factor!r} must be a finite number (1.0: no scaling)")
+        _check(self.dtype is None or (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point),
+               f"router_dtype={self.dtype!r} must be a floating torch.dtype (or None: the logits' own)")
         _check(self.group_score in GROUP_SCORES,
                f"group_score={self.group_score!r} is unknown; use one of {GROUP_SCORES}")
         _check(self.num_groups >= 1 and 1 <= self.topk_groups <= self.num_groups,
@@ -171,8 +180,10 @@ class ExpertSpec:
         _check(self.limit is None or self.glu is not None,
                f"limit={self.limit} clamps the gate and up halves of a gated (GLU) expert; this one has no up "
                "projection: drop limit or give w3 / a fused gate_up layout")
-        _check(self.limit is None or (isinstance(self.limit, (int, float)) and self.limit > 0),
+        _check(self.limit is None or (_finite(self.limit) and self.limit > 0),
                f"limit={self.limit!r} must be a positive number (or None: no clamp)")
+        if not _finite(self.alpha):
+            _check(False, f"alpha={self.alpha!r} must be a finite number")
         _check(self.combine_dtype is None or (isinstance(self.combine_dtype, torch.dtype)
                                               and self.combine_dtype.is_floating_point),
                f"combine_dtype={self.combine_dtype!r} must be a floating torch.dtype (or None)")

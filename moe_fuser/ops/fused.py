@@ -96,9 +96,24 @@ def _check_ids(topk_ids_TK: torch.Tensor, E: int) -> None:
               "-1 for a pair that goes to no expert); map the router's choices to expert indices first")
 
 
+def _shared_shapes(w: MoEWeights, D: int, dtype: torch.dtype) -> None:
+    """The shared expert's weights: nn.Linear layouts ``w1, w3 [S, D]``, ``w2 [D, S]``, ``gate [1, D]``."""
+    S = w.shared_w1.shape[0] if w.shared_w1.dim() == 2 else None
+    want = {"shared_w1": (S, D), "shared_w3": (S, D), "shared_w2": (D, S), "shared_gate": (1, D)}
+    for name, shape in want.items():
+        t = getattr(w, name)
+        if t is None:
+            continue
+        if S is None or tuple(t.shape) != shape:
+            _fail(f"{name} has shape {tuple(t.shape)}; the shared expert's weights are nn.Linear weights: "
+                  f"shared_w1 and shared_w3 [S, D={D}], shared_w2 [D={D}, S], shared_gate [1, D={D}]")
+        if t.dtype != dtype:
+            _fail(f"{name} is {t.dtype} but hidden_states is {dtype}; cast the shared expert with .to({dtype})")
+
+
 def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch.Tensor], w: MoEWeights,
              topk_weights_TK: Optional[torch.Tensor] = None, topk_ids_TK: Optional[torch.Tensor] = None,
-             num_ids: Optional[int] = None) -> None:
+             num_ids: Optional[int] = None, capacity_groups: int = 1) -> None:
     """Raise ValueError naming the problem and the fix for inputs the op cannot take. ``num_ids``: the number of
     experts the given top-k ids index (default: the weights' E; expert parallelism passes the global count)."""
     if x_TD.dim() != 2:
@@ -144,6 +159,8 @@ def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch
                   f"{tuple(topk_weights_TK.shape)} and {tuple(topk_ids_TK.shape)}")
         if topk_ids_TK.dtype not in (torch.int64, torch.int32):
             _fail(f"topk_ids must be int64 or int32; got {topk_ids_TK.dtype}")
+        if not topk_weights_TK.is_floating_point():
+            _fail(f"topk_weights must be floating (the routing weights); got {topk_weights_TK.dtype}")
         _check_ids(topk_ids_TK, E if num_ids is None else num_ids)
     else:
         if router_logits_TE is None:
@@ -171,6 +188,11 @@ def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch
             _fail("a gated (GLU) shared expert needs shared_w3")
         if spec.shared.gated and w.shared_gate is None:
             _fail("a gated shared expert needs shared_gate ([1, D])")
+        _shared_shapes(w, D, x_TD.dtype)
+    if spec.capacity is not None and (not isinstance(capacity_groups, int) or capacity_groups < 1
+                                      or T % capacity_groups):
+        _fail(f"capacity_groups={capacity_groups!r} must be a positive int that divides the T={T} tokens into "
+              "equal groups (one per sequence: the batch size)")
 
 
 def experts_dtype(x_TD: torch.Tensor, requested: Optional[torch.dtype] = None) -> torch.dtype:
@@ -276,7 +298,7 @@ def _moe_forward(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, impl, top
                  capacity_groups, return_router_stats: bool, check: bool, expert_dtype: torch.dtype,
                  shared_dtype: torch.dtype):
     if check:
-        validate(spec, x_TD, router_logits_TE, w, topk_weights_TK, topk_ids_TK)
+        validate(spec, x_TD, router_logits_TE, w, topk_weights_TK, topk_ids_TK, capacity_groups=capacity_groups)
     low = None if impl == "reference" else lowering.select(impl, x_TD.device)
     weights_TK, ids_TK = select_routing(spec.router, low, router_logits_TE, w.selection_bias, topk_weights_TK,
                                         topk_ids_TK)

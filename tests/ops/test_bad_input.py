@@ -33,6 +33,18 @@ def _args(**over):
     (dict(topk_first=True, num_groups=2), r"topk_first=True .* selects on the logits alone: drop num_groups"),
     (dict(topk_first=True, selection_bias=torch.zeros(4)), r"topk_first=True .* drop num_groups / selection_bias"),
     (dict(apply_router_weight_on_input=True, capacity=4), r"weight_on_input .* with capacity .* drop one of them"),
+    (dict(top_k=True), r"top_k must be a positive int, got True"),
+    (dict(routed_scaling_factor=float("nan")), r"routed_scaling_factor=nan must be a finite number"),
+    (dict(activation="gpt_oss", alpha=float("inf")), r"alpha=inf must be a finite number"),
+    (dict(router_dtype=torch.int32), r"router_dtype=torch.int32 must be a floating torch.dtype"),
+    (dict(capacity=3, capacity_groups=0), r"capacity_groups=0 must be a positive int that divides the T=9 tokens"),
+    (dict(capacity=3, capacity_groups=2), r"capacity_groups=2 must be a positive int that divides the T=9 tokens"),
+    (dict(shared_w1=torch.randn(10, 15), shared_w2=torch.randn(16, 10)),
+     r"shared_w1 has shape \(10, 15\).*\[S, D=16\]"),
+    (dict(shared_w1=torch.randn(10, 16), shared_w2=torch.randn(16, 10), shared_gate=torch.randn(2, 16)),
+     r"shared_gate has shape \(2, 16\).*shared_gate \[1, D=16\]"),
+    (dict(shared_w1=torch.randn(10, 16), shared_w2=torch.randn(16, 10, dtype=torch.float64)),
+     r"shared_w2 is torch.float64 but hidden_states is torch.float32"),
 ])
 def test_bad_input_raises_with_fix(over, match):
     with pytest.raises(ValueError, match=match):
@@ -68,3 +80,10 @@ def test_external_id_minus_one_goes_to_no_expert():
     want = moe_fuser.fused_moe(**args, router_logits=None, topk_weights=zeroed, topk_ids=ids.clamp(min=0),
                                impl="reference")
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_external_weights_must_be_floating():
+    args = _args()
+    weights, ids = args.pop("router_logits").softmax(-1).topk(2)
+    with pytest.raises(ValueError, match=r"topk_weights must be floating .* got torch.int64"):
+        moe_fuser.fused_moe(**args, router_logits=None, topk_weights=(weights * 10).long(), topk_ids=ids)
