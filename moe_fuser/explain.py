@@ -10,7 +10,8 @@ The ``Report``:
     fused         one ``FusedRow`` per match: module path, family, pattern, router kind, E, k, activation, dtype,
                   lowering, notes
     rejected      one ``RejectedRow`` per candidate left alone: module path, family, pattern, reason; and one
-                  (pattern ``capture``) per frame dynamo could not trace with the capture settings
+                  (pattern ``capture``) per frame dynamo could not trace with the capture settings, or did not
+                  compile at all and ran in eager (a data-dependent ``if`` in an expert loop, for one)
     graphs        the (rewritten) GraphModules, one per dynamo graph
     str(report)   a readable table;  report.draw(path)  the before/after of each fused region, rendered by
                   Graphviz ``dot`` (format from the suffix: .svg, .png, .pdf; ``report.to_dot()`` gives the text)
@@ -112,7 +113,8 @@ class Report:
                  f"{len(self.rejected)} candidate(s) rejected"]
         if not self.graphs:
             lines.append("  dynamo handed the backend no graph: nothing of this call was captured, so nothing was "
-                         "examined (is the model excluded with torch.compiler.disable?)")
+                         "examined (" + ("see the capture rows below)" if self.rejected else
+                                         "is the model excluded with torch.compiler.disable?)"))
         if self.fused:
             head = ("module", "family", "router", "E", "k", "activation", "dtype", "lowering")
             rows = [(r.module_path, r.family, r.router, str(r.num_experts), str(r.top_k), r.activation, r.dtype,
@@ -246,22 +248,50 @@ def _own_compile(model: Any, backend: Any) -> Any:
                          backend=backend)
 
 
+def _compilation_metrics() -> list:
+    """Dynamo's records of its recent frame compilations (one per frame it tried), where this torch keeps them."""
+    get = getattr(torch._dynamo.utils, "get_compilation_metrics", None)
+    return list(get()) if get is not None else []
+
+
+def _skipped_frames(metrics: list, retried: set) -> list:
+    """A ``capture`` row for each frame dynamo failed to compile and ran in eager (frames traced again without
+    the capture settings, ``retried``, have their own row), with dynamo's reason and the line it stopped at."""
+    rows = []
+    for m in metrics:
+        name, reason = getattr(m, "co_name", None), getattr(m, "fail_reason", None)
+        if not getattr(m, "fail_type", None) or not reason or name in retried:
+            continue
+        where = f"{getattr(m, 'co_filename', '?')}:{getattr(m, 'co_firstlineno', '?')}"
+        at = f"{getattr(m, 'fail_user_frame_filename', '?')}:{getattr(m, 'fail_user_frame_lineno', '?')}"
+        why = f"dynamo did not compile this frame and ran it in eager ({reason.splitlines()[0]}, at {at})"
+        if "data-dependent branching" in reason.lower():
+            why += (": an `if` on a tensor's values or data-dependent size, as an expert loop's `if idx.numel() == "
+                    "0: continue`; drop such a branch (an expert with no rows computes nothing without it)")
+        rows.append(RejectedRow(f"<frame {name}, {where}>", "capture", "capture", why))
+    return rows
+
+
 def explain(model: Any, *args: Any, options: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Report:
     """Compile ``model`` with moe_fuser, run it once on ``*args, **kwargs`` and report what was fused."""
     opts = BackendOptions.from_dict({"inner": "eager", **dict(options or {})})
     report = Report()
+    earlier = {id(m) for m in _compilation_metrics()}
     with _as_written(model), capture.recording_retries() as retries:
         _own_compile(model, _ExplainBackend(report, opts))(*args, **kwargs)
-    for i, (name, where, reason) in enumerate(retries):   # listed first: they explain what follows
-        report.rejected.insert(i, RejectedRow(
-            f"<frame {name}, {where}>", "capture", "capture",
-            f"dynamo could not trace this frame with the capture settings ({reason}): it was traced as plain dynamo "
-            "does, with graph breaks at its data-dependent ops, so an MoE in it is not seen whole. The usual cause "
-            "is .tolist() of a tensor of data-dependent length, such as bincount(ids, minlength=E).tolist(); count "
-            "with zeros(T, E).scatter(1, ids, 1).sum(0), whose length is E"))
+    rows = [RejectedRow(
+        f"<frame {name}, {where}>", "capture", "capture",
+        f"dynamo could not trace this frame with the capture settings ({reason}): it was traced as plain dynamo "
+        "does, with graph breaks at its data-dependent ops, so an MoE in it is not seen whole. The usual cause "
+        "is .tolist() of a tensor of data-dependent length, such as bincount(ids, minlength=E).tolist(); count "
+        "with zeros(T, E).scatter(1, ids, 1).sum(0), whose length is E") for name, where, reason in retries]
+    rows += _skipped_frames([m for m in _compilation_metrics() if id(m) not in earlier], {r[0] for r in retries})
+    report.rejected[:0] = rows   # listed first: they explain what follows
     if not report.graphs:
-        log.warning("moe_fuser.explain: dynamo handed the backend no graph, so nothing was examined; is the model "
-                    "compiled in a way explain cannot see through, or excluded with torch.compiler.disable?")
+        log.warning("moe_fuser.explain: dynamo handed the backend no graph, so nothing was examined; %s",
+                    "dynamo ran the call's frames in eager (see the report's capture rows)" if rows else
+                    "is the model compiled in a way explain cannot see through, or excluded with "
+                    "torch.compiler.disable?")
     for row in report.fused:
         log.info("moe_fuser.explain: fused %s (%s) E=%d k=%d %s %s -> %s", row.module_path, row.router,
                  row.num_experts, row.top_k, row.activation, row.dtype, row.lowering)

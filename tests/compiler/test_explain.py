@@ -100,6 +100,45 @@ def test_explain_says_when_no_graph_was_captured(caplog):
     assert any("no graph" in r.getMessage() for r in caplog.records)
 
 
+class SkipsIdleExperts(nn.Module):
+    """A loop that skips experts without tokens: a data-dependent ``if`` in a loop, which dynamo cannot trace, so
+    it runs the whole frame in eager (plain torch.compile too)."""
+
+    def __init__(self, D=16, E=4, k=2):
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(D, 24), nn.SiLU(), nn.Linear(24, D))
+                                      for _ in range(E)])
+
+    def forward(self, x):
+        w, ids = self.gate(x).softmax(-1).topk(self.k)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            if tok.numel() == 0:
+                continue
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return out
+
+
+def test_explain_says_which_frame_dynamo_ran_in_eager_and_why(caplog):
+    """No graph reaches the backend: the report names the frame, dynamo's reason and the line, with the fix for
+    the expert loop's usual cause (not the torch.compiler.disable guess); the compiled model still equals eager."""
+    model, x = SkipsIdleExperts(), torch.randn(10, 16)
+    with caplog.at_level(logging.WARNING, logger="moe_fuser"):
+        report = moe_fuser.explain(model, x)
+    assert report.num_graphs == 0 and len(report.rejected) == 1
+    row = report.rejected[0]
+    assert row.pattern == "capture" and row.module_path.startswith("<frame forward, ")
+    line = SkipsIdleExperts.forward.__code__.co_firstlineno + 5    # the `if tok.numel() == 0`
+    assert "Data-dependent branching" in row.reason and f"test_explain.py:{line}" in row.reason
+    assert "drop such a branch" in row.reason and "torch.compiler.disable" not in str(report)
+    assert any("ran the call's frames in eager" in r.getMessage() for r in caplog.records)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(model, backend="moe_fuser")(x), model(x))
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
 @pytest.mark.parametrize("suffix, magic", [(".svg", b"<svg"), (".png", b"\x89PNG")])
 def test_draw_renders_before_and_after(tmp_path, suffix, magic):
