@@ -229,6 +229,18 @@ def _input_grads(ctx, dx, dweights, dws: Sequence[list[torch.Tensor]], trailing:
             *weight_grads(dws, ctx.lengths), *([None] * trailing))
 
 
+def first_derivative_only(backward_op) -> None:
+    """Give a backward op an autograd formula that refuses, naming the fix: it runs with grad mode on under
+    ``create_graph=True`` (see ``_runs_eagerly``), and differentiating the gradients it returned would otherwise
+    fail with torch's note to its developers (\"no autograd formula was registered\")."""
+    def refuse(ctx, *grads):
+        raise RuntimeError("moe_fuser: the fused MoE op has a first derivative only; to differentiate its "
+                           "gradients again (create_graph=True, then backward through them) run the layer with "
+                           "fused_moe(..., impl='reference') (plain PyTorch) or without moe_fuser")
+
+    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
+
+
 def register_ep_autograd(op, backward_op, eager_backward=None) -> None:
     """The autograd formula of an expert-parallel experts op (moe_fuser's exchange, the npu lowering's): inputs
     ``(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, owner, *config, save)``, outputs ``(out, *kept)``, and
@@ -253,6 +265,7 @@ def register_ep_autograd(op, backward_op, eager_backward=None) -> None:
         return _input_grads(ctx, dx, dweights, dws, trailing)
 
     op.register_autograd(backward, setup_context=setup_context)
+    first_derivative_only(backward_op)
 
 
 def _setup_context(ctx, inputs, output):
@@ -296,6 +309,7 @@ def _grads(ctx, grad_out, x, topk_weights, topk_ids, h, order, lists, needs_inpu
 
 
 _grouped_experts_op.register_autograd(_backward, setup_context=_setup_context)
+first_derivative_only(_grouped_experts_backward_op)
 
 
 class _EagerExperts(torch.autograd.Function):

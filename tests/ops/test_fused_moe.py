@@ -82,12 +82,17 @@ def test_idle_experts_of_weight_lists_keep_no_gradient(compiled):
 @pytest.mark.parametrize("as_list", [False, True])
 def test_double_backward_says_the_backward_has_no_derivative(as_list):
     """create_graph=True builds the first gradient through the backward op, and backpropagating through that
-    gradient then fails naming the op, instead of failing inside the lowering or dropping the term silently."""
+    gradient then fails saying the op has a first derivative only and naming the fix, instead of failing inside
+    the lowering or dropping the term silently; the named fix (impl="reference") gives the second derivative."""
     x, logits, kw = Case(T=7, D=12, F=20, E=4, k=2, dtype=torch.float32, as_list=as_list).make(requires_grad=True)
     gx, = torch.autograd.grad(moe_fuser.fused_moe(x, logits, **kw).square().sum(), x, create_graph=True)
     assert gx.requires_grad
-    with pytest.raises(RuntimeError, match="grouped_experts_backward.*no autograd formula"):
+    with pytest.raises(RuntimeError, match="first derivative only.*impl='reference'"):
         gx.sum().backward()
+    gx, = torch.autograd.grad(moe_fuser.fused_moe(x, logits, **kw, impl="reference").square().sum(), x,
+                              create_graph=True)
+    gx.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_per_expert_lists_are_not_copied():
