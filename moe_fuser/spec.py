@@ -15,6 +15,8 @@ Router semantics, with ``s`` the router logits computed in ``RouterSpec.dtype`` 
     scoring="softmax", topk_first=True:   v, ids = topk(s, k); w = softmax(v)          (GShard, Granite, GPT-OSS)
     scoring="sigmoid", topk_first=False:  p = sigmoid(s);  ids = topk(p + bias, k);  w = p[ids]   (DeepSeek-V3)
     scoring="sigmoid", topk_first=True:   v, ids = topk(s, k); w = sigmoid(v)          (Llama 4)
+    first_max: the top-1 is taken as torch.max / argmax take it, ties to the lowest expert id (documented for
+        them; topk's order among equal scores is not, and it differs: exact ties are common in bf16)
     num_groups > 1: experts are split in num_groups groups; a group's score is its max (group_score="max") or
         the sum of its two best (group_score="top2_sum") biased scores; only the topk_groups best groups compete.
     renormalize: w = w / max(sum(w) + renorm_eps, renorm_min); renorm_eps None means the scoring's default,
@@ -112,11 +114,14 @@ class RouterSpec:
     renorm_min: float = 0.0
     weights_dtype: Optional[torch.dtype] = None
     renorm_eps: Optional[float] = None
+    first_max: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 1,
                f"top_k must be a positive int, got {self.top_k!r}; pass top_k=1 or more")
         _check(self.scoring in SCORINGS, f"scoring={self.scoring!r} is unknown; use one of {SCORINGS}")
+        _check(not self.first_max or self.top_k == 1,
+               f"first_max (a top-1 taken by max/argmax) needs top_k=1, got {self.top_k}")
         if not _finite(self.scaling_factor):   # the message only on failure: under dynamo the value may be symbolic
             _check(False, f"routed_scaling_factor={self.scaling_factor!r} must be a finite number (1.0: no scaling)")
         _check(self.dtype is None or (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point),

@@ -204,6 +204,8 @@ def route_plan(router: RouterSpec, num_experts: int, dtype: torch.dtype,
     """The gating-op plan for this router, or (None, why it stays on ATen ``route``)."""
     if router.external:
         return None, []
+    if router.first_max:
+        return None, ["a top-1 by max/argmax (ties to the lowest expert id): the gating ops' tie order is topk's"]
     E, k = num_experts, router.top_k
     if dtype not in NPU_DTYPES:
         return None, [f"routing dtype {dtype} is not supported by the gating ops (float16, bfloat16, float32)"]

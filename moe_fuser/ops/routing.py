@@ -50,7 +50,7 @@ def route(router_logits_TE: torch.Tensor, spec: RouterSpec,
     logits = router_logits_TE.to(dtype)
     k = spec.top_k
     if spec.topk_first:
-        values_TK, ids_TK = logits.topk(k, dim=-1)
+        values_TK, ids_TK = _top(logits, spec)
         if spec.scoring == "softmax":    # sums to 1: no renormalisation
             weights_TK = values_TK.softmax(dim=-1)
         else:
@@ -65,15 +65,23 @@ def route(router_logits_TE: torch.Tensor, spec: RouterSpec,
         if spec.num_groups > 1:
             select_TE = select_TE.masked_fill(~_group_mask(select_TE, spec), float("-inf"))
         if selection_bias_E is None and spec.num_groups == 1:
-            weights_TK, ids_TK = scores_TE.topk(k, dim=-1)
+            weights_TK, ids_TK = _top(scores_TE, spec)
         else:
-            ids_TK = select_TE.topk(k, dim=-1).indices
+            ids_TK = _top(select_TE, spec)[1]
             weights_TK = scores_TE.gather(1, ids_TK)
         if spec.renormalize:
             weights_TK = renormalize(weights_TK, spec)
     if spec.scaling_factor != 1.0:
         weights_TK = weights_TK * spec.scaling_factor
     return round_weights(weights_TK, spec), ids_TK
+
+
+def _top(scores_TE: torch.Tensor, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of the top ``spec.top_k`` scores per token: ``topk``, or for ``first_max`` the max as
+    torch.max takes it (ties to the lowest id, as the model's max/argmax), ``[T, 1]``."""
+    if spec.first_max:
+        return scores_TE.max(dim=-1, keepdim=True)
+    return scores_TE.topk(spec.top_k, dim=-1)
 
 
 def renormalize(weights_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

@@ -107,7 +107,7 @@ def _last_dim(node: fx.Node, index: int, name: str, default=-1) -> bool:
 
 
 def _topk_parts(ids: fx.Node, walk: _Walk) -> tuple[fx.Node, int]:
-    """ids = topk(s, k)[1] (or max(s, -1)[1], a top-1) -> (topk node, k)."""
+    """ids = topk(s, k)[1] (or max(s, -1)[1], a top-1; ``RouterSpec.first_max``) -> (topk or max node, k)."""
     if is_op(ids, "getitem") and ids.args[1] == 1 and is_op(ids.args[0], "max") and len(ids.args[0].args) >= 1 \
             and _last_dim(ids.args[0], 1, "dim", None):
         walk.take(ids)
@@ -353,6 +353,7 @@ def _recognise(w: fx.Node, ids: fx.Node, applied_dtype: Optional[torch.dtype]) -
     walk.take(w)
     ids_core = walk.strip_casts(ids, allow_int=True)
     tk, k = _topk_parts(ids_core, walk)
+    first_max = is_op(tk, "max")   # ties to the lowest id, which topk does not promise
     core, scale, renorm, eps, floor = _weights_chain(w, walk)
     if is_op(core, "getitem") and core.args[0] is tk and core.args[1] == 0:
         # softmax -> topk: weights are the top-k probabilities.
@@ -361,7 +362,7 @@ def _recognise(w: fx.Node, ids: fx.Node, applied_dtype: Optional[torch.dtype]) -
         if scoring != "softmax":
             raise _NoMatch("a sigmoid router must gather its weights from the unbiased scores")
         spec = RouterSpec(top_k=k, renormalize=renorm, scaling_factor=scale, dtype=dtype, renorm_min=floor,
-                          renorm_eps=_eps(renorm, eps, scoring))
+                          renorm_eps=_eps(renorm, eps, scoring), first_max=first_max)
         kind = "softmax-topk"
     elif is_op(core, "softmax"):
         # topk -> softmax over the k logits.
@@ -375,7 +376,8 @@ def _recognise(w: fx.Node, ids: fx.Node, applied_dtype: Optional[torch.dtype]) -
         if renorm:
             raise _NoMatch("renormalising softmax weights that already sum to one")
         dtype = torch.float32 if upcast else None
-        spec = RouterSpec(top_k=k, topk_first=True, renormalize=False, scaling_factor=scale, dtype=dtype)
+        spec = RouterSpec(top_k=k, topk_first=True, renormalize=False, scaling_factor=scale, dtype=dtype,
+                          first_max=first_max)
         kind = "topk-softmax"
     elif is_op(core, "gather"):
         walk.take(core)
@@ -388,7 +390,7 @@ def _recognise(w: fx.Node, ids: fx.Node, applied_dtype: Optional[torch.dtype]) -
         bias, groups = _selection(tk.args[0], scores, walk, E)
         spec = RouterSpec(top_k=k, scoring=scoring, renormalize=renorm, scaling_factor=scale, dtype=dtype,
                           selection_bias=bias is not None, renorm_min=floor, renorm_eps=_eps(renorm, eps, scoring),
-                          **groups)
+                          first_max=first_max, **groups)
         kind = f"{scoring}-topk" + ("-grouped" if groups else "")
         return _finish(spec, w, ids, logits, bias, walk, kind, applied_dtype)
     else:

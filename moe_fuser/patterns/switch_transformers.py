@@ -252,7 +252,8 @@ def _match(ctx: MatchContext, prio: fx.Node):
     ex = _walk_experts(r, out_mul, next_, x, region)
     wis, wos, bis, bos = zip(*ex["experts"])
     has_bias = bis[0] is not None or bos[0] is not None
-    spec = MoESpec(RouterSpec(top_k=1, renormalize=False, dtype=torch.float32 if r.dtype == torch.float32 else None),
+    spec = MoESpec(RouterSpec(top_k=1, renormalize=False, dtype=torch.float32 if r.dtype == torch.float32 else None,
+                              first_max=True),   # argmax: ties to the lowest expert id
                    ExpertSpec(r.E, activation=ex["activation"], glu=None, bias=has_bias),
                    capacity=CapacitySpec(capacity=r.capacity, dropped="passthrough"))
     weights = MoEWeights(w1=list(wis), w2=list(wos), b1=list(bis) if bis[0] is not None else None,

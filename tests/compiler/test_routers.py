@@ -203,3 +203,19 @@ def test_selection_bias_promotes_like_the_model():
     want_w, want_ids = r_bf16_sigmoid_fp32_bias(x, w, b)
     got_w, got_ids = route(F.linear(x, w), rm.spec, b)
     assert torch.equal(want_ids, got_ids) and torch.equal(want_w, got_w)
+
+
+def test_top1_by_max_keeps_the_tie_order_of_max():
+    """torch.max (and argmax) give a tie to the lowest expert id; topk's order among equal scores is another (exact
+    ties are common with bf16 logits), so a max router routed by topk would send tied tokens elsewhere. Here three
+    experts tie at the top for every token: the recognised spec routes exactly as the max does."""
+    torch._dynamo.reset()
+    x, w = torch.rand(64, 16), torch.randn(E, 16) * 0.1
+    w[[2, 5, 6]] = 1.0
+    rm = _recognise(r_max, (x, w, None))
+    assert rm.spec.first_max and rm.spec.top_k == 1
+    logits = F.linear(x, w)
+    want_w, want_ids = r_max(x, w, None)
+    got_w, got_ids = route(logits, rm.spec)
+    assert (want_ids == 2).all() and torch.equal(got_ids.view(-1), want_ids) and torch.equal(got_w.view(-1), want_w)
+    assert not torch.equal(logits.softmax(-1).topk(1).indices.view(-1), want_ids)   # what topk would have picked

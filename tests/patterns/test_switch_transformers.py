@@ -31,11 +31,25 @@ def test_capacity_block_trains_eager_equal(dtype):
         errs = block_step(blk, compiled, x)
         assert max(errs.values()) <= TOL[dtype], errs
     assert dropped > 0, "the test must exercise dropped tokens"
-    want = MoESpec(RouterSpec(top_k=1, renormalize=False, dtype=torch.float32),
+    want = MoESpec(RouterSpec(top_k=1, renormalize=False, dtype=torch.float32, first_max=True),
                    ExpertSpec(4, activation="relu", glu=None),
                    capacity=CapacitySpec(capacity=2, dropped="passthrough"))
     assert [len(g) for g in rec.per_graph] == [1, 1]
     assert all(s == want for s in rec.specs), rec.specs
+
+
+def test_tied_router_scores_go_where_argmax_sends_them():
+    """The router's argmax gives a tie to the lowest expert id (topk would not, for some of these tokens): with
+    three experts' router rows equal, every token ties, and the fused block still equals eager."""
+    blk = switch_v4_block(torch.float32, expert_capacity=64).train()
+    with torch.no_grad():
+        blk.router.classifier.weight[[1, 2, 3]] = blk.router.classifier.weight[0].abs() + 1.0
+    x = torch.randn(2, 24, 32).abs()
+    ties = blk.router.classifier(x).softmax(-1)
+    assert not torch.equal(ties.topk(1).indices.flatten(), ties.argmax(-1).flatten())   # topk would differ
+    rec = FusedSpecs()
+    errs = block_step(blk, torch.compile(blk, backend="moe_fuser", options={"inner": rec}), x)
+    assert len(rec.specs) == 1 and max(errs.values()) <= TOL[torch.float32], errs
 
 
 def test_explain_and_gelu_experts():
