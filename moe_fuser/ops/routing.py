@@ -48,7 +48,6 @@ def route(router_logits_TE: torch.Tensor, spec: RouterSpec,
     """Return ``(topk_weights_TK, topk_ids_TK)``: weights in the routing dtype (fp32 by default), ids int64."""
     dtype = router_logits_TE.dtype if spec.dtype is None else torch.promote_types(spec.dtype, router_logits_TE.dtype)
     logits = router_logits_TE.to(dtype)
-    k = spec.top_k
     if spec.topk_first:
         values_TK, ids_TK = _top(logits, spec)
         if spec.scoring == "softmax":    # sums to 1: no renormalisation
