@@ -141,6 +141,14 @@ def test_violated_constraints_fall_back_and_say_why(fallbacks):
                                            "computes it")]
 
 
+def test_a_top1_by_max_routes_on_aten():
+    """A model's max/argmax top-1 gives ties to the lowest expert id; the gating op's tie order is topk's, so such
+    a router (RouterSpec.first_max, set by the compiler) stays on ATen, saying why."""
+    plan, why = npu_lowering.route_plan(RouterSpec(top_k=1, first_max=True), 8, torch.float32, False)
+    assert plan is None and "max/argmax" in why[0]
+    assert npu_lowering.route_plan(RouterSpec(top_k=1), 8, torch.float32, False)[0] is not None
+
+
 def test_a_bias_in_another_dtype_routes_on_aten(fallbacks):
     """bf16 scores plus an fp32 correction bias (a model under autocast) select in fp32; the gating op, which takes
     the bias in the scores' dtype, would round it, so routing stays on ATen and says why."""
