@@ -519,9 +519,12 @@ def main(argv=None) -> None:
     print_table(rows, env)
     csv_path, png_path = out_dir / f"{args.name}.csv", out_dir / f"{args.name}.png"
     write_csv(csv_path, rows, env)
-    plot(rows, png_path)
-    print(f"hf path: {sorted({r['hf_path'] for r in rows})}; wrote {csv_path} and {png_path} "
-          f"({time.perf_counter() - t_start:.0f}s)")
+    try:
+        plot(rows, png_path)
+        wrote = f"{csv_path} and {png_path}"
+    except ImportError:   # the table and the CSV are the results; the plot needs the bench extra
+        wrote = f"{csv_path} (no plot: matplotlib is not installed; pip install -e \".[bench]\")"
+    print(f"hf path: {sorted({r['hf_path'] for r in rows})}; wrote {wrote} ({time.perf_counter() - t_start:.0f}s)")
 
 
 if __name__ == "__main__":
