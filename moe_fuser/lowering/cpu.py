@@ -482,6 +482,8 @@ class CpuLowering:
     op wrapper's backward and AOTAutograd's compiled backward both clear their own references first). Letting
     go is ``Tensor.set_()`` on the op's own argument: memory is freed only if nothing else shares it, so a caller
     that kept the forward's outputs still reads them intact. A backward handed a chunk already let go of raises.
+    Traced, the backward takes the output gradient's rows per chunk instead of the gradient (``grad_rows``, see
+    ``moe_fuser.ops.experts``) and lets go of them the same way.
     """
 
     name = "cpu"
@@ -539,21 +541,33 @@ class CpuLowering:
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3), x_TD.dtype)
         return _streamed_ffn(G, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, spec)
 
+    def grad_rows(self, grad_TD, topk_ids_TK, order_N, num_experts: int, chunks: int) -> list[torch.Tensor]:
+        """The output gradient's rows of the kept pairs in sorted order, one tensor per ``expert_chunks`` range
+        (as the training forward saved ``h``); ``backward(..., grad_rows=)`` takes them instead of the gradient."""
+        G = _Grouping(topk_ids_TK, num_experts, False, grad_TD.dtype, order_N=order_N)
+        return [grad_TD.new_empty((0, grad_TD.shape[1])) if p is None else torch.index_select(grad_TD, 0, p.tok_n)
+                for p in _saved_parts(G, chunks)]
+
     def backward(self, grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, order_N, w1, w2, w3, b1, b2, b3,
-                 spec: ExpertSpec, needs_input_grad):
+                 spec: ExpertSpec, needs_input_grad, grad_rows: Optional[list[torch.Tensor]] = None):
+        """``grad_rows`` (with ``h`` in chunks, ``grad_TD`` None): the output gradient already gathered per chunk
+        (``grad_rows``); each chunk is let go of once its experts are done, when the chunks of ``h`` are (see the
+        class docstring)."""
         need_x, need_weights, need_w = needs_input_grad
         T, K = topk_ids_TK.shape
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3), x_TD.dtype,
                       order_N=order_N)
         if isinstance(h_NH, torch.Tensor):
-            saved, release = [(G, h_NH)], False
+            saved, release = [(G, h_NH, None)], False
         else:
             parts = _saved_parts(G, len(h_NH))
             if any(h.shape[0] != (0 if p is None else p.n) for p, h in zip(parts, h_NH)):
                 raise RuntimeError("moe_fuser: this MoE layer's saved activations were already released by a "
                                    "backward pass through it; to backpropagate through the graph again, run "
                                    "the earlier backward with retain_graph=True")
-            saved = sorted(((p, h) for p, h in zip(parts, h_NH) if p is not None), key=lambda ph: -ph[0].n)
+            rows = grad_rows if grad_rows else [None] * len(parts)
+            saved = sorted(((p, h, r) for p, h, r in zip(parts, h_NH, rows) if p is not None),
+                           key=lambda phr: -phr[0].n)
             release = x_TD.device.type == "cpu" and not _graph_kept()
         dx_TD = x_TD.new_zeros(x_TD.shape) if need_x else None
         dweights_N = topk_weights_TK.new_zeros(T * K) if need_weights else None
@@ -565,12 +579,16 @@ class CpuLowering:
         # gradients (the eager loop's backward frees its per-expert activations as it goes, too).
         g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
-        for part, h in saved:
+        for part, h, rows in saved:
             subs = list(part.groups(row_bytes, TRAIN_STREAM_MIN_ROWS))
             for i, sub in enumerate(subs):
                 done = (lambda h=h: _release(h)) if release and i == len(subs) - 1 else None
+                dy = None if rows is None else rows[sub.start - part.start:sub.start - part.start + sub.n]
                 _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], _rows_of(h, spec, sub, part),
-                              w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done)
+                              w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done, dy)
+                del dy
+            if rows is not None and release:
+                _release(rows)
         grads_w = [g.grads if isinstance(g, _ExpertGrads) else g for g in grads_w]
         return (dx_TD, None if dweights_N is None else dweights_N.view(T, K), *grads_w)
 
@@ -608,18 +626,20 @@ def _grad_buffer(ws, counts: list[int], zero: bool = False):
     return out
 
 
-def _down_grads(G: _Grouping, dy, a, g, dw2, db2) -> None:
-    """The second projection's weight (and bias) gradients from the gathered output gradient ``dy`` (weighted by
-    the routing weight ``g`` here, in place) and the activation ``a``."""
-    dy.mul_(g)
+def _down_grads(G: _Grouping, dy, a, g, dw2, db2, dy_owned: bool = True) -> None:
+    """The second projection's weight (and bias) gradients from the gathered output gradient ``dy`` and the
+    activation ``a``, with the routing weight ``g``: dW2 = (g dy)^T a, weighting ``dy`` in place, or, where ``dy``
+    is not ours to change (``dy_owned``: rows the backward op was handed), ``a`` (the same product)."""
+    if dy_owned:
+        dy.mul_(g)
     if dw2 is not None:
-        G.wgrad(dy, a, dw2)
+        G.wgrad(dy, a if dy_owned else a.mul_(g), dw2)
         if db2 is not None:
-            G.segment_sum(dy, db2)
+            G.segment_sum(dy if dy_owned else dy * g, db2)
 
 
 def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, spec: ExpertSpec,
-                  dx_TD, dweights_N, grads_w, saved_done=None) -> None:
+                  dx_TD, dweights_N, grads_w, saved_done=None, dy_rows=None) -> None:
     """Backward of ``_ffn`` on G's rows (routing weights ``g_n``, saved halves' rows ``saved_rows``, as in
     ``_ffn``), accumulating into the given gradient buffers (None: not needed). Temporaries are dropped as soon as
     their last use is done, and ``saved_done`` (if given) is called once the saved rows are no longer read: then
@@ -627,7 +647,10 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     gradients is allocated."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
-    dy = G.gather(grad_TD).to(x_TD.dtype)  # unweighted; cast per group where the output had a combine_dtype
+    # unweighted (G's rows of the output gradient, or ``dy_rows`` already gathered); cast per group where the
+    # output had a combine_dtype
+    dy = (G.gather(grad_TD) if dy_rows is None else dy_rows).to(x_TD.dtype)
+    dy_owned = dy_rows is None or dy.data_ptr() != dy_rows.data_ptr()
     dA = G.mm(dy, w2)
     parts = tuple(G.from_sorted(h) for h in saved_rows)
     act_gate = None  # act(gate) of a GLU: needed for a and again for d_up, computed once
@@ -644,7 +667,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
             dg = dg + (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32)
         dweights_N.index_copy_(0, G.order_n, G.to_sorted(dg).to(dweights_N.dtype))
     if saved_done is None:   # nothing to let go of: dW2 first, so that a and dy are gone before dh appears
-        _down_grads(G, dy, a, g, dw2, db2)
+        _down_grads(G, dy, a, g, dw2, db2, dy_owned)
         del a, dy
     dA.mul_(g)
     if spec.glu == "separate":
@@ -654,7 +677,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     del dA, parts, act_gate, saved_rows
     if saved_done is not None:   # the saved rows go before this group's first gradient is allocated
         saved_done()
-        _down_grads(G, dy, a, g, dw2, db2)
+        _down_grads(G, dy, a, g, dw2, db2, dy_owned)
         del a, dy
     if dx_TD is not None:
         dxs = G.mm(dh_parts[0], w1)

@@ -18,10 +18,17 @@ a ``Tensor[]`` of ``save`` tensors: one ``[T*K, H]``, or, where the lowering sav
 the CPU lowering with per-expert weight lists), one tensor per range of experts, whose row counts depend on the
 routing. With ``save=0`` (no gradient can flow: the wrapper decides) ``h`` is empty, ``order`` too, and the
 lowering's ``forward_inference`` (if it has one) runs instead, keeping less alive.
+
+Backward: ``moe_fuser::grouped_experts_backward`` takes the output gradient. Traced with ``h`` in chunks, the
+backward is two ops instead: ``moe_fuser::grad_rows`` gathers the output gradient's rows per chunk and
+``moe_fuser::grouped_experts_backward_rows`` takes those, so the compiled backward frees the output gradient
+before the experts' weight gradients appear and the lowering frees each chunk of rows once used (the eager
+loop's backward holds the output gradient only until its last expert; autograd holds it through a backward op).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from typing import Optional, Sequence, Union
@@ -115,6 +122,25 @@ def _(x, topk_weights, topk_ids, w1, w2, w3, b1, b2, b3, num_experts, activation
     return out, h, topk_ids.new_empty((T * K if save else 0,), dtype=torch.int64)
 
 
+@torch.library.custom_op("moe_fuser::grad_rows", mutates_args=())
+def _grad_rows_op(grad: torch.Tensor, topk_ids: torch.Tensor, order: torch.Tensor, num_experts: int,
+                  chunks: int, impl: str) -> list[torch.Tensor]:
+    """The output gradient's rows of the kept pairs, in sorted order, one tensor per saved chunk of ``h`` (the
+    lowering's ``grad_rows``). In a traced backward it runs before the backward op, so that the compiled code can
+    let go of the output gradient, and the backward op lets go of each chunk of rows once used."""
+    return lowering.select(impl, grad.device).grad_rows(grad, topk_ids, order, num_experts, chunks)
+
+
+@_grad_rows_op.register_fake
+def _(grad, topk_ids, order, num_experts, chunks, impl):
+    ctx = torch.library.get_ctx()
+    return [grad.new_empty((ctx.new_dynamic_size(), grad.shape[1])) for _ in range(chunks)]
+
+
+_BackwardGrads = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
+                       list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
 @torch.library.custom_op("moe_fuser::grouped_experts_backward", mutates_args=())
 def _grouped_experts_backward_op(
         grad: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -122,31 +148,50 @@ def _grouped_experts_backward_op(
         w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
         b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
         num_experts: int, activation: str, glu: str, alpha: float, limit: float, combine: str, impl: str,
-        needs_input_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor],
-                                               list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
-                                               list[torch.Tensor]]:
-    dx, dweights, *dws = _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3,
-                                           num_experts, activation, glu, alpha, limit, combine, impl,
-                                           needs_input_grad)
-    # Custom ops may not return None or alias inputs: absent grads become empty tensors / lists
+        needs_input_grad: list[bool]) -> _BackwardGrads:
+    return _op_grads(grad, [], x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation,
+                     glu, alpha, limit, combine, impl, needs_input_grad)
+
+
+# The same backward taking the output gradient already gathered per saved chunk (``_grad_rows_op``). A separate
+# op, not another argument of the first: compiled graphs cached on disk call the first by name with its schema.
+@torch.library.custom_op("moe_fuser::grouped_experts_backward_rows", mutates_args=())
+def _grouped_experts_backward_rows_op(
+        grad_rows: list[torch.Tensor], x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        h: list[torch.Tensor], order: torch.Tensor,
+        w1: list[torch.Tensor], w2: list[torch.Tensor], w3: list[torch.Tensor],
+        b1: list[torch.Tensor], b2: list[torch.Tensor], b3: list[torch.Tensor],
+        num_experts: int, activation: str, glu: str, alpha: float, limit: float, combine: str, impl: str,
+        needs_input_grad: list[bool]) -> _BackwardGrads:
+    return _op_grads(None, grad_rows, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts,
+                     activation, glu, alpha, limit, combine, impl, needs_input_grad)
+
+
+def _op_grads(grad, grad_rows, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, *config):
+    """The backward ops' kernel: ``_experts_backward`` with what a custom op may return (no None, no alias of an
+    input: absent grads become empty tensors / zero-filled lists)."""
+    dx, dweights, *dws = _experts_backward(grad, grad_rows, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1,
+                                           b2, b3, *config)
     dx = x.new_zeros(0) if dx is None else dx
     dweights = topk_weights.new_zeros(0) if dweights is None else dweights
     return (dx, dweights, *zero_filled(dws, (w1, w2, w3, b1, b2, b3)))
 
 
-def _experts_backward(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation,
-                      glu, alpha, limit, combine, impl, needs_input_grad):
+def _experts_backward(grad, grad_rows, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts,
+                      activation, glu, alpha, limit, combine, impl, needs_input_grad):
     """What the backward op computes: ``(dx, dweights, *six weight-gradient lists)``, None where not needed, and
     None in a per-expert list for an expert that got no rows (``moe_fuser.lowering``). The output's gradient
     comes in ``combine_dtype`` if one was set: a lowering with ``combine_dtypes`` takes it so, any other gets it
-    cast to the compute dtype."""
+    cast to the compute dtype. It comes as ``grad`` or, already gathered per chunk, as ``grad_rows``
+    (``_grad_rows_op``; then ``grad`` is None)."""
     spec = _spec(num_experts, activation, glu, bool(b1 or b2 or b3), alpha, limit)
     low = lowering.select(impl, x.device)
-    if not getattr(low, "combine_dtypes", False):
+    if grad is not None and not getattr(low, "combine_dtypes", False):
         grad = grad.to(x.dtype)
     # one saved tensor goes to the lowering as it came; chunks (see the module docstring) as the list
+    rows = {"grad_rows": grad_rows} if grad_rows else {}
     dx, dweights, *dws = low.backward(grad, x, topk_weights, topk_ids, h[0] if len(h) == 1 else h, order,
-                                      *_unpack_all(w1, w2, w3, b1, b2, b3), spec, tuple(needs_input_grad))
+                                      *_unpack_all(w1, w2, w3, b1, b2, b3), spec, tuple(needs_input_grad), **rows)
     return (dx, dweights, *[pack_weights(g) for g in dws])
 
 
@@ -182,8 +227,17 @@ def _runs_eagerly(grad: torch.Tensor) -> bool:
 
 
 @_grouped_experts_backward_op.register_fake
-def _(grad, x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha,
-      limit, combine, impl, needs_input_grad):
+def _(grad, *args):
+    return _fake_grads(*args)
+
+
+@_grouped_experts_backward_rows_op.register_fake
+def _(grad_rows, *args):
+    return _fake_grads(*args)
+
+
+def _fake_grads(x, topk_weights, topk_ids, h, order, w1, w2, w3, b1, b2, b3, num_experts, activation, glu, alpha,
+                limit, combine, impl, needs_input_grad):
     need_x, need_weights, need_w = needs_input_grad
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
             topk_weights.new_empty(topk_weights.shape) if need_weights else topk_weights.new_empty(0),
@@ -298,18 +352,26 @@ def _backward(ctx, grad_out, grad_h, grad_order):
 def _grads(ctx, grad_out, x, topk_weights, topk_ids, h, order, lists, needs_input_grad):
     """The backward of both autograd formulas: ``(dx, dweights, *six weight-gradient lists)``."""
     ctx.maybe_clear_saved_tensors()  # unless retain_graph: the lowering may let go of h as it goes
-    args = (grad_out.contiguous(), x, topk_weights, topk_ids, h, order, *lists, *ctx.config, needs_input_grad)
+    rest = (x, topk_weights, topk_ids, h, order, *lists, *ctx.config, needs_input_grad)
     # Where nothing traces, an expert that got no rows keeps no gradient (None, as in an eager loop that skips it;
     # an optimizer then leaves it alone) instead of the zeros the op's fixed outputs force.
-    eager = _runs_eagerly(grad_out)
-    if eager and _functorch_levels():   # torch.func.grad/vjp: the gradients' values (nothing differentiates them)
-        with torch.no_grad():
-            return _experts_backward(*args)
-    return (_experts_backward if eager else _grouped_experts_backward_op)(*args)
+    if _runs_eagerly(grad_out):
+        # under torch.func.grad/vjp: the gradients' values (nothing differentiates them)
+        with torch.no_grad() if _functorch_levels() else contextlib.nullcontext():
+            return _experts_backward(grad_out.contiguous(), [], *rest)
+    impl = ctx.config[-1]
+    if len(h) > 1 and hasattr(lowering.select(impl, x.device), "grad_rows"):
+        # Traced, with h saved in chunks: the output gradient's rows are gathered first, so that the compiled
+        # backward lets go of the output gradient before the experts' backward, which lets go of each chunk of
+        # rows once used (the gradients then grow while everything else shrinks, as in the eager loop).
+        rows = _grad_rows_op(grad_out.contiguous(), topk_ids, order, ctx.config[0], len(h), impl)
+        return _grouped_experts_backward_rows_op(rows, *rest)
+    return _grouped_experts_backward_op(grad_out.contiguous(), *rest)
 
 
 _grouped_experts_op.register_autograd(_backward, setup_context=_setup_context)
 first_derivative_only(_grouped_experts_backward_op)
+first_derivative_only(_grouped_experts_backward_rows_op)
 
 
 class _EagerExperts(torch.autograd.Function):
