@@ -545,7 +545,7 @@ class CpuLowering:
         """The output gradient's rows of the kept pairs in sorted order, one tensor per ``expert_chunks`` range
         (as the training forward saved ``h``); ``backward(..., grad_rows=)`` takes them instead of the gradient."""
         G = _Grouping(topk_ids_TK, num_experts, False, grad_TD.dtype, order_N=order_N)
-        return [grad_TD.new_empty((0, grad_TD.shape[1])) if p is None else torch.index_select(grad_TD, 0, p.tok_n)
+        return [grad_TD.new_empty((0, grad_TD.shape[1])) if p is None else p.gather(grad_TD)
                 for p in _saved_parts(G, chunks)]
 
     def backward(self, grad_TD, x_TD, topk_weights_TK, topk_ids_TK, h_NH, order_N, w1, w2, w3, b1, b2, b3,
