@@ -49,8 +49,8 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from .. import lowering
 from ..ops.experts import (_hidden_width, _spec, _unpack_all, fake_weight_grads, pack_weights,
                            register_ep_autograd, zero_filled)
-from ..ops.fused import (_shared_expert, cast_experts, experts_dtype, no_autocast, select_routing, sum_slots,
-                         validate, weighted_input_rows)
+from ..ops.fused import (_all_finite, _on_real_data, _shared_expert, cast_experts, experts_dtype, no_autocast,
+                         select_routing, sum_slots, validate, weighted_input_rows)
 from ..ops.routing import router_stats
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
 from .dispatch import HEADER_FIELDS, MAX_CHUNKS, TokenDispatcher, _dtype_code, _MAGIC, _KINDS
@@ -342,8 +342,7 @@ def _validate_ep(spec: MoESpec, x_TD, router_logits_TE, w: MoEWeights, E: int, r
     if router_logits_TE is not None:
         if router_logits_TE.dim() != 2 or router_logits_TE.shape[0] != x_TD.shape[0]:
             _fail(f"router_logits must be [T={x_TD.shape[0]}, E]; got {tuple(router_logits_TE.shape)}")
-        if not torch.compiler.is_compiling() and router_logits_TE.numel() and \
-                not bool(torch.isfinite(router_logits_TE).all()):
+        if _on_real_data(router_logits_TE) and not _all_finite(router_logits_TE):
             _fail("router_logits contain NaN or inf; check the router's input and weights")
     if w.selection_bias is not None and tuple(w.selection_bias.shape) != (E,):
         _fail(f"selection_bias must be [E={E}]; got {tuple(w.selection_bias.shape)}")

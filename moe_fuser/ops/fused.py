@@ -78,6 +78,12 @@ def _bias_shape(name: str, bs, E: int, width: int, dtype: torch.dtype) -> None:
         _fail(f"{name} has dtype {dt} but the weights are {dtype}; cast it with .to({dtype})")
 
 
+def _on_real_data(t: torch.Tensor) -> bool:
+    """Whether a value check may read ``t``: real, non-empty data (a fake tensor's ``bool()``, or one while dynamo
+    traces, would add a data-dependent symbol)."""
+    return not torch.compiler.is_compiling() and not is_fake(t) and t.numel() > 0
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """No NaN or infinity in ``t`` (non-empty): one reduction, since min and max propagate NaN (``isfinite(t).all()``
     runs four passes: 76 us against 12 us for [256, 128] bf16 logits here)."""
@@ -87,8 +93,8 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def _check_ids(topk_ids_TK: torch.Tensor, E: int) -> None:
     """Given top-k ids name experts: each in [0, E), or -1 for a pair that goes to no expert. Any other id would
-    silently contribute nothing (the lowerings treat it as a dropped pair). A value check: real data only."""
-    if torch.compiler.is_compiling() or is_fake(topk_ids_TK) or not topk_ids_TK.numel():
+    silently contribute nothing (the lowerings treat it as a dropped pair)."""
+    if not _on_real_data(topk_ids_TK):
         return
     lo, hi = (int(v) for v in torch.aminmax(topk_ids_TK))
     if lo < -1 or hi >= E:
@@ -172,9 +178,7 @@ def validate(spec: MoESpec, x_TD: torch.Tensor, router_logits_TE: Optional[torch
                   "output size must equal the number of experts")
         if not router_logits_TE.is_floating_point():
             _fail(f"router_logits must be floating; got {router_logits_TE.dtype}")
-        # a value check: only on real data (a fake tensor's bool() would add a data-dependent symbol)
-        if not torch.compiler.is_compiling() and not is_fake(router_logits_TE) and router_logits_TE.numel() and \
-                not _all_finite(router_logits_TE):
+        if _on_real_data(router_logits_TE) and not _all_finite(router_logits_TE):
             _fail("router_logits contain NaN or inf; check the router's input and weights (routing on NaN "
                   "scores would pick arbitrary experts)")
     if E != spec.num_experts:
