@@ -66,47 +66,51 @@ def expert_activation(h_NH: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
     return gated_activation(*split_gate_up(h_NH, spec.glu), spec)
 
 
-def act_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def act_backward(name: str, grad: torch.Tensor, h: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The activation's vector-Jacobian product, written into ``out`` when given (which may be ``grad`` itself)."""
+    aten = torch.ops.aten
     if name == "silu":
-        return torch.ops.aten.silu_backward(grad, h)
-    if name == "gelu":
-        return torch.ops.aten.gelu_backward(grad, h, approximate="none")
-    if name == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+        return aten.silu_backward(grad, h) if out is None else aten.silu_backward.grad_input(grad, h, grad_input=out)
+    if name in ("gelu", "gelu_tanh"):
+        approximate = "none" if name == "gelu" else "tanh"
+        return aten.gelu_backward(grad, h, approximate=approximate) if out is None else \
+            aten.gelu_backward.grad_input(grad, h, approximate=approximate, grad_input=out)
     if name == "relu":
-        return torch.ops.aten.threshold_backward(grad, h, 0)
+        return aten.threshold_backward(grad, h, 0) if out is None else \
+            aten.threshold_backward.grad_input(grad, h, 0, grad_input=out)
     if name == "relu2":
-        return F.relu(h).mul_(2).mul_(grad)
+        return torch.mul(F.relu(h).mul_(2), grad, out=out)
     raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh, relu or relu2")
 
 
-def _join_gate_up(d_gate: torch.Tensor, d_up: torch.Tensor, glu: str) -> torch.Tensor:
-    if glu == "interleaved":
-        return torch.stack([d_gate, d_up], dim=-1).flatten(-2)
-    return torch.cat([d_gate, d_up], dim=-1)
-
-
 def gated_activation_backward(gate: torch.Tensor, up: torch.Tensor, dA_NF: torch.Tensor, spec: ExpertSpec,
-                              act_gate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_gate, d_up). ``act_gate``: ``act_fn(spec.activation, g)`` of the clamped gate ``g``
-    (``clamp_gate_up``) when the caller already has it (not for gpt_oss), so it is not computed again."""
+                              act_gate: Optional[torch.Tensor] = None,
+                              out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, ...]:
+    """(d_gate, d_up), written into the buffers ``out`` when given. ``act_gate``: ``act_fn(spec.activation, g)`` of
+    the clamped gate ``g`` (``clamp_gate_up``) when the caller already has it (not for gpt_oss), so it is not
+    computed again."""
     g, u = clamp_gate_up(gate, up, spec)
+    d_gate_out, d_up_out = (None, None) if out is None else out
     if spec.activation == "gpt_oss":
         sig = torch.sigmoid(g * spec.alpha)
-        d_up = dA_NF * (g * sig)
-        d_gate = dA_NF * (u + 1) * (sig + spec.alpha * g * sig * (1 - sig))
+        d_up = torch.mul(dA_NF, g * sig, out=d_up_out)
+        d_gate = torch.mul(dA_NF * (u + 1), sig + spec.alpha * g * sig * (1 - sig), out=d_gate_out)
     else:
-        d_up = dA_NF * (act_fn(spec.activation, g) if act_gate is None else act_gate)
-        d_gate = act_backward(spec.activation, dA_NF * u, g)
+        d_up = torch.mul(dA_NF, act_fn(spec.activation, g) if act_gate is None else act_gate, out=d_up_out)
+        d_gate = act_backward(spec.activation, torch.mul(dA_NF, u, out=d_gate_out), g, out=d_gate_out)
     if spec.limit is not None:  # a clamped value passes no gradient
-        d_up = d_up * ((up >= -spec.limit) & (up <= spec.limit))
-        d_gate = d_gate * (gate <= spec.limit)
+        d_up.mul_((up >= -spec.limit) & (up <= spec.limit))
+        d_gate.mul_(gate <= spec.limit)
     return d_gate, d_up
 
 
 def expert_activation_backward(h_NH: torch.Tensor, dA_NF: torch.Tensor, spec: ExpertSpec,
                                act_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dh`` for ``h_NH``; for a GLU its gate and up halves are written in place into one new buffer (no
+    concatenation copy)."""
     if not spec.gated:
         return act_backward(spec.activation, dA_NF, h_NH)
-    gate, up = split_gate_up(h_NH, spec.glu)
-    return _join_gate_up(*gated_activation_backward(gate, up, dA_NF, spec, act_gate), spec.glu)
+    dh_NH = torch.empty(h_NH.shape, dtype=h_NH.dtype, device=h_NH.device)
+    gated_activation_backward(*split_gate_up(h_NH, spec.glu), dA_NF, spec, act_gate,
+                              out=split_gate_up(dh_NH, spec.glu))
+    return dh_NH
