@@ -33,6 +33,7 @@ def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
     # Forward and backward then stream several expert groups (each group writes / reads its rows of the saved h).
     monkeypatch.setattr(cpu, "TRAIN_STREAM_MIN_ROWS", 1)
+    monkeypatch.setattr(cpu, "TRAIN_FORWARD_BUDGET", 0.0)
     monkeypatch.setattr(cpu, "PADDED_STREAM_BYTES", 1)
     used = []
     init = cpu._Grouping.__init__
@@ -194,6 +195,31 @@ def test_inference_groups_up_to_the_minimum_bytes(monkeypatch):
     assert sum(n for _, _, n in seen) == 12 and len(seen) > 1
     assert all(n <= max(5, int(counts.max())) for _, _, n in seen)
 
+
+
+def test_training_forward_groups_within_the_saved_size(monkeypatch):
+    """The training forward of stacked weights runs groups whose temporaries (rows of xs, then a and y: D + F
+    elements) stay within TRAIN_FORWARD_BUDGET times the saved h (H elements per row): one group at 1.0 for a GLU
+    (H = 2F >= D + F here), groups of the largest expert's rows at 0; the backward streams its own groups. Both
+    equal to the reference."""
+    _padded_rows(monkeypatch, 0)
+    monkeypatch.setattr(cpu, "TRAIN_STREAM_MIN_ROWS", 1)
+    seen = _streamed(monkeypatch)
+    case = Case(T=64, D=16, F=24, E=8, k=2, dtype=torch.float32, glu="concat")
+    x, logits, kw = case.make(requires_grad=True)
+    counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=8)
+    for budget in (1.0, 0.0):
+        monkeypatch.setattr(cpu, "TRAIN_FORWARD_BUDGET", budget)
+        seen.clear()
+        out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
+        assert sum(n for _, _, n in seen) == 128
+        assert len(seen) == 1 if budget else (len(seen) > 1 and all(n <= counts.max() for _, _, n in seen))
+        ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
+        assert rel_err(out, ref) < 1e-5
+        grad = torch.randn_like(out)
+        ins = leaves(x, logits, kw)
+        for g, w in zip(torch.autograd.grad(out, ins, grad), torch.autograd.grad(ref, ins, grad)):
+            assert rel_err(g, w) < 1e-5
 
 @pytest.mark.parametrize("glu,bias", [("separate", True), ("concat", False), (None, True)])
 def test_padded_layout_streams_groups_of_experts(monkeypatch, glu, bias):
