@@ -13,6 +13,7 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
 
     COMBINE   out.index_add_(0, tok, y) | out.scatter_add_(0, tok[:, None].expand(-1, D), y)
               | out.index_put_((tok,), y, accumulate=True) | out[tok] += y | out = out.index_add(0, tok, y)
+              | out[tok] = y (a sum only under top-1 routing: refused for ids of k > 1 experts per token)
     WEIGHT    y = f * w[tok, slot, None] (either order; ``w[tok, slot].unsqueeze(-1)``/``[:, None]``/``view``;
               ``w[tok, None]`` for 1-D top-1 weights), with dtype casts anywhere
     FFN       Linear -> act (also in place) -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear (SwiGLU/GeGLU module),
@@ -22,7 +23,8 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
     GATHER    x[tok] | x[None, tok].reshape(-1, D) | x.index_select(0, tok)
     DISPATCH  torch.where(ids == e) -> (tok, slot)  |  torch.where(one_hot(ids, E).permute(2, 1, 0)[e]) ->
               (slot, tok) (``permute(2, 0, 1)`` gives (tok, slot))  |  (ids == e).nonzero() -> [:, 0], [:, 1]
-              |  with 1-D top-1 ids: torch.where(ids == e)[0]
+              |  with 1-D top-1 ids: torch.where(ids == e)[0], the mask ids == e (x[mask]),
+              (ids == e).nonzero().squeeze(-1)
 
 The loop must cover every expert 0..E-1 exactly once with one FFN structure; the weights and ids of all experts
 must be the same two nodes, which ``routers.recognise_router`` resolves to a RouterSpec (or an external router).
@@ -46,6 +48,10 @@ from .base import Match, MatchContext, Rejection, register_pattern
 from .routers import recognise_router
 
 __all__ = ["HandwrittenLoop"]
+
+# ops that keep an integer tensor's values (casts between int32 and int64, reshapes): the expert-id range proof
+# (``HandwrittenLoop._check_external_ids``) looks through them
+_VALUE_KEEPING = ("to", "long", "int", "squeeze", "unsqueeze", "view", "reshape", "flatten")
 
 FAMILY = "handwritten"
 _CASTS = ("to", "float", "type_as", "half", "bfloat16", "double", "type")
@@ -125,8 +131,11 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
             writes.append((u, u.args[1][0], u.args[2], {u}))
         elif name == "setitem":
             tok, rhs = u.args[1], u.args[2]
-            if not (isinstance(tok, fx.Node) and is_op(rhs, "iadd", "add") and len(rhs.args) == 2):
-                raise _NoMatch(f"{u.name} assigns into the output instead of accumulating")
+            if not isinstance(tok, fx.Node) or not isinstance(rhs, fx.Node):
+                raise _NoMatch(f"{u.name} writes into the output at an index that is not a token index")
+            if _assigns(u):   # out[tok] = y: an accumulation only under top-1 routing (checked in _match)
+                writes.append((u, tok, rhs, {u}))
+                continue
             old, y = rhs.args
             if not (is_op(old, "getitem") and old.args[0] is buf and old.args[1] is tok):
                 old, y = y, old
@@ -138,6 +147,13 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
     if writes and other:
         raise _NoMatch(other[0])
     return writes
+
+
+def _assigns(writer: fx.Node) -> bool:
+    """Whether a write into the buffer is ``out[tok] = y`` (not ``out[tok] += y``)."""
+    rhs = writer.args[2] if op(writer) == "setitem" else None
+    return isinstance(rhs, fx.Node) and not (is_op(rhs, "iadd", "add") and len(rhs.args) == 2 and any(
+        is_op(a, "getitem") and a.args[0] is writer.args[0] and a.args[1] is writer.args[1] for a in rhs.args))
 
 
 def _functional_chain(buf: fx.Node) -> tuple[list, fx.Node]:
@@ -331,8 +347,34 @@ def _expert_of(eq: fx.Node, walk: _Walk) -> tuple[fx.Node, int]:
     return eq.args[0], eq.args[1]
 
 
+def _column(node: fx.Node) -> bool:
+    """``t.squeeze(-1)`` / ``t.squeeze(1)`` / ``t.view(-1)`` / ``t.reshape(-1)`` / ``t.flatten()`` of an [n, 1] t."""
+    if is_op(node, "squeeze"):
+        ok = arg(node, 1, "dim") in (-1, 1)
+    elif is_op(node, "view", "reshape"):
+        ok = tuple(node.args[1:]) in ((-1,), ((-1,),), ([-1],))
+    else:
+        ok = is_op(node, "flatten") and len(node.args) == 1 and not node.kwargs
+    v = val(node.args[0]) if ok and isinstance(node.args[0], fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == 1
+
+
 def _dispatch(tok: fx.Node, slot: Optional[fx.Node], walk: _Walk) -> tuple[fx.Node, int]:
     """(tok, slot) -> (ids node, expert index e)."""
+    if is_op(tok, "eq") and slot is None:   # a boolean mask over 1-D top-1 ids: x[ids == e] picks rows like where
+        ids, e = _expert_of(tok, walk)
+        if val(ids).dim() != 1:
+            raise _NoMatch(f"the mask {tok.name} over ids of rank {val(ids).dim()} does not select token rows")
+        return ids, e
+    if slot is None and _column(tok) and is_op(tok.args[0], "nonzero") \
+            and arg(tok.args[0], 1, "as_tuple", False) is not True:   # (ids == e).nonzero().squeeze(-1)
+        nz = tok.args[0]
+        walk.take(tok)
+        walk.take(nz)
+        ids, e = _expert_of(nz.args[0], walk)
+        if val(ids).dim() != 1:
+            raise _NoMatch(f"{tok.name}: a flattened nonzero of ids of rank {val(ids).dim()} is no token index")
+        return ids, e
     if is_op(tok, "getitem") and isinstance(tok.args[1], tuple) and len(tok.args[1]) == 2 \
             and tok.args[1][0] == slice(None) and is_op(tok.args[0], "nonzero"):
         nz = tok.args[0]
@@ -456,6 +498,12 @@ class HandwrittenLoop:
             if {k: (v[0] if v else None) for k, v in ex.params.items()} != \
                     {k: (v[0] if v else None) for k, v in first.params.items()}:
                 raise _NoMatch(f"experts {first.e} and {ex.e} hold their weights differently")
+        ids = val(first.ids)
+        if any(_assigns(w[0]) for w in writes) and not (ids.dim() == 1 or ids.shape[-1] == 1):
+            raise _NoMatch(f"{next(w[0] for w in writes if _assigns(w[0])).name} assigns into the output "
+                           f"(out[tok] = y): that sums the experts only under top-1 routing, and the ids "
+                           f"{first.ids.name} hold {ids.shape[-1]} experts per token (accumulate: out[tok] += y "
+                           "or index_add_)")
         experts.sort(key=lambda x: x.e)
         weights = self._weights([ex.params for ex in experts])
         router = recognise_router(first.weights, first.ids, applied_dtype=first.weights_dtype)
@@ -508,13 +556,24 @@ class HandwrittenLoop:
 
     @staticmethod
     def _check_external_ids(ids: fx.Node, E: int) -> None:
-        """An external router's ids must provably lie in [0, E): they are a top-k over E scores."""
+        """An external router's ids must provably lie in [0, E): the indices of a top-k, max or argmax over the
+        last dim of E scores, through integer casts and reshapes (which keep the values)."""
         node = ids
-        while is_op(node, "to", "long", "int") and isinstance(node.args[0], fx.Node):
+        while is_op(node, *_VALUE_KEEPING) and isinstance(node.args[0], fx.Node) \
+                and getattr(val(node), "dtype", None) in (torch.int32, torch.int64):
             node = node.args[0]
-        if is_op(node, "getitem") and node.args[1] == 1 and is_op(node.args[0], "topk", "max"):
-            v = val(node.args[0].args[0])
-            if isinstance(v, torch.Tensor) and v.shape[-1] == E:
+        if is_op(node, "getitem") and node.args[1] == 1 and is_op(node.args[0], "topk"):
+            select, dim = node.args[0], arg(node.args[0], 2, "dim", -1)
+        elif is_op(node, "getitem") and node.args[1] == 1 and is_op(node.args[0], "max"):
+            select, dim = node.args[0], arg(node.args[0], 1, "dim")
+        elif is_op(node, "argmax"):
+            select, dim = node, arg(node, 1, "dim")
+        else:
+            select = dim = None
+        if select is not None:
+            v = val(select.args[0])
+            if isinstance(v, torch.Tensor) and isinstance(dim, int) and dim in (-1, v.dim() - 1) \
+                    and v.shape[-1] == E:
                 return
         if node.op == "placeholder":
             raise _NoMatch("the expert ids are a graph input: cannot prove they lie in [0, E)")

@@ -30,6 +30,11 @@ ROUTERS = ("softmax_topk_renorm", "softmax_topk", "mixtral_f32", "topk_softmax",
            "external")
 LOOPS = ("where", "one_hot_210", "one_hot_201", "nonzero")
 COMBINES = ("index_add_", "scatter_add_", "iadd", "index_put_", "functional")
+# Top-1 forms (1-D expert ids): more routers, token masks and column index vectors, assignment into the output
+# (which sums the experts only when each token has one); not in the fuzz's axes (it draws k > 1 too).
+TOP1_ROUTERS = ("max_top1", "argmax_top1", "topk1_squeezed")
+TOP1_LOOPS = ("mask", "nonzero_squeeze")
+ASSIGN = "assign"
 FFNS = ("sequential", "swiglu", "concat", "stacked")
 ACTS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 TWISTS = (None, "extra_scale", "skip_expert", "train_dropout", "expert_autocast_off", "weight_in_expert_dtype")
@@ -58,7 +63,7 @@ class Variant:
 
     @property
     def top_k(self) -> int:
-        return 1 if self.router == "max_top1" else self.k
+        return 1 if self.router in TOP1_ROUTERS else self.k
 
 
 def _act(name: str) -> Callable:
@@ -154,6 +159,13 @@ class LoopMoE(nn.Module):
         elif r == "max_top1":
             probs = logits.softmax(dim=-1)
             w, ids = probs.max(dim=-1)
+        elif r == "argmax_top1":
+            probs = logits.softmax(dim=-1)
+            ids = probs.argmax(dim=-1)
+            w = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        elif r == "topk1_squeezed":
+            w, ids = logits.softmax(dim=-1).topk(1, dim=-1)
+            w, ids = w.squeeze(-1), ids.squeeze(-1)
         elif r == "external":             # not a router moe_fuser models: kept, the op takes its top-k
             vals, ids = torch.topk(logits, v.k, dim=-1)
             w = torch.sigmoid(vals) * 0.5
@@ -171,6 +183,10 @@ class LoopMoE(nn.Module):
 
     def dispatch(self, ids, e, mask):
         v = self.v
+        if v.loop == "mask":
+            return ids == e, None
+        if v.loop == "nonzero_squeeze":
+            return (ids == e).nonzero().squeeze(-1), None
         if v.loop == "where":
             if ids.dim() == 1:
                 return torch.where(ids == e)[0], None
@@ -221,6 +237,8 @@ class LoopMoE(nn.Module):
                 out.scatter_add_(0, tok.unsqueeze(-1).expand(-1, D), y)
             elif v.combine == "iadd":
                 out[tok] += y
+            elif v.combine == ASSIGN:
+                out[tok] = y
             elif v.combine == "index_put_":
                 out.index_put_((tok,), y, accumulate=True)
             else:

@@ -6,8 +6,8 @@ import torch
 
 import moe_fuser
 
-from moe_models import (ACTS, COMBINES, FFNS, LOOPS, ROUTERS, TOL, LoopMoE, MixtralV4Block, Recorder, Variant,
-                        check_train_step, load_example, rel_err)
+from moe_models import (ACTS, ASSIGN, COMBINES, FFNS, LOOPS, ROUTERS, TOL, TOP1_LOOPS, TOP1_ROUTERS, LoopMoE,
+                        MixtralV4Block, Recorder, Variant, check_train_step, load_example, rel_err)
 
 
 def _run(model, variant_dtype, shapes=((2, 5), (3, 7)), fused=1, inner="aot_eager", options=None, dynamic=True):
@@ -85,6 +85,24 @@ def test_mixtral_v4_block():
 
 def test_inductor_end_to_end():
     _run(LoopMoE(Variant(ffn="swiglu")), torch.float32, inner="inductor", shapes=((2, 5),))
+
+
+@pytest.mark.parametrize("router,loop,combine", [(r, "where", ASSIGN) for r in TOP1_ROUTERS]
+                         + [("argmax_top1", loop, c) for loop in TOP1_LOOPS for c in (ASSIGN, "iadd")])
+def test_top1_styles_fuse(router, loop, combine):
+    """Top-1 code: ids from max / argmax / a squeezed topk(1), tokens picked by a mask or a squeezed nonzero, and
+    ``out[tok] = y``, which sums the experts when each token has one."""
+    _run(LoopMoE(Variant(router=router, loop=loop, combine=combine)), torch.float32)
+
+
+def test_assignment_under_top_k_is_not_fused():
+    """``out[tok] = y`` with k = 2 keeps the last expert's output of each token, not the sum: left alone, the
+    reason names the fix."""
+    model = LoopMoE(Variant(k=2, combine=ASSIGN))
+    _run(model, torch.float32, fused=0)
+    report = moe_fuser.explain(model, torch.randn(2, 5, 16))
+    assert report.num_fused == 0
+    assert any("top-1" in r.reason and "out[tok] += y" in r.reason for r in report.rejected), report
 
 
 @pytest.mark.parametrize("twist", ["extra_scale", "skip_expert"])
