@@ -560,8 +560,9 @@ class HandwrittenLoop:
         last dim of E scores, through integer casts and reshapes (which keep the values)."""
         node = ids
         while is_op(node, *_VALUE_KEEPING) and isinstance(node.args[0], fx.Node) \
-                and getattr(val(node), "dtype", None) in (torch.int32, torch.int64):
-            node = node.args[0]
+                and getattr(val(node), "dtype", None) in (torch.int32, torch.int64) \
+                and not (is_op(node, "view") and any(isinstance(a, torch.dtype) for a in node.args[1:])):
+            node = node.args[0]   # (a view as another dtype reinterprets the bits: not looked through)
         if is_op(node, "getitem") and node.args[1] == 1 and is_op(node.args[0], "topk"):
             select, dim = node.args[0], arg(node.args[0], 2, "dim", -1)
         elif is_op(node, "getitem") and node.args[1] == 1 and is_op(node.args[0], "max"):
