@@ -422,17 +422,16 @@ def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, s
     g_n = _pair_weights(G, topk_weights_TK, spec.combine_dtype or x_TD.dtype)
     ws = (_transposed(w1), _transposed(w2), _transposed(w3), b1, b2, b3)
     T, D = x_TD.shape
+    F_ = w2[0].shape[-1]
     row_bytes = D * x_TD.element_size()
     if saved is None:
         # inference: a group's temporaries (rows of xs, h, a, y) within one expert's, the output's size or
         # INFER_STREAM_MIN_BYTES
-        F_ = w2[0].shape[-1]
         budget = max(T * D, INFER_STREAM_MIN_BYTES // x_TD.element_size())
         min_rows = budget // (2 * D + (2 * F_ if spec.gated else F_) + F_)
     else:
         # training: a group's temporaries (rows of xs, then of a and y; h goes straight to the saved tensor)
         # within TRAIN_FORWARD_BUDGET times the size of what the call saves, or TRAIN_STREAM_MIN_ROWS rows
-        F_ = w2[0].shape[-1]
         budget = int(TRAIN_FORWARD_BUDGET * sum(h.numel() for _, h in saved))
         min_rows = max(TRAIN_STREAM_MIN_ROWS, budget // (D + F_))
     out_TD = None

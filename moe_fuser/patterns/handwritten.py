@@ -133,14 +133,11 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
             tok, rhs = u.args[1], u.args[2]
             if not isinstance(tok, fx.Node) or not isinstance(rhs, fx.Node):
                 raise _NoMatch(f"{u.name} writes into the output at an index that is not a token index")
-            if _assigns(u):   # out[tok] = y: an accumulation only under top-1 routing (checked in _match)
+            old = _added_slice(u)
+            if old is None:   # out[tok] = y: an accumulation only under top-1 routing (checked in _match)
                 writes.append((u, tok, rhs, {u}))
                 continue
-            old, y = rhs.args
-            if not (is_op(old, "getitem") and old.args[0] is buf and old.args[1] is tok):
-                old, y = y, old
-            if not (is_op(old, "getitem") and old.args[0] is buf and old.args[1] is tok):
-                raise _NoMatch(f"{u.name} does not add to out[tok]")
+            y = rhs.args[1] if rhs.args[0] is old else rhs.args[0]
             writes.append((u, tok, y, {u, rhs, old}))
         else:
             other.append(f"{u.name} ({name}) writes into the output buffer {buf.name} in a way not modelled")
@@ -149,11 +146,17 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
     return writes
 
 
+def _added_slice(setitem: fx.Node) -> Optional[fx.Node]:
+    """For ``out[tok] = rhs``: the ``out[tok]`` node that ``rhs`` adds to (``out[tok] += y``), or None."""
+    buf, tok, rhs = setitem.args[:3]
+    if not (is_op(rhs, "iadd", "add") and len(rhs.args) == 2):
+        return None
+    return next((a for a in rhs.args if is_op(a, "getitem") and a.args[0] is buf and a.args[1] is tok), None)
+
+
 def _assigns(writer: fx.Node) -> bool:
     """Whether a write into the buffer is ``out[tok] = y`` (not ``out[tok] += y``)."""
-    rhs = writer.args[2] if op(writer) == "setitem" else None
-    return isinstance(rhs, fx.Node) and not (is_op(rhs, "iadd", "add") and len(rhs.args) == 2 and any(
-        is_op(a, "getitem") and a.args[0] is writer.args[0] and a.args[1] is writer.args[1] for a in rhs.args))
+    return op(writer) == "setitem" and _added_slice(writer) is None
 
 
 def _functional_chain(buf: fx.Node) -> tuple[list, fx.Node]:
@@ -499,11 +502,11 @@ class HandwrittenLoop:
                     {k: (v[0] if v else None) for k, v in first.params.items()}:
                 raise _NoMatch(f"experts {first.e} and {ex.e} hold their weights differently")
         ids = val(first.ids)
-        if any(_assigns(w[0]) for w in writes) and not (ids.dim() == 1 or ids.shape[-1] == 1):
-            raise _NoMatch(f"{next(w[0] for w in writes if _assigns(w[0])).name} assigns into the output "
-                           f"(out[tok] = y): that sums the experts only under top-1 routing, and the ids "
-                           f"{first.ids.name} hold {ids.shape[-1]} experts per token (accumulate: out[tok] += y "
-                           "or index_add_)")
+        assign = next((w[0] for w in writes if _assigns(w[0])), None)
+        if assign is not None and not (ids.dim() == 1 or ids.shape[-1] == 1):
+            raise _NoMatch(f"{assign.name} assigns into the output (out[tok] = y): that sums the experts only "
+                           f"under top-1 routing, and the ids {first.ids.name} hold {ids.shape[-1]} experts per "
+                           "token (accumulate: out[tok] += y or index_add_)")
         experts.sort(key=lambda x: x.e)
         weights = self._weights([ex.params for ex in experts])
         router = recognise_router(first.weights, first.ids, applied_dtype=first.weights_dtype)
