@@ -335,13 +335,13 @@ class HandwrittenExpertParallel:
         if sorted(experts) != local:
             raise _NoMatch(f"the loop on rank {rank} computes experts {sorted(experts)} but the placement gives "
                            f"it {local}")
-        weights, expert_spec = _local_weights(experts, local)
+        weights, expert_spec, transposed = _local_weights(experts, local)
         spec = MoESpec(router=RouterSpec(top_k=K, external=True), experts=expert_spec)
         note = (f"expert parallel over process group {group!r} ({world} ranks): experts {_ranges(local)} of {E} "
                 f"on rank {rank}; the seed's all-to-alls become the lowering's expert-parallel exchange")
         return Match(family=FAMILY, pattern=self.name, spec=spec, x=x, output=out, region=frozenset(walk.nodes),
                      weights=weights, topk_weights=W, topk_ids=ids,
-                     op_kwargs={"ep_group": group, "expert_placement": placement},
+                     op_kwargs={"ep_group": group, "expert_placement": placement}, transposed=transposed,
                      module_path=module_path(out), notes=(note,))
 
 
@@ -358,7 +358,7 @@ def _local_experts(writes: list, R: fx.Node, walk: _Walk) -> tuple[dict, fx.Node
         x_e, params, act, glu = _ffn(value, e, sub)
         if _gather(_skip_dropout(x_e, sub), rows, sub) is not R:
             raise _NoMatch(f"expert {e} does not read the received rows")
-        if any(kind != "param" for kind, _ in filter(None, params.values())):
+        if any(not kind.startswith("param") for kind, _ in filter(None, params.values())):
             raise _NoMatch(f"expert {e} reads rows of a stacked weight; EP needs each expert's own tensors")
         if e in experts:
             raise _NoMatch(f"expert {e} is computed twice")
@@ -408,18 +408,20 @@ def _check_shapes(x: fx.Node, W: fx.Node, ids: fx.Node, k_div: Any, view_TKD: tu
     return E, K
 
 
-def _local_weights(experts: dict, local: list) -> tuple[MoEWeights, ExpertSpec]:
-    """The local experts' own parameters as per-expert lists (global-id order) and their ExpertSpec."""
+def _local_weights(experts: dict, local: list) -> tuple[MoEWeights, ExpertSpec, frozenset]:
+    """The local experts' own parameters as per-expert lists (global-id order), their ExpertSpec and the roles
+    whose weights hold the [in, out] layout (``x @ w``: ``Match.transposed``)."""
     params, act, glu = experts[local[0]]
     if any((a, g) != (act, glu) for _, a, g in experts.values()):
         raise _NoMatch("the local experts differ in activation or GLU form")
-    roles = {k for k, v in params.items() if v is not None}
-    if any({k for k, v in p.items() if v is not None} != roles for p, _, _ in experts.values()):
-        raise _NoMatch("the local experts differ in which weights and biases they have")
-    weights = MoEWeights(**{k: [experts[e][0][k][1] for e in local] if k in roles else None
+    kinds = {k: v[0] for k, v in params.items() if v is not None}
+    if any({k: v[0] for k, v in p.items() if v is not None} != kinds for p, _, _ in experts.values()):
+        raise _NoMatch("the local experts differ in which weights and biases they have, or in their layout")
+    weights = MoEWeights(**{k: [experts[e][0][k][1] for e in local] if k in kinds else None
                             for k in ("w1", "w2", "w3", "b1", "b2", "b3")})
+    transposed = frozenset(k for k, kind in kinds.items() if kind.endswith(".kn"))
     return weights, ExpertSpec(num_experts=len(local), activation=act, glu=glu,
-                               bias=bool(roles & {"b1", "b2", "b3"}))
+                               bias=bool(kinds.keys() & {"b1", "b2", "b3"})), transposed
 
 
 def _ranges(ids: list) -> str:

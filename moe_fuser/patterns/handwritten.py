@@ -16,10 +16,13 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
               | out[tok] = y (a sum only under top-1 routing: refused for ids of k > 1 experts per token)
     WEIGHT    y = f * w[tok, slot, None] (either order; ``w[tok, slot].unsqueeze(-1)``/``[:, None]``/``view``;
               ``w[tok, None]`` for 1-D top-1 weights), with dtype casts anywhere
-    FFN       Linear -> act (also in place) -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear (SwiGLU/GeGLU module),
-              Linear -> chunk(2) -> act(gate) * up -> Linear (fused gate_up); eval-mode dropout is skipped.
+    FFN       Linear -> act (also in place) -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear
+              (SwiGLU/GeGLU module), Linear -> chunk(2) -> act(gate) * up -> Linear (fused gate_up); eval-mode
+              dropout is skipped.
               Weights are the ModuleList's own parameters (a list per role: never stacked) or ``W[e]`` rows of a
-              stacked parameter. Activations: silu, gelu, gelu(tanh), relu, squared relu (``relu(h) ** 2``).
+              stacked parameter. A projection is ``F.linear(x, w, b)`` or a matmul ``x @ w (+ b)``: ``w`` then
+              holds ``[in, out]`` (``Match.transposed``), or nn.Linear's ``[out, in]`` read as ``w.t()``/``w.T``.
+              Activations: silu, gelu, gelu(tanh), relu, squared relu (``relu(h) ** 2``).
     GATHER    x[tok] | x[None, tok].reshape(-1, D) | x.index_select(0, tok)
     DISPATCH  torch.where(ids == e) -> (tok, slot)  |  torch.where(one_hot(ids, E).permute(2, 1, 0)[e]) ->
               (slot, tok) (``permute(2, 0, 1)`` gives (tok, slot))  |  (ids == e).nonzero() -> [:, 0], [:, 1]
@@ -76,7 +79,8 @@ class _Expert:
     combine_dtype: Optional[torch.dtype]   # the dtype the weighted output is formed and summed in
     activation: str
     glu: Optional[str]
-    params: dict                  # role -> (kind, node): "param" (the expert's own tensor) or "row" (stacked[e])
+    params: dict                  # role -> (kind, node): "param" (the expert's own tensor) or "row" (stacked[e]);
+                                  # weights used as x @ w ([in, out]) are "param.kn" / "row.kn"
 
 
 class _Walk:
@@ -243,12 +247,48 @@ def _weight_source(w: Any, e: int, walk: _Walk) -> tuple:
 
 
 def _linear(node: fx.Node, e: int, walk: _Walk) -> tuple[fx.Node, tuple, Optional[tuple]]:
-    if not is_op(node, "linear"):
-        raise _NoMatch(f"{node.name} ({op(node)}) is not an nn.Linear / F.linear")
+    """A projection -> (its input, weight source, bias source or None). A weight used as ``x @ w`` holds the
+    ``[in, out]`` layout: its source's kind gets ``.kn`` ("param.kn", "row.kn"); ``x @ w.t()`` is nn.Linear's."""
+    if is_op(node, "linear"):
+        walk.take(node)
+        w = _weight_source(arg(node, 1, "weight"), e, walk)
+        b = arg(node, 2, "bias")
+        return node.args[0], w, (None if b is None else _weight_source(b, e, walk))
+    bias = None
+    if is_op(node, "add") and len(node.args) == 2 and not node.kwargs:   # x @ w + b
+        mm, b = node.args if is_op(node.args[0], "matmul") else node.args[::-1]
+        if not is_op(mm, "matmul"):
+            raise _NoMatch(f"{node.name} (add) is not a projection plus its bias")
+        walk.take(node)
+        bias = _weight_source(b, e, walk)
+        if getattr(val(b), "dim", lambda: None)() != 1:
+            raise _NoMatch(f"{node.name} adds {getattr(b, 'name', b)}, not a bias vector, to {mm.name}")
+        node = mm
+    if not is_op(node, "matmul"):
+        raise _NoMatch(f"{node.name} ({op(node)}) is not an nn.Linear / F.linear or a matmul by an expert weight")
     walk.take(node)
-    w = _weight_source(arg(node, 1, "weight"), e, walk)
-    b = arg(node, 2, "bias")
-    return node.args[0], w, (None if b is None else _weight_source(b, e, walk))
+    x, w = node.args[:2]
+    if not all(getattr(val(t), "dim", lambda: None)() == 2 for t in (x, w)):
+        raise _NoMatch(f"{node.name} is not a matmul of rows by a matrix")
+    if _swaps_2d(w):
+        walk.take(w)
+        return x, _weight_source(w.args[0], e, walk), bias
+    kind, src = _weight_source(w, e, walk)
+    return x, (kind + ".kn", src), bias
+
+
+def _swaps_2d(w: Any) -> bool:
+    """Whether ``w`` is a matrix's transpose: ``w.t()``, ``w.T``, ``w.mT``, ``w.transpose(0, 1)`` (any spelling of
+    the two dims), ``w.permute(1, 0)``."""
+    if is_op(w, "t") or isinstance(w, fx.Node) and w.op == "call_function" and w.target is getattr \
+            and w.args[1] in ("T", "mT"):
+        return True
+    if is_op(w, "transpose") and len(w.args) == 3:
+        return all(isinstance(d, int) for d in w.args[1:]) and {d % 2 for d in w.args[1:]} == {0, 1}
+    if is_op(w, "permute"):
+        dims = tuple(w.args[1:] if len(w.args) > 2 else w.args[1])
+        return dims in ((1, 0), (-1, -2), (1, -2), (-1, 0))
+    return False
 
 
 def _skip_dropout(node: fx.Node, walk: _Walk) -> fx.Node:
@@ -508,7 +548,7 @@ class HandwrittenLoop:
                            f"under top-1 routing, and the ids {first.ids.name} hold {ids.shape[-1]} experts per "
                            "token (accumulate: out[tok] += y or index_add_)")
         experts.sort(key=lambda x: x.e)
-        weights = self._weights([ex.params for ex in experts])
+        weights, transposed = self._weights([ex.params for ex in experts])
         router = recognise_router(first.weights, first.ids, applied_dtype=first.weights_dtype)
         if router.external:
             self._check_external_ids(first.ids, E)
@@ -527,13 +567,15 @@ class HandwrittenLoop:
                      region=frozenset(walk.nodes), weights=weights,
                      router_logits=router.logits, topk_weights=None if not router.external else first.weights,
                      topk_ids=None if not router.external else first.ids, module_path=where, notes=notes,
-                     router_outputs=None if router.external else (first.weights, first.ids))
+                     router_outputs=None if router.external else (first.weights, first.ids),
+                     transposed=transposed)
 
     @staticmethod
-    def _weights(params: list[dict]) -> MoEWeights:
+    def _weights(params: list[dict]) -> tuple[MoEWeights, frozenset]:
         """The MoEWeights of the experts whose weight sources (``_Expert.params``) are ``params``, in expert
-        order: per-expert parameters as lists, rows of one stacked parameter as that parameter."""
-        out = {}
+        order (per-expert parameters as lists, rows of one stacked parameter as that parameter), and the roles
+        whose weights hold the ``[in, out]`` layout (``Match.transposed``)."""
+        out, transposed = {}, set()
         for key in _EXPERT_KEYS:
             srcs = [p.get(key) for p in params]
             if all(s is None for s in srcs):
@@ -542,6 +584,10 @@ class HandwrittenLoop:
             if any(s is None for s in srcs):
                 raise _NoMatch(f"only some experts have {key}")
             kinds = {s[0] for s in srcs}
+            if len(kinds) == 1 and next(iter(kinds)).endswith(".kn"):
+                transposed.add(key)
+                srcs = [(s[0][:-len(".kn")], s[1]) for s in srcs]
+                kinds = {s[0] for s in srcs}
             if kinds == {"param"}:
                 nodes = [s[1] for s in srcs]
                 if len(set(nodes)) != len(nodes):
@@ -555,7 +601,7 @@ class HandwrittenLoop:
                 out[key] = stacked
             else:
                 raise _NoMatch(f"experts take {key} from different places")
-        return MoEWeights(**out)
+        return MoEWeights(**out), frozenset(transposed)
 
     @staticmethod
     def _check_external_ids(ids: fx.Node, E: int) -> None:

@@ -222,7 +222,7 @@ def _match(ctx: MatchContext, write: fx.Node) -> Match:
                                       f"in {bv.dtype}")
     combine_dtype = None if bv.dtype == a_dtype else bv.dtype
     experts = [dict(w1=w1, b1=b1, w2=w2, b2=b2) for (w1, b1), (w2, b2) in zip(w1s, w2s)]
-    weights = HandwrittenLoop._weights(experts)
+    weights, transposed = HandwrittenLoop._weights(experts)
     router = recognise_router(weights_TK, ids, applied_dtype=val(g).dtype)
     if router.external:
         HandwrittenLoop._check_external_ids(ids, E)
@@ -240,7 +240,7 @@ def _match(ctx: MatchContext, write: fx.Node) -> Match:
                  weights=weights, router_logits=router.logits,
                  topk_weights=weights_TK if router.external else None, topk_ids=ids if router.external else None,
                  module_path=module_path(write).rpartition(".")[0] if module_path(write) else "", notes=notes,
-                 router_outputs=None if router.external else (weights_TK, ids))
+                 router_outputs=None if router.external else (weights_TK, ids), transposed=transposed)
 
 
 def find_sorted(ctx: MatchContext):

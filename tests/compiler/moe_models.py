@@ -35,7 +35,9 @@ COMBINES = ("index_add_", "scatter_add_", "iadd", "index_put_", "functional")
 TOP1_ROUTERS = ("max_top1", "argmax_top1", "topk1_squeezed")
 TOP1_LOOPS = ("mask", "nonzero_squeeze")
 ASSIGN = "assign"
-FFNS = ("sequential", "swiglu", "concat", "stacked")
+# "stacked": [E, out, in] parameters through F.linear(x, W[e]); "stacked_kn": [E, in, out] ones as x @ W[e] + b[e];
+# "param_kn": experts holding their own [in, out] parameters, x @ w + b
+FFNS = ("sequential", "swiglu", "concat", "stacked", "stacked_kn", "param_kn")
 ACTS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 TWISTS = (None, "extra_scale", "skip_expert", "train_dropout", "expert_autocast_off", "weight_in_expert_dtype")
 
@@ -99,6 +101,26 @@ class ConcatGLU(nn.Module):
         return self.down(self.act(gate) * up)
 
 
+class MatmulFFN(nn.Module):
+    """An expert that holds its weights as [in, out] parameters and projects with ``x @ w``; ``linear_layout``:
+    [out, in] ones read as ``x @ w.t()`` and ``x @ w.T`` instead."""
+
+    def __init__(self, D: int, F_: int, act: str, bias: bool, linear_layout: bool = False):
+        super().__init__()
+        self.linear_layout = linear_layout
+        self.w1 = nn.Parameter(torch.randn(*((F_, D) if linear_layout else (D, F_))) / D ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(*((D, F_) if linear_layout else (F_, D))) / F_ ** 0.5)
+        self.b1 = nn.Parameter(torch.randn(F_) * 0.1) if bias else None
+        self.b2 = nn.Parameter(torch.randn(D) * 0.1) if bias else None
+        self.act = _act(act)
+
+    def forward(self, x):
+        h = x @ (self.w1.t() if self.linear_layout else self.w1)
+        h = self.act(h if self.b1 is None else h + self.b1)
+        y = torch.matmul(h, self.w2.T if self.linear_layout else self.w2)
+        return y if self.b2 is None else self.b2 + y
+
+
 class _Act(nn.Module):
     def __init__(self, name: str):
         super().__init__()
@@ -115,9 +137,10 @@ class LoopMoE(nn.Module):
         self.gate = nn.Linear(v.D, v.E, bias=False)
         if v.router == "sigmoid_bias":
             self.score_bias = nn.Parameter(torch.randn(v.E) * 0.1)
-        if v.ffn == "stacked":
-            self.w_in = nn.Parameter(torch.randn(v.E, v.F, v.D) / v.D ** 0.5)
-            self.w_out = nn.Parameter(torch.randn(v.E, v.D, v.F) / v.F ** 0.5)
+        if v.ffn in ("stacked", "stacked_kn"):
+            kn = v.ffn == "stacked_kn"
+            self.w_in = nn.Parameter(torch.randn(v.E, *((v.D, v.F) if kn else (v.F, v.D))) / v.D ** 0.5)
+            self.w_out = nn.Parameter(torch.randn(v.E, *((v.F, v.D) if kn else (v.D, v.F))) / v.F ** 0.5)
             if v.bias:
                 self.b_in = nn.Parameter(torch.randn(v.E, v.F) * 0.1)
                 self.b_out = nn.Parameter(torch.randn(v.E, v.D) * 0.1)
@@ -131,6 +154,8 @@ class LoopMoE(nn.Module):
             return nn.Sequential(nn.Linear(v.D, v.F, bias=v.bias), _Act(v.act), nn.Linear(v.F, v.D, bias=v.bias))
         if v.ffn == "swiglu":
             return SwiGLU(v.D, v.F, v.act, v.bias)
+        if v.ffn == "param_kn":
+            return MatmulFFN(v.D, v.F, v.act, v.bias)
         return ConcatGLU(v.D, v.F, v.act, v.bias)
 
     # ------------------------------------------------------------------ router
@@ -176,6 +201,11 @@ class LoopMoE(nn.Module):
     # ------------------------------------------------------------------ experts
     def expert(self, e: int, xe):
         v = self.v
+        if v.ffn == "stacked_kn":
+            h = xe @ self.w_in[e]
+            h = _act(v.act)(h + self.b_in[e] if v.bias else h)
+            y = h @ self.w_out[e]
+            return y + self.b_out[e] if v.bias else y
         if v.ffn != "stacked":
             return self.experts[e](xe)
         h = F.linear(xe, self.w_in[e], self.b_in[e] if v.bias else None)

@@ -65,7 +65,7 @@ def _explained(model, x):
         return moe_fuser.explain(model, x)
 
 
-@pytest.mark.parametrize("ffn", ["sequential", "swiglu", "stacked"])
+@pytest.mark.parametrize("ffn", ["sequential", "swiglu", "stacked", "stacked_kn"])
 def test_autocast_linear_experts_fuse_in_bf16(ffn):
     model = LoopMoE(Variant(ffn=ffn, router="mixtral_f32"))
     report = _explained(model, torch.randn(2, 5, 16))

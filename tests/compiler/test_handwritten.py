@@ -3,11 +3,12 @@ token counts; departures it must not model are left alone and still eager-equal.
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moe_fuser
 
 from moe_models import (ACTS, ASSIGN, COMBINES, FFNS, LOOPS, ROUTERS, TOL, TOP1_LOOPS, TOP1_ROUTERS, LoopMoE,
-                        MixtralV4Block, Recorder, Variant, check_train_step, load_example, rel_err)
+                        MatmulFFN, MixtralV4Block, Recorder, Variant, check_train_step, load_example, rel_err)
 
 
 def _run(model, variant_dtype, shapes=((2, 5), (3, 7)), fused=1, inner="aot_eager", options=None, dynamic=True):
@@ -103,6 +104,27 @@ def test_assignment_under_top_k_is_not_fused():
     report = moe_fuser.explain(model, torch.randn(2, 5, 16))
     assert report.num_fused == 0
     assert any("top-1" in r.reason and "out[tok] += y" in r.reason for r in report.rejected), report
+
+
+def test_matmul_by_linear_layout_weights_fuses():
+    """Experts holding nn.Linear's [out, in] layout and projecting with ``x @ w.t()`` and ``x @ w.T`` (the
+    [in, out] layout, ``x @ w``, is in FFNS); trained under inductor too, whose weight gradients come back through
+    the op's transposed views."""
+    model = LoopMoE(Variant(ffn="param_kn", bias=True))
+    model.experts = torch.nn.ModuleList([MatmulFFN(16, 24, "gelu", True, linear_layout=True) for _ in range(4)])
+    _run(model, torch.float32)
+    _run(model, torch.float32, inner="inductor", shapes=((2, 5),))
+
+
+def test_matmul_by_a_computed_matrix_is_not_fused():
+    """``x @ (2 * w)`` multiplies by a matrix the loop computes, not an expert weight: left alone, with the reason."""
+    model = LoopMoE(Variant(ffn="param_kn"))
+    for expert in model.experts:
+        expert.w1.data /= 2
+        expert.forward = lambda x, ex=expert: F.silu(x @ (2 * ex.w1)) @ ex.w2
+    _run(model, torch.float32, fused=0)
+    report = moe_fuser.explain(model, torch.randn(2, 5, 16))
+    assert any("is not a parameter of expert 0" in r.reason for r in report.rejected), report
 
 
 @pytest.mark.parametrize("twist", ["extra_scale", "skip_expert"])

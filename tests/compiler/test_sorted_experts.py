@@ -17,7 +17,8 @@ BF16 = torch.bfloat16
 
 class SortedMoE(nn.Module):
     """Top-k softmax router; pairs sorted by expert; per-expert runs of a split; one index_add (ScatterMoE,
-    JetMoE style). ``stacked``: ``W[e]`` of [E, out, in] parameters, else ModuleList Linears (with biases)."""
+    JetMoE style). ``stacked``: ``W[e]`` of [E, out, in] parameters ("kn": ``parts[e] @ W[e]`` of [E, in, out]
+    ones), else ModuleList Linears (with biases)."""
 
     def __init__(self, D=16, F_=24, E=4, k=2, stacked=True, glu=True, counts="scatter", order="sort",
                  combine="index_add", descending=False, router="topk_softmax", act="gelu", reversed_sizes=False):
@@ -27,9 +28,10 @@ class SortedMoE(nn.Module):
         self.reversed_sizes = reversed_sizes
         self.gate = nn.Linear(D, E, bias=False)
         H = 2 * F_ if glu else F_
+        self.kn = stacked == "kn"
         if stacked:
-            self.w1 = nn.Parameter(torch.randn(E, H, D) / D ** 0.5)
-            self.w2 = nn.Parameter(torch.randn(E, D, F_) / F_ ** 0.5)
+            self.w1 = nn.Parameter(torch.randn(E, *((D, H) if self.kn else (H, D))) / D ** 0.5)
+            self.w2 = nn.Parameter(torch.randn(E, *((F_, D) if self.kn else (D, F_))) / F_ ** 0.5)
             self.up = self.down = None
         else:
             self.up = nn.ModuleList(nn.Linear(D, H) for _ in range(E))
@@ -39,6 +41,8 @@ class SortedMoE(nn.Module):
         parts = rows.split(sizes, dim=0)
         if self.up is None:
             w = self.w1 if which == 1 else self.w2
+            if self.kn:
+                return torch.cat([parts[e] @ w[e] for e in range(self.E)], dim=0)
             return torch.cat([F.linear(parts[e], w[e]) for e in range(self.E)], dim=0)
         mods = self.up if which == 1 else self.down
         return torch.cat([mods[e](parts[e]) for e in range(self.E)], dim=0)
@@ -99,6 +103,7 @@ def _run(model, dtype=torch.float32, fused=1, inner="aot_eager", autocast=False)
     dict(stacked=False, glu=False),                                  # ModuleList Linears with biases, GELU
     dict(order="argsort", combine="index_add_"),                      # argsort + //, in-place combine
     dict(k=1, E=3),
+    dict(stacked="kn", glu=False),                                   # [E, in, out] rows, parts[e] @ W[e]
 ])
 def test_sorted_styles_fuse_and_train_eager_equal(kw):
     _run(SortedMoE(**kw))

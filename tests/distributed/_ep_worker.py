@@ -235,12 +235,25 @@ def bad_inputs(group, rank, world):
     return out
 
 
+class _MatmulExpert(torch.nn.Module):
+    """An expert holding [in, out] weights, projecting with ``x @ w``."""
+
+    def __init__(self, D: int, F_: int):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(D, F_) / D ** 0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(F_, D) / F_ ** 0.5)
+
+    def forward(self, x):
+        return torch.nn.functional.silu(x @ self.w1) @ self.w2
+
+
 def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer", inner: str = "aot_eager",
-                  autocast: bool = False):
+                  autocast: bool = False, matmul_experts: bool = False):
     """The seed's hand-written EP layer under torch.compile(backend="moe_fuser"): how many regions were fused,
     what explain says, and the largest difference to the same layer in eager (output, and gradients of the
     input and of the local experts' weights for the autograd-capable functional collectives), relative to the
-    largest eager value. ``autocast``: both forwards under bf16 autocast, fp32 inputs and weights."""
+    largest eager value. ``autocast``: both forwards under bf16 autocast, fp32 inputs and weights;
+    ``matmul_experts``: experts of [in, out] weights (``_MatmulExpert``) instead of Linears."""
     import torch._dynamo
     from ep_seed import SeedEPMoE
     from moe_fuser.rewrite import counters
@@ -251,6 +264,8 @@ def compiled_seed(group, rank, world, collectives: str, placement: str = "buffer
         torch.manual_seed(0)
         layer = SeedEPMoE(16, 24, 6, 2, group, collectives=collectives)
         layer.forward = _floordiv_forward.__get__(layer)
+    if matmul_experts:
+        layer.experts = torch.nn.ModuleList(_MatmulExpert(16, 24) for _ in layer.local_ids)
     x = torch.randn(19 + 4 * rank, 16, requires_grad=True)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     with amp:
@@ -365,7 +380,9 @@ def scenario_two(group, rank, world):
                             # inductor: its generated code checks the op's fake output shapes
                             "functional": compiled_seed(group, rank, world, "functional", inner="inductor"),
                             "floordiv_setitem": compiled_seed(group, rank, world, "inplace", "floordiv"),
-                            "functional_autocast": compiled_seed(group, rank, world, "functional", autocast=True)}
+                            "functional_autocast": compiled_seed(group, rank, world, "functional", autocast=True),
+                            "functional_matmul": compiled_seed(group, rank, world, "functional",
+                                                               matmul_experts=True)}
     res["ddp"] = ddp_switch(group, rank, world)
     res["stall"] = stall_or_die(group, rank, world, victim=1, die=False, timeout_s=2.0)
     return res

@@ -116,8 +116,8 @@ def test_bad_inputs_raise_value_errors_naming_the_fix(two):
 def test_compiled_seed_style_ep_is_fused_and_equal_to_eager(two):
     """benchmarks/ep_seed.py's hand-written EP layer under torch.compile(backend="moe_fuser"): the in-place
     legacy all_to_all_single (forward), the functional collectives (forward and backward), and a variant with
-    ``ids // n`` placement and ``out[rows] = ...`` writes, and the functional form under bf16 autocast: one region
-    fused per rank, equal to eager (relative to the largest value; to bf16 precision under autocast, where the op
+    ``ids // n`` placement and ``out[rows] = ...`` writes, the functional form under bf16 autocast and with experts
+    that project by ``x @ w`` ([in, out] weights): one region fused per rank, equal to eager (relative to the largest value; to bf16 precision under autocast, where the op
     weights and sums a token's expert outputs in bf16 and the layer's own code does it in fp32)."""
     for rank, res in enumerate(two):
         for name, r in res["compiled_seed"].items():
