@@ -28,7 +28,7 @@ import logging
 import shutil
 import subprocess
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -254,6 +254,22 @@ def _compilation_metrics() -> list:
     return list(get()) if get is not None else []
 
 
+def _code_key(m: Any) -> tuple:
+    return getattr(m, "co_filename", None), getattr(m, "co_firstlineno", None), getattr(m, "co_name", None)
+
+
+def _forward_codes(model: Any) -> set:
+    """(file, first line, name) of the code objects of ``model``'s forwards (each module's) or of ``model``."""
+    mods = list(model.modules()) if isinstance(model, torch.nn.Module) else [model]
+    codes = set()
+    for mod in mods:
+        fn = getattr(type(mod), "forward", None) if isinstance(mod, torch.nn.Module) else mod
+        code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
+        if code is not None:
+            codes.add((code.co_filename, code.co_firstlineno, code.co_name))
+    return codes
+
+
 def _skipped_frames(metrics: list, retried: set) -> list:
     """A ``capture`` row for each frame dynamo failed to compile and ran in eager (frames traced again without
     the capture settings, ``retried``, have their own row), with dynamo's reason and the line it stopped at."""
@@ -285,7 +301,16 @@ def explain(model: Any, *args: Any, options: Optional[Mapping[str, Any]] = None,
         "does, with graph breaks at its data-dependent ops, so an MoE in it is not seen whole. The usual cause "
         "is .tolist() of a tensor of data-dependent length, such as bincount(ids, minlength=E).tolist(); count "
         "with zeros(T, E).scatter(1, ids, 1).sum(0), whose length is E") for name, where, reason in retries]
-    rows += _skipped_frames([m for m in _compilation_metrics() if id(m) not in earlier], {r[0] for r in retries})
+    metrics = _compilation_metrics()
+    rows += _skipped_frames([m for m in metrics if id(m) not in earlier], {r[0] for r in retries})
+    if not report.graphs and not rows:
+        # Dynamo runs a frame it once failed on in eager from then on, without trying again: a model compiled and
+        # run before explain shows nothing new. Its earlier failure on the model's own code is the reason.
+        codes = _forward_codes(model)
+        rows = [replace(r, reason=r.reason + "; dynamo failed on it in an earlier compile of this model and runs it "
+                                  "in eager since (torch._dynamo.reset() lets it try again)")
+                for r in _skipped_frames([m for m in metrics if id(m) in earlier and _code_key(m) in codes], set())]
+        rows = list({r.module_path: r for r in rows}.values())
     report.rejected[:0] = rows   # listed first: they explain what follows
     if not report.graphs:
         log.warning("moe_fuser.explain: dynamo handed the backend no graph, so nothing was examined; %s",

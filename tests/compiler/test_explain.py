@@ -139,6 +139,18 @@ def test_explain_says_which_frame_dynamo_ran_in_eager_and_why(caplog):
     assert torch.equal(torch.compile(model, backend="moe_fuser")(x), model(x))
 
 
+def test_explain_after_the_users_own_compile_still_says_why():
+    """Dynamo runs a frame it failed on in eager from then on, without trying again: explained after the user's
+    own compile ran, the model shows no new failure; the report takes the earlier one, and says so."""
+    model, x = SkipsIdleExperts(), torch.randn(10, 16)
+    assert torch.equal(torch.compile(model, backend="moe_fuser")(x), model(x))
+    report = moe_fuser.explain(model, x)
+    assert report.num_graphs == 0 and len(report.rejected) == 1, report
+    row = report.rejected[0]
+    assert row.pattern == "capture" and "Data-dependent branching" in row.reason, report
+    assert "earlier compile of this model" in row.reason and "torch.compiler.disable" not in str(report)
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
 @pytest.mark.parametrize("suffix, magic", [(".svg", b"<svg"), (".png", b"\x89PNG")])
 def test_draw_renders_before_and_after(tmp_path, suffix, magic):
