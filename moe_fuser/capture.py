@@ -27,7 +27,8 @@ Limits.
   default ``grouped_mm`` implementation (the default for whole ``*ForCausalLM`` models).
 - Where the settings make dynamo fail outright on code plain dynamo would only break the graph at (a
   ``.tolist()`` of a tensor whose length is data-dependent, e.g. ``torch.bincount(ids, minlength=E).tolist()``:
-  a ``GuardOnDataDependentSymNode`` error), that frame is traced again without them, as plain
+  a ``GuardOnDataDependentSymNode`` error), or make the inner compiler fail on a graph left unfused (inductor
+  cannot lower an ``einsum`` over rows of an unbacked count), that frame is traced again without them, as plain
   ``torch.compile`` traces it (``install`` wraps dynamo's ``ConvertFrame.__call__`` for this; logged at INFO,
   and recorded for ``explain`` by ``recording_retries``).
   An MoE in such a frame is then not captured whole and stays unfused.
@@ -158,9 +159,10 @@ def installed() -> bool:
 
 
 def _install_retry() -> None:
-    """Wrap ``ConvertFrame.__call__`` (dynamo's per-frame entry) so that a frame whose tracing under the capture
-    settings fails on a data-dependent guard is traced again without them (see the module docstring). Frames
-    compiled outside moe_fuser's calls are untouched. A no-op where this torch has no such class."""
+    """Wrap ``ConvertFrame.__call__`` (dynamo's per-frame entry) so that a frame whose compile under the capture
+    settings fails on a data-dependent guard, in dynamo's tracing or in the inner compiler (an error raised from
+    one), is traced again without them (see the module docstring). Frames compiled outside moe_fuser's calls
+    are untouched. A no-op where this torch has no such class."""
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
     cls = getattr(convert_frame, "ConvertFrame", None)
@@ -168,12 +170,21 @@ def _install_retry() -> None:
     if original is None or getattr(original, "_moe_fuser_wrapped", False):
         return
 
+    def data_dependent(exc: Optional[BaseException]) -> bool:
+        seen = set()
+        while exc is not None and id(exc) not in seen:
+            if isinstance(exc, GuardOnDataDependentSymNode):
+                return True
+            seen.add(id(exc))
+            exc = exc.__cause__ or exc.__context__
+        return False
+
     @functools.wraps(original)
     def __call__(self, frame, *args, **kwargs):
         try:
             return original(self, frame, *args, **kwargs)
-        except GuardOnDataDependentSymNode as exc:
-            if not _ACTIVE.get():
+        except Exception as exc:
+            if not _ACTIVE.get() or not data_dependent(exc):
                 raise
             reason = str(exc).splitlines()[0]
             log.info("moe_fuser: tracing %s with data-dependent capture failed (%s); tracing it again as plain "

@@ -92,6 +92,36 @@ def test_code_the_capture_settings_cannot_trace_runs_as_under_plain_dynamo():
     assert rec.num_fused == 1
 
 
+class EinsumExperts(nn.Module):
+    """A loop whose experts project with ``einsum``: no form moe_fuser fuses, and one inductor cannot lower over
+    the unbacked row counts the capture settings give (it guards on the count being 1)."""
+
+    def __init__(self, D=16, F_=24, E=4):
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, D, F_) / D ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(E, F_, D) / F_ ** 0.5)
+
+    def forward(self, x):
+        w, ids = self.gate(x).softmax(-1).topk(2, -1)
+        out = torch.zeros_like(x)
+        for e in range(self.w1.shape[0]):
+            tok, slot = torch.where(ids == e)
+            h = F.silu(torch.einsum("nd,df->nf", x[tok], self.w1[e]))
+            out.index_add_(0, tok, torch.einsum("nf,fd->nd", h, self.w2[e]) * w[tok, slot, None])
+        return out
+
+
+def test_inner_compiler_failing_on_an_unfused_captured_graph_runs_as_under_plain_dynamo(caplog):
+    """The inner compiler fails on a data-dependent guard in a graph the capture settings made and nothing was
+    fused in: the frame is traced again without them and runs as under plain torch.compile."""
+    model, x = EinsumExperts(), torch.randn(10, 16)
+    with caplog.at_level("INFO", logger="moe_fuser"):
+        got = torch.compile(model, backend="moe_fuser")(x)
+    assert "tracing it again as plain dynamo does" in caplog.text
+    assert rel_err(got, model(x)) <= 1e-6
+
+
 def test_capture_off_leaves_the_loop_eager():
     model = LoopMoE(Variant())
     rec = Recorder("eager")
