@@ -20,8 +20,9 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
               (SwiGLU/GeGLU module), Linear -> chunk(2) -> act(gate) * up -> Linear (fused gate_up); eval-mode
               dropout is skipped.
               Weights are the ModuleList's own parameters (a list per role: never stacked) or ``W[e]`` rows of a
-              stacked parameter. A projection is ``F.linear(x, w, b)`` or a matmul ``x @ w (+ b)``: ``w`` then
-              holds ``[in, out]`` (``Match.transposed``), or nn.Linear's ``[out, in]`` read as ``w.t()``/``w.T``.
+              stacked parameter. A projection is ``F.linear(x, w, b)`` or a matmul ``x @ w (+ b)`` (also
+              ``einsum("nd,df->nf", x, w)``): ``w`` then holds ``[in, out]`` (``Match.transposed``), or
+              nn.Linear's ``[out, in]`` read as ``w.t()``/``w.T`` (``einsum("nd,fd->nf", ...)``).
               Activations: silu, gelu, gelu(tanh), relu, squared relu (``relu(h) ** 2``).
     GATHER    x[tok] | x[None, tok].reshape(-1, D) | x.index_select(0, tok)
     DISPATCH  torch.where(ids == e) -> (tok, slot)  |  torch.where(one_hot(ids, E).permute(2, 1, 0)[e]) ->
@@ -59,6 +60,7 @@ _VALUE_KEEPING = ("to", "long", "int", "squeeze", "unsqueeze", "view", "reshape"
 FAMILY = "handwritten"
 _CASTS = ("to", "float", "type_as", "half", "bfloat16", "double", "type")
 _ALLOCS = ("zeros", "zeros_like", "new_zeros")
+_MATMULS = ("matmul", "einsum")
 _ACTIVATIONS = {"silu": "silu", "relu": "relu", "gelu": "gelu"}
 _EXPERT_KEYS = ("w1", "w2", "w3", "b1", "b2", "b3")
 
@@ -256,25 +258,43 @@ def _linear(node: fx.Node, e: int, walk: _Walk) -> tuple[fx.Node, tuple, Optiona
         return node.args[0], w, (None if b is None else _weight_source(b, e, walk))
     bias = None
     if is_op(node, "add") and len(node.args) == 2 and not node.kwargs:   # x @ w + b
-        mm, b = node.args if is_op(node.args[0], "matmul") else node.args[::-1]
-        if not is_op(mm, "matmul"):
+        mm, b = node.args if is_op(node.args[0], *_MATMULS) else node.args[::-1]
+        if not is_op(mm, *_MATMULS):
             raise _NoMatch(f"{node.name} (add) is not a projection plus its bias")
         walk.take(node)
         bias = _weight_source(b, e, walk)
         if getattr(val(b), "dim", lambda: None)() != 1:
             raise _NoMatch(f"{node.name} adds {getattr(b, 'name', b)}, not a bias vector, to {mm.name}")
         node = mm
-    if not is_op(node, "matmul"):
+    if not is_op(node, *_MATMULS):
         raise _NoMatch(f"{node.name} ({op(node)}) is not an nn.Linear / F.linear or a matmul by an expert weight")
     walk.take(node)
-    x, w = node.args[:2]
+    x, w, kn = _matmul_operands(node)
     if not all(getattr(val(t), "dim", lambda: None)() == 2 for t in (x, w)):
         raise _NoMatch(f"{node.name} is not a matmul of rows by a matrix")
     if _swaps_2d(w):
         walk.take(w)
-        return x, _weight_source(w.args[0], e, walk), bias
+        w, kn = w.args[0], not kn
     kind, src = _weight_source(w, e, walk)
-    return x, (kind + ".kn", src), bias
+    return x, (kind + ".kn" if kn else kind, src), bias
+
+
+def _matmul_operands(node: fx.Node) -> tuple[Any, Any, bool]:
+    """``x @ w`` or ``einsum("nd,df->nf", x, w)`` -> (x, w, whether w is read as [in, out]); ``einsum("nd,fd->nf",
+    x, w)`` reads nn.Linear's [out, in]."""
+    if is_op(node, "matmul"):
+        return node.args[0], node.args[1], True
+    eq, ops = node.args[0], node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    lhs, _, out = eq.replace(" ", "").partition("->") if isinstance(eq, str) else ("", "", "")
+    ins = lhs.split(",")
+    if len(ops) == 2 and len(ins) == 2 and all(len(t) == 2 for t in (*ins, out)) and len(set(ins[0])) == 2:
+        (n, d), w_sub = ins[0], ins[1]
+        f = out[1] if out[0] == n else None
+        if f is not None and f not in (n, d) and w_sub in (d + f, f + d):
+            return ops[0], ops[1], w_sub == d + f
+    raise _NoMatch(f"{node.name}: einsum {eq!r} is not a matmul of rows by a matrix")
 
 
 def _swaps_2d(w: Any) -> bool:

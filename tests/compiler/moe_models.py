@@ -103,11 +103,11 @@ class ConcatGLU(nn.Module):
 
 class MatmulFFN(nn.Module):
     """An expert that holds its weights as [in, out] parameters and projects with ``x @ w``; ``linear_layout``:
-    [out, in] ones read as ``x @ w.t()`` and ``x @ w.T`` instead."""
+    [out, in] ones read as ``x @ w.t()`` and ``x @ w.T`` instead; ``einsum``: the same products as einsums."""
 
-    def __init__(self, D: int, F_: int, act: str, bias: bool, linear_layout: bool = False):
+    def __init__(self, D: int, F_: int, act: str, bias: bool, linear_layout: bool = False, einsum: bool = False):
         super().__init__()
-        self.linear_layout = linear_layout
+        self.linear_layout, self.einsum = linear_layout, einsum
         self.w1 = nn.Parameter(torch.randn(*((F_, D) if linear_layout else (D, F_))) / D ** 0.5)
         self.w2 = nn.Parameter(torch.randn(*((D, F_) if linear_layout else (F_, D))) / F_ ** 0.5)
         self.b1 = nn.Parameter(torch.randn(F_) * 0.1) if bias else None
@@ -115,6 +115,12 @@ class MatmulFFN(nn.Module):
         self.act = _act(act)
 
     def forward(self, x):
+        if self.einsum:
+            eq = "nd,fd->nf" if self.linear_layout else "nd,df->nf"
+            h = torch.einsum(eq, x, self.w1)
+            h = self.act(h if self.b1 is None else h + self.b1)
+            y = torch.einsum(eq.replace("d", "k").replace("f", "d").replace("k", "f"), h, self.w2)
+            return y if self.b2 is None else y + self.b2
         h = x @ (self.w1.t() if self.linear_layout else self.w1)
         h = self.act(h if self.b1 is None else h + self.b1)
         y = torch.matmul(h, self.w2.T if self.linear_layout else self.w2)

@@ -93,8 +93,8 @@ def test_code_the_capture_settings_cannot_trace_runs_as_under_plain_dynamo():
 
 
 class EinsumExperts(nn.Module):
-    """A loop whose experts project with ``einsum``: no form moe_fuser fuses, and one inductor cannot lower over
-    the unbacked row counts the capture settings give (it guards on the count being 1)."""
+    """A loop whose experts project with ``einsum``, which inductor cannot lower over the unbacked row counts the
+    capture settings give (it guards on the count being 1), and scale their output (not fused: a departure)."""
 
     def __init__(self, D=16, F_=24, E=4):
         super().__init__()
@@ -108,7 +108,7 @@ class EinsumExperts(nn.Module):
         for e in range(self.w1.shape[0]):
             tok, slot = torch.where(ids == e)
             h = F.silu(torch.einsum("nd,df->nf", x[tok], self.w1[e]))
-            out.index_add_(0, tok, torch.einsum("nf,fd->nd", h, self.w2[e]) * w[tok, slot, None])
+            out.index_add_(0, tok, torch.einsum("nf,fd->nd", h, self.w2[e]) * w[tok, slot, None] * 2.0)
         return out
 
 

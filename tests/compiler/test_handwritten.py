@@ -116,6 +116,15 @@ def test_matmul_by_linear_layout_weights_fuses():
     _run(model, torch.float32, inner="inductor", shapes=((2, 5),))
 
 
+@pytest.mark.parametrize("linear_layout", [False, True], ids=["kn", "linear"])
+def test_einsum_projections_fuse(linear_layout):
+    """``einsum("nd,df->nf", x, w)`` ([in, out] weights) and ``einsum("nd,fd->nf", x, w)`` (nn.Linear's)."""
+    model = LoopMoE(Variant(ffn="param_kn", bias=True))
+    model.experts = torch.nn.ModuleList([MatmulFFN(16, 24, "silu", True, linear_layout, einsum=True)
+                                         for _ in range(4)])
+    _run(model, torch.float32)
+
+
 def test_matmul_by_a_computed_matrix_is_not_fused():
     """``x @ (2 * w)`` multiplies by a matrix the loop computes, not an expert weight: left alone, with the reason."""
     model = LoopMoE(Variant(ffn="param_kn"))
