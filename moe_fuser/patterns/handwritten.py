@@ -263,20 +263,25 @@ def _linear(node: fx.Node, e: int, walk: _Walk) -> tuple[fx.Node, tuple, Optiona
             raise _NoMatch(f"{node.name} (add) is not a projection plus its bias")
         walk.take(node)
         bias = _weight_source(b, e, walk)
-        if getattr(val(b), "dim", lambda: None)() != 1:
+        if _rank(b) != 1:
             raise _NoMatch(f"{node.name} adds {getattr(b, 'name', b)}, not a bias vector, to {mm.name}")
         node = mm
     if not is_op(node, *_MATMULS):
         raise _NoMatch(f"{node.name} ({op(node)}) is not an nn.Linear / F.linear or a matmul by an expert weight")
     walk.take(node)
     x, w, kn = _matmul_operands(node)
-    if not all(getattr(val(t), "dim", lambda: None)() == 2 for t in (x, w)):
+    if _rank(x) != 2 or _rank(w) != 2:
         raise _NoMatch(f"{node.name} is not a matmul of rows by a matrix")
     if _swaps_2d(w):
         walk.take(w)
         w, kn = w.args[0], not kn
     kind, src = _weight_source(w, e, walk)
     return x, (kind + ".kn" if kn else kind, src), bias
+
+
+def _rank(node: Any) -> Optional[int]:
+    v = val(node)
+    return v.dim() if isinstance(v, torch.Tensor) else None
 
 
 def _matmul_operands(node: fx.Node) -> tuple[Any, Any, bool]:
@@ -300,8 +305,7 @@ def _matmul_operands(node: fx.Node) -> tuple[Any, Any, bool]:
 def _swaps_2d(w: Any) -> bool:
     """Whether ``w`` is a matrix's transpose: ``w.t()``, ``w.T``, ``w.mT``, ``w.transpose(0, 1)`` (any spelling of
     the two dims), ``w.permute(1, 0)``."""
-    if is_op(w, "t") or isinstance(w, fx.Node) and w.op == "call_function" and w.target is getattr \
-            and w.args[1] in ("T", "mT"):
+    if is_op(w, "t") or is_op(w, "getattr") and w.args[1] in ("T", "mT"):
         return True
     if is_op(w, "transpose") and len(w.args) == 3:
         return all(isinstance(d, int) for d in w.args[1:]) and {d % 2 for d in w.args[1:]} == {0, 1}

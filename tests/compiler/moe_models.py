@@ -116,10 +116,10 @@ class MatmulFFN(nn.Module):
 
     def forward(self, x):
         if self.einsum:
-            eq = "nd,fd->nf" if self.linear_layout else "nd,df->nf"
-            h = torch.einsum(eq, x, self.w1)
+            up, down = ("nd,fd->nf", "nf,df->nd") if self.linear_layout else ("nd,df->nf", "nf,fd->nd")
+            h = torch.einsum(up, x, self.w1)
             h = self.act(h if self.b1 is None else h + self.b1)
-            y = torch.einsum(eq.replace("d", "k").replace("f", "d").replace("k", "f"), h, self.w2)
+            y = torch.einsum(down, h, self.w2)
             return y if self.b2 is None else y + self.b2
         h = x @ (self.w1.t() if self.linear_layout else self.w1)
         h = self.act(h if self.b1 is None else h + self.b1)
