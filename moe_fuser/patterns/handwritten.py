@@ -12,7 +12,9 @@ Recognition works backwards from each in-place write into the buffer, one small 
 lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it sees something else:
 
     COMBINE   out.index_add_(0, tok, y) | out.scatter_add_(0, tok[:, None].expand(-1, D), y)
-              | out.index_put_((tok,), y, accumulate=True) | out[tok] += y | out = out.index_add(0, tok, y)
+              | out.scatter_reduce_(0, tok[:, None].expand(-1, D), y, "sum")
+              | out.index_put_((tok,), y, accumulate=True) | out[tok] += y
+              | each of the four as a function: out = out.index_add(0, tok, y), ...
               | out[tok] = y (a sum only under top-1 routing: refused for ids of k > 1 experts per token)
     WEIGHT    y = f * w[tok, slot, None] (either order; ``w[tok, slot].unsqueeze(-1)``/``[:, None]``/``view``;
               ``w[tok, None]`` for 1-D top-1 weights), with dtype casts anywhere
@@ -60,6 +62,8 @@ _VALUE_KEEPING = ("to", "long", "int", "squeeze", "unsqueeze", "view", "reshape"
 FAMILY = "handwritten"
 _CASTS = ("to", "float", "type_as", "half", "bfloat16", "double", "type")
 _ALLOCS = ("zeros", "zeros_like", "new_zeros")
+_ACCUMULATES = ("index_add", "scatter_add", "scatter_reduce", "index_put")   # COMBINE ops, functional ...
+_ACCUMULATES_INPLACE = tuple(name + "_" for name in _ACCUMULATES)            # ... and in place
 _MATMULS = ("matmul", "einsum")
 _ACTIVATIONS = {"silu": "silu", "relu": "relu", "gelu": "gelu"}
 _EXPERT_KEYS = ("w1", "w2", "w3", "b1", "b2", "b3")
@@ -116,25 +120,8 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
         if mutated_arg(u) is not buf:
             continue
         name = op(u)
-        if name == "index_add_" and arg(u, 1, "dim") == 0 and len(u.args) >= 4 and "alpha" not in u.kwargs:
-            writes.append((u, u.args[2], u.args[3], {u}))
-        elif name == "scatter_add_" and arg(u, 1, "dim") == 0:
-            idx = u.args[2]
-            walk = _Walk()
-            if is_op(idx, "expand", "expand_as"):
-                walk.take(idx)
-                idx = idx.args[0]
-            if is_op(idx, "unsqueeze") and arg(idx, 1, "dim") in (1, -1):
-                walk.take(idx)
-                writes.append((u, idx.args[0], u.args[3], walk.nodes | {u}))
-            elif is_op(idx, "view", "reshape") and len(idx.args) == 3 and idx.args[2] == 1:
-                walk.take(idx)
-                writes.append((u, idx.args[0], u.args[3], walk.nodes | {u}))
-            else:
-                raise _NoMatch(f"{u.name} scatters with an index that is not a broadcast token index")
-        elif name == "index_put_" and arg(u, 3, "accumulate", False) is True \
-                and isinstance(u.args[1], (tuple, list)) and len(u.args[1]) == 1:
-            writes.append((u, u.args[1][0], u.args[2], {u}))
+        if name in _ACCUMULATES_INPLACE:
+            writes.append((u, *_accumulation(u)))
         elif name == "setitem":
             tok, rhs = u.args[1], u.args[2]
             if not isinstance(tok, fx.Node) or not isinstance(rhs, fx.Node):
@@ -152,6 +139,33 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
     return writes
 
 
+def _accumulation(u: fx.Node) -> tuple[fx.Node, fx.Node, set]:
+    """(tok, y, nodes) of ``u``, one of the COMBINE forms that add the rows of ``y`` to rows ``tok`` of the buffer
+    (in place or functional); _NoMatch, with the reason, when ``u`` is such an op but not of that form."""
+    name = op(u).rstrip("_")
+    if name == "index_add":
+        if arg(u, 1, "dim") != 0 or len(u.args) < 4 or "alpha" in u.kwargs:
+            raise _NoMatch(f"{u.name} is not index_add(0, tok, y)")
+        return u.args[2], u.args[3], {u}
+    if name == "index_put":
+        indices, values = arg(u, 1, "indices"), arg(u, 2, "values")
+        if arg(u, 3, "accumulate", False) is not True or not isinstance(indices, (tuple, list)) or len(indices) != 1:
+            raise _NoMatch(f"{u.name} is not index_put((tok,), y, accumulate=True)")
+        return indices[0], values, {u}
+    if arg(u, 1, "dim") != 0 or name == "scatter_reduce" and (
+            arg(u, 4, "reduce") != "sum" or arg(u, 5, "include_self", True) is not True):
+        form = ', "sum"' if name == "scatter_reduce" else ""
+        raise _NoMatch(f"{u.name} is not {name}(0, tok[:, None].expand(-1, D), y{form}) adding into the buffer")
+    idx, walk = arg(u, 2, "index"), _Walk()
+    if is_op(idx, "expand", "expand_as"):
+        idx = walk.take(idx).args[0]
+    if is_op(idx, "unsqueeze") and arg(idx, 1, "dim") in (1, -1) \
+            or is_op(idx, "view", "reshape") and len(idx.args) == 3 and idx.args[2] == 1 \
+            or is_op(idx, "getitem") and idx.args[1] == (slice(None), None):   # tok[:, None]
+        return walk.take(idx).args[0], arg(u, 3, "src"), walk.nodes | {u}
+    raise _NoMatch(f"{u.name} scatters with an index that is not a broadcast token index")
+
+
 def _added_slice(setitem: fx.Node) -> Optional[fx.Node]:
     """For ``out[tok] = rhs``: the ``out[tok]`` node that ``rhs`` adds to (``out[tok] += y``), or None."""
     buf, tok, rhs = setitem.args[:3]
@@ -166,16 +180,15 @@ def _assigns(writer: fx.Node) -> bool:
 
 
 def _functional_chain(buf: fx.Node) -> tuple[list, fx.Node]:
-    """out = zeros; out = out.index_add(0, tok, y) ...: the writes and the chain's last node."""
+    """out = zeros; out = out.index_add(0, tok, y) ... (or another functional COMBINE form): the writes and the
+    chain's last node."""
     writes, node = [], buf
     while True:
-        nxt = [u for u in node.users if is_op(u, "index_add") and u.args[0] is node]
+        nxt = [u for u in node.users if is_op(u, *_ACCUMULATES) and u.args[0] is node]
         if len(nxt) != 1:
             return writes, node
         u = nxt[0]
-        if arg(u, 1, "dim") != 0 or len(u.args) < 4 or "alpha" in u.kwargs:
-            raise _NoMatch(f"{u.name} is not index_add(0, tok, y)")
-        writes.append((u, u.args[2], u.args[3], {u}))
+        writes.append((u, *_accumulation(u)))
         node = u
 
 

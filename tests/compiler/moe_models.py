@@ -29,7 +29,12 @@ import torch.nn.functional as F
 ROUTERS = ("softmax_topk_renorm", "softmax_topk", "mixtral_f32", "topk_softmax", "sigmoid_bias", "max_top1",
            "external")
 LOOPS = ("where", "one_hot_210", "one_hot_201", "nonzero")
-COMBINES = ("index_add_", "scatter_add_", "iadd", "index_put_", "functional")
+# in place, then functional (out = out.index_add(...)); an in-place scatter_reduce_ cannot train in eager (its
+# backward needs the result it overwrites), so only inference tests take it
+COMBINES = ("index_add_", "scatter_add_", "iadd", "index_put_", "index_add", "scatter_add", "scatter_reduce",
+            "index_put")
+# scatter_reduce forms that do not sum into the buffer: never fused
+NOT_SUMS = ("scatter_amax", "scatter_excluding_self")
 # Top-1 forms (1-D expert ids): more routers, token masks and column index vectors, assignment into the output
 # (which sums the experts only when each token has one); not in the fuzz's axes (it draws k > 1 too).
 TOP1_ROUTERS = ("max_top1", "argmax_top1", "topk1_squeezed")
@@ -249,7 +254,7 @@ class LoopMoE(nn.Module):
             oh = F.one_hot(ids, num_classes=v.E)
             mask = oh.permute(1, 0) if ids.dim() == 1 else oh.permute(*((2, 1, 0) if v.loop == "one_hot_210"
                                                                        else (2, 0, 1)))
-        out = torch.zeros_like(x) if v.combine != "functional" else x.new_zeros(x.shape)
+        out = torch.zeros_like(x) if v.combine.endswith("_") else x.new_zeros(x.shape)
         experts = range(v.E - 1) if v.twist == "skip_expert" else range(v.E)
         for e in experts:
             tok, slot = self.dispatch(ids, e, mask)
@@ -277,8 +282,19 @@ class LoopMoE(nn.Module):
                 out[tok] = y
             elif v.combine == "index_put_":
                 out.index_put_((tok,), y, accumulate=True)
-            else:
+            elif v.combine == "scatter_reduce_":
+                out.scatter_reduce_(0, tok[:, None].expand_as(y), y, "sum")
+            elif v.combine == "index_add":
                 out = out.index_add(0, tok, y)
+            elif v.combine == "scatter_add":
+                out = torch.scatter_add(out, 0, tok.view(-1, 1).expand(-1, D), y)
+            elif v.combine == "scatter_reduce":
+                out = out.scatter_reduce(0, tok.unsqueeze(1).expand(-1, D), y, reduce="sum")
+            elif v.combine in NOT_SUMS:
+                out = out.scatter_reduce(0, tok.unsqueeze(1).expand(-1, D), y, reduce="sum" if "self" in v.combine
+                                         else "amax", include_self="self" not in v.combine)
+            else:
+                out = out.index_put((tok,), y, accumulate=True)
         probs = logits.float().softmax(dim=-1)
         return out.view(B, S, D), probs.mean(0).pow(2).sum()
 

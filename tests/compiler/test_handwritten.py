@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import moe_fuser
 
-from moe_models import (ACTS, ASSIGN, COMBINES, FFNS, LOOPS, ROUTERS, TOL, TOP1_LOOPS, TOP1_ROUTERS, LoopMoE,
+from moe_models import (ACTS, ASSIGN, COMBINES, FFNS, LOOPS, NOT_SUMS, ROUTERS, TOL, TOP1_LOOPS, TOP1_ROUTERS, LoopMoE,
                         MatmulFFN, MixtralV4Block, Recorder, Variant, check_train_step, load_example, rel_err)
 
 
@@ -44,6 +44,27 @@ def test_dispatch_styles_fuse(loop, router):
 @pytest.mark.parametrize("combine", COMBINES)
 def test_combine_styles_fuse(combine):
     _run(LoopMoE(Variant(combine=combine)), torch.float32)
+
+
+def test_inplace_scatter_reduce_sum_fuses():
+    model = LoopMoE(Variant(combine="scatter_reduce_"))
+    rec = Recorder()
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": rec})
+    with torch.no_grad():
+        for B, S in ((2, 5), (3, 7)):
+            x = torch.randn(B, S, 16)
+            assert rel_err(compiled(x)[0], model(x)[0]) < TOL[torch.float32]
+    assert rec.num_fused == len(rec.graphs) > 0
+
+
+@pytest.mark.parametrize("combine", NOT_SUMS)
+def test_scatter_reduce_that_is_no_sum_is_not_fused(combine):
+    """``scatter_reduce`` with ``amax``, or a sum that drops what the buffer held (``include_self=False``), is not
+    the experts' sum: left alone, eager-equal, with the reason."""
+    model = LoopMoE(Variant(combine=combine))
+    _run(model, torch.float32, fused=0)
+    report = moe_fuser.explain(model, torch.randn(2, 5, 16))
+    assert any("adding into the buffer" in r.reason for r in report.rejected), report
 
 
 @pytest.mark.parametrize("ffn", FFNS)
