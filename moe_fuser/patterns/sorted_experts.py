@@ -10,7 +10,8 @@ sorts the (token, slot) pairs by expert once and runs each expert on its contigu
     h = cat([linear(part, W1[e]) for e, part in enumerate(xs.split(counts))])
     a = act(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]                      # or act(h)
     y = cat([linear(part, W2[e]) for e, part in enumerate(a.split(counts))])
-    out = zeros(T, D).index_add(0, tok, y * g[:, None])                 # or index_add_ into the buffer
+    out = zeros(T, D).index_add(0, tok, y * g[:, None])                 # or index_add_ into the buffer, or
+                                                                        # another COMBINE form of handwritten.py
 
 With ``.tolist()`` counts captured (moe_fuser's capture settings), dynamo keeps all of it in one graph (not with
 ``bincount(ids, minlength=E).tolist()``: its length is data-dependent, dynamo cannot list it, and the frame is
@@ -36,8 +37,8 @@ from ..fx.dag import mutated_arg
 from ..fx.graph import arg, is_op, module_path, op, val
 from ..spec import ExpertSpec, MoESpec
 from .base import Match, MatchContext, Rejection, register_pattern
-from .handwritten import (_ALLOCS, FAMILY, HandwrittenLoop, _activation, _is_activation, _linear, _NoMatch,
-                          _Walk)
+from .handwritten import (_ACCUMULATES, _ACCUMULATES_INPLACE, _ALLOCS, FAMILY, HandwrittenLoop, _accumulation,
+                          _activation, _is_activation, _linear, _NoMatch, _Walk)
 from .routers import recognise_router
 
 __all__ = ["ascending_order", "find_sorted"]
@@ -156,15 +157,15 @@ def ascending_order(order: fx.Node, walk: _Walk) -> tuple[fx.Node, Optional[fx.N
     return (srt or order).args[0], srt
 
 
-def _match(ctx: MatchContext, write: fx.Node) -> Match:
+def _match(ctx: MatchContext, write: fx.Node, tok: fx.Node, src: fx.Node, combine_nodes: set) -> Match:
     walk = _Walk()
-    buf, tok, src = write.args[0], arg(write, 2, "index"), arg(write, 3, "source")
-    output = buf if op(write) == "index_add_" else write
+    buf = write.args[0]
+    output = buf if mutated_arg(write) is buf else write
     if output is buf:
         _want(not [u for u in buf.users if u is not write and mutated_arg(u) is buf],
               f"{buf.name}: written by more than the combine")
     walk.take(buf)
-    walk.take(write)
+    walk.nodes |= combine_nodes
     src = walk.casts(src)
     _want(is_op(src, "mul") and len(src.args) == 2, f"{src.name} ({op(src)}): the expert outputs should be "
                                                     "multiplied by their routing weights")
@@ -244,14 +245,20 @@ def _match(ctx: MatchContext, write: fx.Node) -> Match:
 
 
 def find_sorted(ctx: MatchContext):
-    """Each ``index_add`` of weighted, concatenated per-expert runs into a fresh zeros buffer is a candidate;
-    other index_adds are left to the loop pattern without a word."""
-    for write in ctx.nodes_of("index_add", "index_add_"):
-        buf, src = write.args[0], arg(write, 3, "source")
-        if write in ctx.claimed or not is_op(buf, *_ALLOCS) or arg(write, 1, "dim") != 0 or not _concatenated(src):
+    """Each accumulation (``index_add``, ``scatter_add``, ... as the loop pattern reads them) of weighted,
+    concatenated per-expert runs into a fresh zeros buffer is a candidate; other writes are left to the loop
+    pattern without a word."""
+    for write in ctx.nodes_of(*_ACCUMULATES, *_ACCUMULATES_INPLACE):
+        if write in ctx.claimed or not is_op(write.args[0], *_ALLOCS):
             continue
         try:
-            yield _match(ctx, write)
+            tok, src, nodes = _accumulation(write)
+        except _NoMatch:
+            continue
+        if not _concatenated(src):
+            continue
+        try:
+            yield _match(ctx, write, tok, src, nodes)
         except _NoMatch as exc:
             yield Rejection(FAMILY, PATTERN, str(exc), module_path(write))
 

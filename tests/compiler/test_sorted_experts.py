@@ -81,6 +81,11 @@ class SortedMoE(nn.Module):
         y = self._proj(a, sizes, 2) * g[:, None]
         if self.combine == "index_add":
             out = torch.zeros_like(x).index_add(0, tok, y)
+        elif self.combine == "scatter_add_":
+            out = torch.zeros_like(x)
+            out.scatter_add_(0, tok[:, None].expand(-1, D), y)
+        elif self.combine == "index_put":
+            out = torch.zeros_like(x).index_put((tok,), y, accumulate=True)
         else:
             out = torch.zeros_like(x)
             out.index_add_(0, tok, y)
@@ -104,6 +109,8 @@ def _run(model, dtype=torch.float32, fused=1, inner="aot_eager", autocast=False)
     dict(order="argsort", combine="index_add_"),                      # argsort + //, in-place combine
     dict(k=1, E=3),
     dict(stacked="kn", glu=False),                                   # [E, in, out] rows, parts[e] @ W[e]
+    dict(combine="scatter_add_"),
+    dict(stacked=False, combine="index_put"),                        # out = zeros.index_put(..., accumulate=True)
 ])
 def test_sorted_styles_fuse_and_train_eager_equal(kw):
     _run(SortedMoE(**kw))
