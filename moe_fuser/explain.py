@@ -258,15 +258,32 @@ def _code_key(m: Any) -> tuple:
     return getattr(m, "co_filename", None), getattr(m, "co_firstlineno", None), getattr(m, "co_name", None)
 
 
-def _forward_codes(model: Any) -> set:
-    """(file, first line, name) of the code objects of ``model``'s forwards (each module's) or of ``model``."""
+def _model_codes(model: Any, depth: int = 3) -> set:
+    """(file, first line, name) of the code objects of ``model``'s forwards (each module's, or ``model`` itself)
+    and of the functions and methods they call by name, to ``depth`` calls deep (a helper such as
+    ``run_experts(self.experts, x, w, ids)`` is a frame of its own for dynamo)."""
     mods = list(model.modules()) if isinstance(model, torch.nn.Module) else [model]
-    codes = set()
+    todo = []
     for mod in mods:
-        fn = getattr(type(mod), "forward", None) if isinstance(mod, torch.nn.Module) else mod
-        code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
-        if code is not None:
-            codes.add((code.co_filename, code.co_firstlineno, code.co_name))
+        cls = type(mod) if isinstance(mod, torch.nn.Module) else None
+        fn = getattr(cls, "forward", None) if cls is not None else mod
+        if fn is not None:
+            todo.append((inspect.unwrap(fn), cls))
+    codes, seen = set(), set()
+    for _ in range(depth):
+        called = []
+        for fn, cls in todo:
+            code = getattr(fn, "__code__", None)
+            if code is None or code in seen:
+                continue
+            seen.add(code)
+            codes.add(_code_key(code))
+            scope = getattr(fn, "__globals__", {})
+            for name in code.co_names:
+                target = scope.get(name) if name in scope else getattr(cls, name, None)
+                if isinstance(target, types.FunctionType):
+                    called.append((inspect.unwrap(target), cls))
+        todo = called
     return codes
 
 
@@ -303,10 +320,10 @@ def explain(model: Any, *args: Any, options: Optional[Mapping[str, Any]] = None,
         "with zeros(T, E).scatter(1, ids, 1).sum(0), whose length is E") for name, where, reason in retries]
     metrics = _compilation_metrics()
     rows += _skipped_frames([m for m in metrics if id(m) not in earlier], {r[0] for r in retries})
-    if not report.graphs and not rows:
+    if not report.fused and not rows:
         # Dynamo runs a frame it once failed on in eager from then on, without trying again: a model compiled and
         # run before explain shows nothing new. Its earlier failure on the model's own code is the reason.
-        codes = _forward_codes(model)
+        codes = _model_codes(model)
         rows = [replace(r, reason=r.reason + "; dynamo failed on it in an earlier compile of this model and runs it "
                                   "in eager since (torch._dynamo.reset() lets it try again)")
                 for r in _skipped_frames([m for m in metrics if id(m) in earlier and _code_key(m) in codes], set())]

@@ -122,6 +122,25 @@ class SkipsIdleExperts(nn.Module):
         return out
 
 
+class SkipsIdleExpertsInAHelper(SkipsIdleExperts):
+    """The same loop in a function the forward calls: a frame of its own, which dynamo fails on and runs in eager,
+    while the forward's router compiles."""
+
+    def forward(self, x):
+        w, ids = self.gate(x).softmax(-1).topk(self.k)
+        return skip_idle_experts(self.experts, x, w, ids)
+
+
+def skip_idle_experts(experts, x, w, ids):
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:
+            continue
+        out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+    return out
+
+
 def test_explain_says_which_frame_dynamo_ran_in_eager_and_why(caplog):
     """No graph reaches the backend: the report names the frame, dynamo's reason and the line, with the fix for
     the expert loop's usual cause (not the torch.compiler.disable guess); the compiled model still equals eager."""
@@ -139,15 +158,18 @@ def test_explain_says_which_frame_dynamo_ran_in_eager_and_why(caplog):
     assert torch.equal(torch.compile(model, backend="moe_fuser")(x), model(x))
 
 
-def test_explain_after_the_users_own_compile_still_says_why():
+@pytest.mark.parametrize("cls", [SkipsIdleExperts, SkipsIdleExpertsInAHelper])
+def test_explain_after_the_users_own_compile_still_says_why(cls):
     """Dynamo runs a frame it failed on in eager from then on, without trying again: explained after the user's
-    own compile ran, the model shows no new failure; the report takes the earlier one, and says so."""
-    model, x = SkipsIdleExperts(), torch.randn(10, 16)
-    assert torch.equal(torch.compile(model, backend="moe_fuser")(x), model(x))
+    own compile ran, the model shows no new failure; the report takes the earlier one, and says so (also for the
+    frame of a function the forward calls)."""
+    model, x = cls(), torch.randn(10, 16)
+    torch.testing.assert_close(torch.compile(model, backend="moe_fuser")(x), model(x))   # the router compiled
     report = moe_fuser.explain(model, x)
-    assert report.num_graphs == 0 and len(report.rejected) == 1, report
+    assert report.num_fused == 0 and len(report.rejected) == 1, report
     row = report.rejected[0]
     assert row.pattern == "capture" and "Data-dependent branching" in row.reason, report
+    assert row.module_path.startswith("<frame forward" if cls is SkipsIdleExperts else "<frame skip_idle_experts")
     assert "earlier compile of this model" in row.reason and "torch.compiler.disable" not in str(report)
 
 
