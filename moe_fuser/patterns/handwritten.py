@@ -17,7 +17,9 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
               | each of the four as a function: out = out.index_add(0, tok, y), ...
               | out[tok] = y (a sum only under top-1 routing: refused for ids of k > 1 experts per token)
     WEIGHT    y = f * w[tok, slot, None] (either order; ``w[tok, slot].unsqueeze(-1)``/``[:, None]``/``view``;
-              ``w[tok, None]`` for 1-D top-1 weights), with dtype casts anywhere
+              ``w[tok, None]`` for 1-D top-1 weights), with dtype casts anywhere; or the weight summed over the
+              slots that chose e, ``(w * (ids == e)).sum(-1)[tok, None]``, with the tokens of
+              ``(ids == e).any(-1)`` (DISPATCH's last form)
     FFN       Linear -> act (also in place) -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear
               (SwiGLU/GeGLU module), Linear -> chunk(2) -> act(gate) * up -> Linear (fused gate_up); eval-mode
               dropout is skipped.
@@ -30,7 +32,8 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
     DISPATCH  torch.where(ids == e) -> (tok, slot)  |  torch.where(one_hot(ids, E).permute(2, 1, 0)[e]) ->
               (slot, tok) (``permute(2, 0, 1)`` gives (tok, slot))  |  (ids == e).nonzero() -> [:, 0], [:, 1]
               |  with 1-D top-1 ids: torch.where(ids == e)[0], the mask ids == e (x[mask]),
-              (ids == e).nonzero().squeeze(-1)
+              (ids == e).nonzero().squeeze(-1)  |  tok = (ids == e).any(-1).nonzero().squeeze(-1) (or
+              torch.where(...)[0]) with the masked-sum weight
 
 The loop must cover every expert 0..E-1 exactly once with one FFN structure; the weights and ids of all experts
 must be the same two nodes, which ``routers.recognise_router`` resolves to a RouterSpec (or an external router).
@@ -203,14 +206,57 @@ def _split_weight(y: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, fx.No
         raise _NoMatch(f"the expert output {y.name} is not multiplied by its routing weight")
     walk.take(y)
     for f, we in (y.args, y.args[::-1]):
-        try:
-            sub = _Walk()
-            W, slot = _weight_index(we, sub, tok)
-        except _NoMatch:
-            continue
-        walk.nodes |= sub.nodes
-        return f, W, slot, we, y
+        for read in (_masked_weight, _weight_index):   # the stricter first: a masked sum is 1-D too
+            try:
+                sub = _Walk()
+                W, slot = read(we, sub, tok)
+            except _NoMatch:
+                continue
+            walk.nodes |= sub.nodes
+            return f, W, slot, we, y
     raise _NoMatch(f"neither factor of {y.name} is the routing weight of the dispatched tokens")
+
+
+@dataclass(frozen=True)
+class _SlotMask:
+    """In place of a slot index: expert e's weight of each token is summed over its slots under the mask ``eq``
+    (``ids == e``), so the tokens are those with e in any slot (``_dispatch``)."""
+
+    eq: fx.Node
+
+
+def _masked_weight(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, _SlotMask]:
+    """w_e = (W * (ids == e)).sum(-1)[tok, None] (also ``.sum(-1, keepdim=True)[tok]``, ``.unsqueeze(-1)``, the
+    mask cast, either order) -> (W, the mask). Top-k ids hold e at most once per token, and even where a router's
+    ids repeat it, applying the expert once with the summed weight is what the (token, slot) pairs sum to."""
+    we = walk.casts(we)
+    column = False
+    if is_op(we, "unsqueeze") and arg(we, 1, "dim") in (-1, 1):
+        column = True
+        we = walk.casts(walk.take(we).args[0])
+    if not is_op(we, "getitem"):
+        raise _NoMatch(f"{we.name} does not index the routing weights")
+    S, index = walk.take(we).args
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) == 2 and index[1] is None and not column:
+        index, column = index[:1], True
+    S = walk.casts(S)
+    if not (len(index) == 1 and index[0] is tok and is_op(S, "sum")
+            and arg(S, 1, "dim") in (-1, 1, (-1,), (1,), [-1], [1])):
+        raise _NoMatch(f"{we.name} is not (W * (ids == e)).sum(-1)[tok, None]")
+    if column == bool(arg(S, 2, "keepdim", False)):
+        raise _NoMatch(f"{we.name} is not one weight column per token")
+    prod = walk.casts(walk.take(S).args[0])
+    if not (is_op(prod, "mul") and len(prod.args) == 2 and all(isinstance(a, fx.Node) for a in prod.args)):
+        raise _NoMatch(f"{S.name} does not sum masked routing weights")
+    walk.take(prod)
+    for W, mask in (prod.args, prod.args[::-1]):
+        mask = walk.casts(mask)
+        if is_op(mask, "eq"):
+            W = walk.casts(W)
+            if isinstance(val(W), torch.Tensor) and val(W).dim() == 2 and _same_shape(W, mask.args[0]):
+                return W, _SlotMask(mask)
+    raise _NoMatch(f"{prod.name} is not routing weights [T, K] times the mask ids == e")
 
 
 def _weight_index(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
@@ -439,8 +485,32 @@ def _column(node: fx.Node) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == 1
 
 
-def _dispatch(tok: fx.Node, slot: Optional[fx.Node], walk: _Walk) -> tuple[fx.Node, int]:
-    """(tok, slot) -> (ids node, expert index e)."""
+def _any_dispatch(tok: fx.Node, mask: _SlotMask, walk: _Walk) -> tuple[fx.Node, int]:
+    """The tokens with expert e in any slot, for weights summed under ``mask``: tok =
+    ``(ids == e).any(-1).nonzero().squeeze(-1)``, ``torch.where((ids == e).any(-1))[0]`` or
+    ``.nonzero(as_tuple=True)[0]`` of it."""
+    if _column(tok) and is_op(tok.args[0], "nonzero") and arg(tok.args[0], 1, "as_tuple", False) is not True:
+        nz = tok.args[0]
+    elif is_op(tok, "getitem") and tok.args[1] == 0 and is_op(tok.args[0], "where", "nonzero") \
+            and len(tok.args[0].args) == 1 and tok.args[0].kwargs.get("as_tuple", True) is True:
+        nz = tok.args[0]
+    else:
+        raise _NoMatch(f"the token index {tok.name} is not the nonzero rows of (ids == e).any(-1)")
+    cond = nz.args[0]
+    if not (is_op(cond, "any") and arg(cond, 1, "dim") in (-1, 1) and not arg(cond, 2, "keepdim", False)):
+        raise _NoMatch(f"{cond.name} is not (ids == e).any(-1)")
+    for node in (tok, nz, cond):
+        walk.take(node)
+    ids, e = _expert_of(cond.args[0], walk)
+    if (ids, e) != _expert_of(mask.eq, walk) or val(ids).dim() != 2:
+        raise _NoMatch(f"the tokens {tok.name} and the weight mask {mask.eq.name} pick different experts")
+    return ids, e
+
+
+def _dispatch(tok: fx.Node, slot, walk: _Walk) -> tuple[fx.Node, int]:
+    """(tok, slot) -> (ids node, expert index e); ``slot`` is a node, None, or a ``_SlotMask``."""
+    if isinstance(slot, _SlotMask):
+        return _any_dispatch(tok, slot, walk)
     if is_op(tok, "eq") and slot is None:   # a boolean mask over 1-D top-1 ids: x[ids == e] picks rows like where
         ids, e = _expert_of(tok, walk)
         if val(ids).dim() != 1:

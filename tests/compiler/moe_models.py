@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 ROUTERS = ("softmax_topk_renorm", "softmax_topk", "mixtral_f32", "topk_softmax", "sigmoid_bias", "max_top1",
            "external")
-LOOPS = ("where", "one_hot_210", "one_hot_201", "nonzero")
+# "any_*": the tokens with expert e in any slot, weighted by (w * (ids == e)).sum(-1)
+LOOPS = ("where", "one_hot_210", "one_hot_201", "nonzero", "any_nonzero", "any_where")
 # in place, then functional (out = out.index_add(...)); an in-place scatter_reduce_ cannot train in eager (its
 # backward needs the result it overwrites), so only inference tests take it
 COMBINES = ("index_add_", "scatter_add_", "iadd", "index_put_", "index_add", "scatter_add", "scatter_reduce",
@@ -228,6 +229,10 @@ class LoopMoE(nn.Module):
             return ids == e, None
         if v.loop == "nonzero_squeeze":
             return (ids == e).nonzero().squeeze(-1), None
+        if v.loop == "any_nonzero":
+            return (ids == e).any(-1).nonzero().squeeze(-1), None
+        if v.loop == "any_where":
+            return torch.where((ids == e).any(dim=-1))[0], None
         if v.loop == "where":
             if ids.dim() == 1:
                 return torch.where(ids == e)[0], None
@@ -266,7 +271,12 @@ class LoopMoE(nn.Module):
                     y = self.expert(e, xe)
             else:
                 y = self.expert(e, xe)
-            we = (w[tok, slot, None] if slot is not None else w[tok, None])
+            if v.loop == "any_nonzero":
+                we = (w * (ids == e)).sum(-1, keepdim=True)[tok]
+            elif v.loop == "any_where":
+                we = ((ids == e).to(w.dtype) * w).sum(dim=-1)[tok, None]
+            else:
+                we = (w[tok, slot, None] if slot is not None else w[tok, None])
             if v.twist == "weight_in_expert_dtype":
                 we = we.to(y.dtype)
             y = we * y if v.weight_first else y * we

@@ -157,6 +157,25 @@ def test_matmul_by_a_computed_matrix_is_not_fused():
     assert any("is not a parameter of expert 0" in r.reason for r in report.rejected), report
 
 
+def test_masked_weight_of_another_expert_is_not_fused():
+    """Tokens with expert e in any slot, weighted by the slots of expert e + 1: not an MoE the op computes."""
+    model = LoopMoE(Variant(loop="any_nonzero"))
+
+    def forward(hidden):
+        x = hidden.view(-1, 16)
+        logits, w, ids = model.route(x)
+        out = torch.zeros_like(x)
+        for e in range(4):
+            tok = (ids == e).any(-1).nonzero().squeeze(-1)
+            out.index_add_(0, tok, model.expert(e, x[tok]) * (w * (ids == (e + 1) % 4)).sum(-1, keepdim=True)[tok])
+        return out.view(hidden.shape), logits.float().softmax(-1).mean(0).pow(2).sum()
+
+    model.forward = forward
+    _run(model, torch.float32, fused=0)
+    report = moe_fuser.explain(model, torch.randn(2, 5, 16))
+    assert any("pick different experts" in r.reason for r in report.rejected), report
+
+
 @pytest.mark.parametrize("twist", ["extra_scale", "skip_expert"])
 def test_unmodelled_departures_are_not_fused(twist):
     _run(LoopMoE(Variant(twist=twist)), torch.float32, fused=0)
