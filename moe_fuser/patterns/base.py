@@ -228,8 +228,8 @@ _REGISTRY: dict[str, Pattern] = {}
 _LOCK = threading.Lock()
 # Built-in families (module names in this package), imported on first use; each registers its patterns at
 # import. Add a family module here.
-_BUILTIN_MODULES: tuple = ("handwritten", "sorted_experts", "grouped_mm", "transformers_experts", "llama4",
-                           "switch_transformers", "expert_parallel")
+_BUILTIN_MODULES: tuple = ("handwritten", "sorted_experts", "slot_rows", "grouped_mm", "transformers_experts",
+                           "llama4", "switch_transformers", "expert_parallel")
 _builtins_loaded = False
 
 

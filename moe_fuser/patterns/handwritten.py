@@ -124,7 +124,11 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
             continue
         name = op(u)
         if name in _ACCUMULATES_INPLACE:
-            writes.append((u, *_accumulation(u)))
+            acc = _accumulation(u)
+            if acc is None:   # not along the rows (a load-balancing loss's zeros(B, E).scatter_add_(1, ...))
+                other.append(f"{u.name} ({name}) adds into the output buffer {buf.name} along dim 1")
+            else:
+                writes.append((u, *acc))
         elif name == "setitem":
             tok, rhs = u.args[1], u.args[2]
             if not isinstance(tok, fx.Node) or not isinstance(rhs, fx.Node):
@@ -142,12 +146,15 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
     return writes
 
 
-def _accumulation(u: fx.Node) -> tuple[fx.Node, fx.Node, set]:
+def _accumulation(u: fx.Node) -> Optional[tuple[fx.Node, fx.Node, set]]:
     """(tok, y, nodes) of ``u``, one of the COMBINE forms that add the rows of ``y`` to rows ``tok`` of the buffer
-    (in place or functional); _NoMatch, with the reason, when ``u`` is such an op but not of that form."""
+    (in place or functional); None for such an op along another dim (no combine of token rows); _NoMatch, with
+    the reason, for one along the rows but not of that form."""
     name = op(u).rstrip("_")
+    if name != "index_put" and arg(u, 1, "dim") != 0:
+        return None
     if name == "index_add":
-        if arg(u, 1, "dim") != 0 or len(u.args) < 4 or "alpha" in u.kwargs:
+        if len(u.args) < 4 or "alpha" in u.kwargs:
             raise _NoMatch(f"{u.name} is not index_add(0, tok, y)")
         return u.args[2], u.args[3], {u}
     if name == "index_put":
@@ -155,10 +162,9 @@ def _accumulation(u: fx.Node) -> tuple[fx.Node, fx.Node, set]:
         if arg(u, 3, "accumulate", False) is not True or not isinstance(indices, (tuple, list)) or len(indices) != 1:
             raise _NoMatch(f"{u.name} is not index_put((tok,), y, accumulate=True)")
         return indices[0], values, {u}
-    if arg(u, 1, "dim") != 0 or name == "scatter_reduce" and (
-            arg(u, 4, "reduce") != "sum" or arg(u, 5, "include_self", True) is not True):
-        form = ', "sum"' if name == "scatter_reduce" else ""
-        raise _NoMatch(f"{u.name} is not {name}(0, tok[:, None].expand(-1, D), y{form}) adding into the buffer")
+    if name == "scatter_reduce" and (arg(u, 4, "reduce") != "sum" or arg(u, 5, "include_self", True) is not True):
+        raise _NoMatch(f'{u.name} is not scatter_reduce(0, tok[:, None].expand(-1, D), y, "sum") adding into the '
+                       "buffer")
     idx, walk = arg(u, 2, "index"), _Walk()
     if is_op(idx, "expand", "expand_as"):
         idx = walk.take(idx).args[0]
@@ -191,7 +197,12 @@ def _functional_chain(buf: fx.Node) -> tuple[list, fx.Node]:
         if len(nxt) != 1:
             return writes, node
         u = nxt[0]
-        writes.append((u, *_accumulation(u)))
+        acc = _accumulation(u)
+        if acc is None:
+            if not writes:   # a lone zeros(B, E).scatter_add(1, ...) (a routing statistic): no MoE
+                return writes, node
+            raise _NoMatch(f"{u.name} ({op(u)}) adds into the output along dim 1")
+        writes.append((u, *acc))
         node = u
 
 

@@ -252,13 +252,13 @@ def find_sorted(ctx: MatchContext):
         if write in ctx.claimed or not is_op(write.args[0], *_ALLOCS):
             continue
         try:
-            tok, src, nodes = _accumulation(write)
+            acc = _accumulation(write)
         except _NoMatch:
             continue
-        if not _concatenated(src):
+        if acc is None or not _concatenated(acc[1]):
             continue
         try:
-            yield _match(ctx, write, tok, src, nodes)
+            yield _match(ctx, write, *acc)
         except _NoMatch as exc:
             yield Rejection(FAMILY, PATTERN, str(exc), module_path(write))
 
