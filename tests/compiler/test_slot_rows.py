@@ -24,12 +24,27 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """DeepSeek's: the layer's output carries its auxiliary loss into the backward."""
+
+    @staticmethod
+    def forward(ctx, x, loss):
+        ctx.dtype = loss.dtype
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, torch.ones(1, dtype=ctx.dtype, device=grad_output.device)
+
+
 class SlotRowsMoE(nn.Module):
     """DeepSeek-MoE's gate (fp32 softmax, top-k, optional renormalisation and scaling) and training loop."""
 
     def __init__(self, D=16, F_=24, E=4, k=2, gated=True, buffer="empty_like", view="shape", column="unsqueeze",
-                 norm=True, scale=1.0, skip_expert=False, extra_scale=False):
+                 norm=True, scale=1.0, skip_expert=False, extra_scale=False, remote=False):
         super().__init__()
+        self.remote = remote   # DeepSeek-V2's remote code: AddAuxiliaryLoss and shared experts
+        self.shared_experts = GatedMLP(D, 2 * F_) if remote else None
         self.k, self.norm, self.scale, self.buffer, self.view, self.column = k, norm, scale, buffer, view, column
         self.skip_expert, self.extra_scale = skip_expert, extra_scale
         self.gate = nn.Linear(D, E, bias=False)
@@ -59,7 +74,10 @@ class SlotRowsMoE(nn.Module):
         # DeepSeek's sequence-level auxiliary loss: expert counts per sequence by scatter_add_ along dim 1
         B, S = orig_shape[:2]
         ce = torch.zeros(B, scores.shape[-1]).scatter_add_(1, topk_idx.view(B, -1), torch.ones(B, S * self.k))
-        return y, (ce * scores.view(B, S, -1).mean(dim=1)).sum(dim=1).mean()
+        aux_loss = (ce * scores.view(B, S, -1).mean(dim=1)).sum(dim=1).mean()
+        if self.remote:
+            return AddAuxiliaryLoss.apply(y, aux_loss) + self.shared_experts(hidden_states)
+        return y, aux_loss
 
 
 def _run(model, dtype=torch.float32, fused=1, inner="aot_eager"):
@@ -76,6 +94,7 @@ def _run(model, dtype=torch.float32, fused=1, inner="aot_eager"):
     dict(),                                                           # SwiGLU MLPs, empty_like, view(*w.shape, -1)
     dict(gated=False, buffer="new_zeros", view="reshape", column="getitem", norm=False),   # Linear-GELU-Linear
     dict(k=1, E=3, scale=2.5),                                        # top-1, DeepSeek-V2's routed scaling
+    dict(remote=True),                                                # AddAuxiliaryLoss, shared experts
 ])
 def test_slot_rows_styles_fuse_and_train_eager_equal(kw):
     _run(SlotRowsMoE(**kw))
