@@ -45,11 +45,13 @@ def _want(cond: bool, reason: str) -> None:
 
 
 def _masked_assign(node: fx.Node) -> bool:
-    """``y[mask] = value`` with a boolean mask."""
-    if op(node) != "setitem" or not isinstance(node.args[1], fx.Node):
+    """``y[flat == e] = value`` with ``flat`` a flattening of 2-D ids (with 1-D top-1 ids, ``out[ids == e] = ...`` is
+    the loop pattern's assignment form)."""
+    if op(node) != "setitem" or not is_op(node.args[1], "eq"):
         return False
-    mask = val(node.args[1])
-    return isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+    flat = node.args[1].args[0]
+    return is_op(flat, "view", "reshape", "flatten") and isinstance(val(flat.args[0]), torch.Tensor) \
+        and val(flat.args[0]).dim() == 2
 
 
 def _flat_ids(flat: fx.Node, walk: _Walk) -> fx.Node:
@@ -151,7 +153,7 @@ def _match(ctx: MatchContext, buf: fx.Node, writes: list) -> Match:
 
 
 def find_slot_rows(ctx: MatchContext):
-    """Each buffer written only by masked assignments ``y[mask] = ...`` is a candidate."""
+    """Each buffer written only by masked assignments ``y[flat == e] = ...`` is a candidate."""
     for buf in ctx.nodes_of(*_BUFFERS):
         if buf in ctx.claimed:
             continue

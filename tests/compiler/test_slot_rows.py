@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moe_fuser
-from moe_models import TOL, Recorder, check_train_step
+from moe_models import ASSIGN, TOL, LoopMoE, Recorder, Variant, check_train_step
 
 
 class GatedMLP(nn.Module):
@@ -110,6 +110,14 @@ def test_explain_names_the_pattern():
     assert report.num_fused == 1 and not report.rejected, report
     row = report.fused[0]
     assert (row.pattern, row.num_experts, row.top_k, row.activation) == ("handwritten.slots", 4, 2, "silu-glu")
+
+
+def test_top1_mask_assignments_are_left_to_the_loop_pattern():
+    """``out[ids == e] = expert(x[ids == e]) * w[...]`` with 1-D top-1 ids is the loop pattern's form: fused there,
+    and no word from this pattern."""
+    report = moe_fuser.explain(LoopMoE(Variant(router="max_top1", loop="mask", combine=ASSIGN, k=1)),
+                               torch.randn(2, 5, 16))
+    assert report.num_fused == 1 and not report.rejected, report
 
 
 @pytest.mark.parametrize("kw, reason", [
