@@ -842,13 +842,14 @@ def find_eager_loop(ctx: MatchContext):
         onehot = mask.args[0]
         if not _is(onehot, "one_hot"):
             continue
-        E = (_int(onehot, 1, "num_classes") or 0) - 1
         yield Rejection(
             FAMILY, "transformers.eager_loop",
-            f"transformers' eager experts loop ({E} experts; experts_implementation='eager' or unset, as for a "
-            "bare block built from a config) iterates a data-dependent tensor (`for expert_idx in expert_hit`), "
-            "so dynamo breaks the graph and the MoE never reaches a backend whole; set "
-            "model.set_experts_implementation('grouped_mm') (the default for *ForCausalLM models) to fuse it",
+            "an experts loop over `expert_hit`, the experts that got tokens (transformers' eager experts, "
+            "experts_implementation='eager' or unset as for a bare block built from a config; NLLB-MoE's experts): "
+            "it iterates a data-dependent tensor, so dynamo breaks the graph and the MoE never reaches a backend "
+            "whole; where the experts class supports it, model.set_experts_implementation('grouped_mm') (the "
+            "default for *ForCausalLM models) fuses it, and a loop `for e in range(num_experts)` over "
+            "torch.where(ids == e) fuses anywhere",
             fxg.module_path(onehot), frozenset({onehot, mask, gt.args[0], gt, nz}))
 
 
