@@ -44,7 +44,7 @@ Legend: T tokens, D hidden size, E experts, K top-k, N routed (token, slot) pair
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -56,7 +56,7 @@ from ..spec import ExpertSpec, MoESpec, MoEWeights
 from .base import Match, MatchContext, Rejection, register_pattern
 from .routers import recognise_router
 
-__all__ = ["HandwrittenLoop"]
+__all__ = ["HandwrittenLoop", "routed_match"]
 
 # ops that keep an integer tensor's values (casts between int32 and int64, reshapes): the expert-id range proof
 # (``HandwrittenLoop._check_external_ids``) looks through them
@@ -618,6 +618,29 @@ def _all_experts_at_once(y: fx.Node) -> bool:
     return any(is_op(walk.casts(f), "grouped_mm", "cat") for f in factors if isinstance(f, fx.Node))
 
 
+def routed_match(pattern: str, walk: _Walk, x: fx.Node, output: fx.Node, weights_TK: fx.Node, ids: fx.Node,
+                 applied_dtype: torch.dtype, weights: MoEWeights, transposed: frozenset, experts: ExpertSpec,
+                 where: str, notes: tuple = (), top_k: Optional[int] = None) -> Match:
+    """The Match of a hand-written MoE (family ``handwritten``) whose experts were read (``weights``, ``experts``
+    without its bias flag) and whose routing weights ``weights_TK`` (applied in ``applied_dtype``) and ``ids``
+    select them: the router recognised, or kept as written with its ids proven to lie in [0, E); ``top_k``
+    overrides the recognised router's k (ids read as a flat list of K per token)."""
+    router = recognise_router(weights_TK, ids, applied_dtype=applied_dtype)
+    if router.external:
+        HandwrittenLoop._check_external_ids(ids, experts.num_experts)
+        notes += (f"router kept as written: {router.reason}",)
+    walk.nodes |= router.nodes
+    experts = replace(experts, bias=any(b is not None for b in (weights.b1, weights.b2, weights.b3)))
+    rspec = router.spec if top_k in (None, router.spec.top_k) else router.spec.replace(top_k=top_k)
+    if router.selection_bias is not None:
+        weights = weights._replace(selection_bias=router.selection_bias)
+    return Match(family=FAMILY, pattern=pattern, spec=MoESpec(router=rspec, experts=experts), x=x, output=output,
+                 region=frozenset(walk.nodes), weights=weights, router_logits=router.logits,
+                 topk_weights=weights_TK if router.external else None, topk_ids=ids if router.external else None,
+                 module_path=where, notes=notes,
+                 router_outputs=None if router.external else (weights_TK, ids), transposed=transposed)
+
+
 class HandwrittenLoop:
     """Per-expert loops accumulating into one buffer (see the module docstring)."""
 
@@ -667,26 +690,13 @@ class HandwrittenLoop:
                            "token (accumulate: out[tok] += y or index_add_)")
         experts.sort(key=lambda x: x.e)
         weights, transposed = self._weights([ex.params for ex in experts])
-        router = recognise_router(first.weights, first.ids, applied_dtype=first.weights_dtype)
-        if router.external:
-            self._check_external_ids(first.ids, E)
-        walk.nodes |= router.nodes
-        expert_spec = ExpertSpec(num_experts=E, activation=first.activation, glu=first.glu,
-                                 bias=weights.b1 is not None or weights.b2 is not None or weights.b3 is not None,
-                                 combine_dtype=first.combine_dtype)
-        spec = MoESpec(router=router.spec, experts=expert_spec)
-        if router.selection_bias is not None:
-            weights = weights._replace(selection_bias=router.selection_bias)
         paths = [ctx.param_path(w) or "" for w in (weights.w2 if isinstance(weights.w2, list) else [weights.w2])]
         prefix = common_prefix(paths)          # the ModuleList ("layers.0.moe.experts"): the MoE is its parent
         where = module_path(buf) or (prefix.rsplit(".", 1)[0] if "." in prefix else "")
-        notes = () if not router.external else (f"router kept as written: {router.reason}",)
-        return Match(family=FAMILY, pattern=self.name, spec=spec, x=first.x, output=output,
-                     region=frozenset(walk.nodes), weights=weights,
-                     router_logits=router.logits, topk_weights=None if not router.external else first.weights,
-                     topk_ids=None if not router.external else first.ids, module_path=where, notes=notes,
-                     router_outputs=None if router.external else (first.weights, first.ids),
-                     transposed=transposed)
+        return routed_match(self.name, walk, first.x, output, first.weights, first.ids, first.weights_dtype,
+                            weights, transposed, ExpertSpec(num_experts=E, activation=first.activation,
+                                                            glu=first.glu, combine_dtype=first.combine_dtype),
+                            where)
 
     @staticmethod
     def _weights(params: list[dict]) -> tuple[MoEWeights, frozenset]:

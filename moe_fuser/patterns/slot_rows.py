@@ -27,11 +27,10 @@ import torch.fx as fx
 
 from ..fx.dag import mutated_arg
 from ..fx.graph import arg, is_op, module_path, op, val
-from ..spec import ExpertSpec, MoESpec
+from ..spec import ExpertSpec
 from .base import Match, MatchContext, Rejection, register_pattern
 from .handwritten import (_CASTS, FAMILY, HandwrittenLoop, _expert_of, _ffn, _NoMatch, _same_shape,
-                          _skip_dropout, _Walk)
-from .routers import recognise_router
+                          _skip_dropout, _Walk, routed_match)
 
 __all__ = ["find_slot_rows"]
 
@@ -134,22 +133,9 @@ def _match(ctx: MatchContext, buf: fx.Node, writes: list) -> Match:
         out = walk.take(cast)   # summed in the weights' dtype, cast back: the op does the same
     combine_dtype = val(prod).dtype if val(prod).dtype != bv.dtype else None
     weights, transposed = HandwrittenLoop._weights([ex[5] for ex in sorted(experts, key=lambda ex: ex[0])])
-    router = recognise_router(w, ids, applied_dtype=val(factor).dtype)
-    if router.external:
-        HandwrittenLoop._check_external_ids(ids, E)
-    walk.nodes |= router.nodes
-    spec = MoESpec(router=router.spec, experts=ExpertSpec(
-        num_experts=E, activation=act, glu=glu, combine_dtype=combine_dtype,
-        bias=weights.b1 is not None or weights.b2 is not None or weights.b3 is not None))
-    if router.selection_bias is not None:
-        weights = weights._replace(selection_bias=router.selection_bias)
-    notes = ("one row per (token, slot) pair: the K copies of each token are not made",)
-    if router.external:
-        notes += (f"router kept as written: {router.reason}",)
-    return Match(family=FAMILY, pattern=PATTERN, spec=spec, x=x, output=out, region=frozenset(walk.nodes),
-                 weights=weights, router_logits=router.logits, topk_weights=w if router.external else None,
-                 topk_ids=ids if router.external else None, module_path=module_path(buf), notes=notes,
-                 router_outputs=None if router.external else (w, ids), transposed=transposed)
+    return routed_match(PATTERN, walk, x, out, w, ids, val(factor).dtype, weights, transposed,
+                        ExpertSpec(num_experts=E, activation=act, glu=glu, combine_dtype=combine_dtype),
+                        module_path(buf), ("one row per (token, slot) pair: the K copies of each token are not made",))
 
 
 def find_slot_rows(ctx: MatchContext):

@@ -35,11 +35,10 @@ import torch.fx as fx
 
 from ..fx.dag import mutated_arg
 from ..fx.graph import arg, is_op, module_path, op, val
-from ..spec import ExpertSpec, MoESpec
+from ..spec import ExpertSpec
 from .base import Match, MatchContext, Rejection, register_pattern
 from .handwritten import (_ACCUMULATES, _ACCUMULATES_INPLACE, _ALLOCS, FAMILY, HandwrittenLoop, _accumulation,
-                          _activation, _is_activation, _linear, _NoMatch, _Walk)
-from .routers import recognise_router
+                          _activation, _is_activation, _linear, _NoMatch, _Walk, routed_match)
 
 __all__ = ["ascending_order", "find_sorted"]
 
@@ -224,24 +223,10 @@ def _match(ctx: MatchContext, write: fx.Node, tok: fx.Node, src: fx.Node, combin
     combine_dtype = None if bv.dtype == a_dtype else bv.dtype
     experts = [dict(w1=w1, b1=b1, w2=w2, b2=b2) for (w1, b1), (w2, b2) in zip(w1s, w2s)]
     weights, transposed = HandwrittenLoop._weights(experts)
-    router = recognise_router(weights_TK, ids, applied_dtype=val(g).dtype)
-    if router.external:
-        HandwrittenLoop._check_external_ids(ids, E)
-    walk.nodes |= router.nodes
-    spec = MoESpec(router=router.spec.replace(top_k=K) if router.spec.top_k != K else router.spec,
-                   experts=ExpertSpec(num_experts=E, activation=activation, glu=glu,
-                                      bias=weights.b1 is not None or weights.b2 is not None,
-                                      combine_dtype=combine_dtype))
-    if router.selection_bias is not None:
-        weights = weights._replace(selection_bias=router.selection_bias)
-    notes = ("pairs sorted by expert, one run per expert (split by the captured counts)",)
-    if router.external:
-        notes += (f"router kept as written: {router.reason}",)
-    return Match(family=FAMILY, pattern=PATTERN, spec=spec, x=x, output=output, region=frozenset(walk.nodes),
-                 weights=weights, router_logits=router.logits,
-                 topk_weights=weights_TK if router.external else None, topk_ids=ids if router.external else None,
-                 module_path=module_path(write).rpartition(".")[0] if module_path(write) else "", notes=notes,
-                 router_outputs=None if router.external else (weights_TK, ids), transposed=transposed)
+    return routed_match(PATTERN, walk, x, output, weights_TK, ids, val(g).dtype, weights, transposed,
+                        ExpertSpec(num_experts=E, activation=activation, glu=glu, combine_dtype=combine_dtype),
+                        module_path(write).rpartition(".")[0] if module_path(write) else "",
+                        ("pairs sorted by expert, one run per expert (split by the captured counts)",), top_k=K)
 
 
 def find_sorted(ctx: MatchContext):
