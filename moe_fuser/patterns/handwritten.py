@@ -19,7 +19,8 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
     WEIGHT    y = f * w[tok, slot, None] (either order; ``w[tok, slot].unsqueeze(-1)``/``[:, None]``/``view``;
               ``w[tok, None]`` for 1-D top-1 weights), with dtype casts anywhere; or the weight summed over the
               slots that chose e, ``(w * (ids == e)).sum(-1)[tok, None]``, with the tokens of
-              ``(ids == e).any(-1)`` (DISPATCH's last form)
+              ``(ids == e).any(-1)`` (DISPATCH's last form); or either on the expert's input,
+              ``expert(x[tok] * w[tok, slot, None])`` (``MoESpec.weight_on_input``)
     FFN       Linear -> act (also in place) -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear
               (SwiGLU/GeGLU module), Linear -> chunk(2) -> act(gate) * up -> Linear (fused gate_up); eval-mode
               dropout is skipped.
@@ -90,6 +91,7 @@ class _Expert:
     glu: Optional[str]
     params: dict                  # role -> (kind, node): "param" (the expert's own tensor) or "row" (stacked[e]);
                                   # weights used as x @ w ([in, out]) are "param.kn" / "row.kn"
+    on_input: bool = False        # the routing weight scales the expert's input (MoESpec.weight_on_input)
 
 
 class _Walk:
@@ -599,14 +601,51 @@ def _dispatch(tok: fx.Node, slot, walk: _Walk) -> tuple[fx.Node, int]:
 def _expert(write, walk: _Walk) -> _Expert:
     _writer, tok, y, nodes = write
     walk.nodes |= nodes
-    f, W, slot, we, product = _split_weight(y, walk, tok)
+    sub = _Walk()
+    try:
+        f, W, slot, we, product = _split_weight(y, sub, tok)
+        gathered = None
+    except _NoMatch:
+        found = _weighted_input(tok, sub)
+        if found is None:
+            raise
+        W, slot, we, product, gathered = found
+        f = y
+    walk.nodes |= sub.nodes
     ids, e = _dispatch(tok, slot, walk)
     x_e, params, act, glu = _ffn(f, e, walk)
-    x = _gather(_skip_dropout(x_e, walk), tok, walk)
+    x_e = _skip_dropout(x_e, walk)
+    if gathered is not None and x_e is not product:
+        raise _NoMatch(f"expert {e} reads {x_e.name}, not its weighted input {product.name}")
+    x = _gather(x_e if gathered is None else gathered, tok, walk)
     # weighted and summed in one dtype (the buffer's): the op does the same (the rewrite drops it when it is the
     # experts' compute dtype); a product cast before the sum is not modelled (the op then sums in compute dtype)
-    combine = val(product).dtype if val(product).dtype == val(y).dtype else None
-    return _Expert(e, x, ids, W, val(we).dtype, combine, act, glu, params)
+    formed = val(product if gathered is None else _Walk().casts(y)).dtype
+    combine = formed if formed == val(y).dtype else None
+    return _Expert(e, x, ids, W, val(we).dtype, combine, act, glu, params, on_input=gathered is not None)
+
+
+def _weighted_input(tok: fx.Node, walk: _Walk) -> Optional[tuple]:
+    """The routing weight on the expert's input, ``expert(x[tok] * w[tok, slot, None])`` (either order, the weight
+    forms of WEIGHT; torchtitan's ``score_before_experts``) -> (W, slot, the weight factor, the product, the
+    gathered rows), or None."""
+    for gathered in tok.users:
+        if not (is_op(gathered, "getitem") and gathered.args[1] is tok
+                or is_op(gathered, "index_select") and arg(gathered, 2, "index") is tok):
+            continue
+        for prod in gathered.users:
+            if not (is_op(prod, "mul") and len(prod.args) == 2 and gathered in prod.args):
+                continue
+            we = prod.args[1] if prod.args[0] is gathered else prod.args[0]
+            for read in (_masked_weight, _weight_index):
+                sub = _Walk()
+                try:
+                    W, slot = read(we, sub, tok)
+                except _NoMatch:
+                    continue
+                walk.nodes |= sub.nodes | {prod}
+                return W, slot, we, prod, gathered
+    return None
 
 
 def _all_experts_at_once(y: fx.Node) -> bool:
@@ -620,11 +659,12 @@ def _all_experts_at_once(y: fx.Node) -> bool:
 
 def routed_match(pattern: str, walk: _Walk, x: fx.Node, output: fx.Node, weights_TK: fx.Node, ids: fx.Node,
                  applied_dtype: torch.dtype, weights: MoEWeights, transposed: frozenset, experts: ExpertSpec,
-                 where: str, notes: tuple = (), top_k: Optional[int] = None) -> Match:
+                 where: str, notes: tuple = (), top_k: Optional[int] = None, weight_on_input: bool = False) -> Match:
     """The Match of a hand-written MoE (family ``handwritten``) whose experts were read (``weights``, ``experts``
     without its bias flag) and whose routing weights ``weights_TK`` (applied in ``applied_dtype``) and ``ids``
     select them: the router recognised, or kept as written with its ids proven to lie in [0, E); ``top_k``
-    overrides the recognised router's k (ids read as a flat list of K per token)."""
+    overrides the recognised router's k (ids read as a flat list of K per token); ``weight_on_input``: the weights
+    scale the experts' inputs."""
     router = recognise_router(weights_TK, ids, applied_dtype=applied_dtype)
     if router.external:
         HandwrittenLoop._check_external_ids(ids, experts.num_experts)
@@ -634,7 +674,8 @@ def routed_match(pattern: str, walk: _Walk, x: fx.Node, output: fx.Node, weights
     rspec = router.spec if top_k in (None, router.spec.top_k) else router.spec.replace(top_k=top_k)
     if router.selection_bias is not None:
         weights = weights._replace(selection_bias=router.selection_bias)
-    return Match(family=FAMILY, pattern=pattern, spec=MoESpec(router=rspec, experts=experts), x=x, output=output,
+    spec = MoESpec(router=rspec, experts=experts, weight_on_input=weight_on_input)
+    return Match(family=FAMILY, pattern=pattern, spec=spec, x=x, output=output,
                  region=frozenset(walk.nodes), weights=weights, router_logits=router.logits,
                  topk_weights=weights_TK if router.external else None, topk_ids=ids if router.external else None,
                  module_path=where, notes=notes,
@@ -676,7 +717,7 @@ class HandwrittenLoop:
         if sorted(x.e for x in experts) != list(range(E)):
             raise _NoMatch(f"the loop covers experts {sorted(x.e for x in experts)}, not each of 0..{E - 1} once")
         for ex in experts[1:]:
-            for what in ("x", "ids", "weights", "weights_dtype", "combine_dtype", "activation", "glu"):
+            for what in ("x", "ids", "weights", "weights_dtype", "combine_dtype", "activation", "glu", "on_input"):
                 if getattr(ex, what) is not getattr(first, what) and getattr(ex, what) != getattr(first, what):
                     raise _NoMatch(f"experts {first.e} and {ex.e} differ in {what}")
             if {k: (v[0] if v else None) for k, v in ex.params.items()} != \
@@ -696,7 +737,7 @@ class HandwrittenLoop:
         return routed_match(self.name, walk, first.x, output, first.weights, first.ids, first.weights_dtype,
                             weights, transposed, ExpertSpec(num_experts=E, activation=first.activation,
                                                             glu=first.glu, combine_dtype=first.combine_dtype),
-                            where)
+                            where, weight_on_input=first.on_input)
 
     @staticmethod
     def _weights(params: list[dict]) -> tuple[MoEWeights, frozenset]:

@@ -63,6 +63,7 @@ class Variant:
     act: str = "silu"
     bias: bool = False
     weight_first: bool = False        # w * expert(x) instead of expert(x) * w
+    weight_on_input: bool = False     # expert(x * w): the routing weight scales the expert's input
     dtype: torch.dtype = torch.float32
     twist: Optional[str] = None
 
@@ -263,7 +264,15 @@ class LoopMoE(nn.Module):
         experts = range(v.E - 1) if v.twist == "skip_expert" else range(v.E)
         for e in experts:
             tok, slot = self.dispatch(ids, e, mask)
+            if v.loop == "any_nonzero":
+                we = (w * (ids == e)).sum(-1, keepdim=True)[tok]
+            elif v.loop == "any_where":
+                we = ((ids == e).to(w.dtype) * w).sum(dim=-1)[tok, None]
+            else:
+                we = (w[tok, slot, None] if slot is not None else w[tok, None])
             xe = x[tok]
+            if v.weight_on_input:   # torchtitan's score_before_experts
+                xe = we * xe if v.weight_first else xe * we
             if v.twist == "train_dropout":
                 xe = self.drop(xe)
             if v.twist == "expert_autocast_off":   # the experts in the model's own precision, whatever autocast says
@@ -271,15 +280,12 @@ class LoopMoE(nn.Module):
                     y = self.expert(e, xe)
             else:
                 y = self.expert(e, xe)
-            if v.loop == "any_nonzero":
-                we = (w * (ids == e)).sum(-1, keepdim=True)[tok]
-            elif v.loop == "any_where":
-                we = ((ids == e).to(w.dtype) * w).sum(dim=-1)[tok, None]
-            else:
-                we = (w[tok, slot, None] if slot is not None else w[tok, None])
             if v.twist == "weight_in_expert_dtype":
                 we = we.to(y.dtype)
-            y = we * y if v.weight_first else y * we
+            if v.weight_on_input:
+                y = y.to(x.dtype)   # under autocast the expert's output is bf16, the buffer fp32
+            else:
+                y = we * y if v.weight_first else y * we
             if v.twist == "extra_scale":
                 y = y * 2.0
             if v.combine == "index_add_":

@@ -27,7 +27,8 @@ def _variant(seed: int) -> tuple[Variant, bool]:
                    bias=rng.random() < 0.3, weight_first=rng.random() < 0.5,
                    dtype=torch.float32 if dtype == AMP else dtype,
                    # one case in four departs from what the family models: it must then be left alone
-                   twist=rng.choice([None, None, None, rng.choice(["extra_scale", "skip_expert"])])), dtype == AMP
+                   twist=rng.choice([None, None, None, rng.choice(["extra_scale", "skip_expert"])]),
+                   weight_on_input=rng.random() < 0.25), dtype == AMP
 
 
 @pytest.mark.parametrize("seed", range(NUM_CASES))
@@ -51,3 +52,4 @@ def test_the_cases_cover_every_axis():
     assert {c.dtype for c in cases} == {torch.float32, torch.bfloat16} and any(amps)
     assert any(c.twist for c in cases) and any(c.twist is None for c in cases)
     assert len({c.router for c in cases}) >= 5 and len({c.act for c in cases}) >= 3
+    assert any(c.weight_on_input and c.twist is None for c in cases)

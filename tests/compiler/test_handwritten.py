@@ -67,6 +67,15 @@ def test_scatter_reduce_that_is_no_sum_is_not_fused(combine):
     assert any("adding into the buffer" in r.reason for r in report.rejected), report
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(ffn="swiglu", bias=True, weight_first=True),
+                                dict(router="max_top1", k=1), dict(loop="any_where")])
+def test_routing_weight_on_the_input_fuses(kw):
+    """expert(x[tok] * w[tok, slot, None]) (torchtitan's score_before_experts): the op's weight on input."""
+    rec = _run(LoopMoE(Variant(weight_on_input=True, **kw)), torch.float32)
+    assert all(n.target.spec.weight_on_input for gm in rec.graphs for n in gm.graph.nodes
+               if n.op == "call_function" and hasattr(n.target, "spec"))
+
+
 @pytest.mark.parametrize("ffn", FFNS)
 def test_ffn_styles_with_bias_fuse(ffn):
     _run(LoopMoE(Variant(ffn=ffn, bias=True, weight_first=True)), torch.float32)
