@@ -600,6 +600,10 @@ def _dispatch(tok: fx.Node, slot, walk: _Walk) -> tuple[fx.Node, int]:
 
 def _expert(write, walk: _Walk) -> _Expert:
     _writer, tok, y, nodes = write
+    if is_op(tok, "getitem") and isinstance(tok.args[1], int) and is_op(tok.args[0], "getitem") \
+            and tok.args[0].args[1] == 1 and is_op(tok.args[0].args[0], "topk"):   # tok = topk(...).indices[e]
+        raise _NoMatch(f"{tok.name}: each expert picks its tokens by a top-k (expert-choice routing); the fused op "
+                       "routes each token to its top-k experts (token choice)")
     walk.nodes |= nodes
     sub = _Walk()
     try:

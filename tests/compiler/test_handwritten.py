@@ -185,6 +185,26 @@ def test_masked_weight_of_another_expert_is_not_fused():
     assert any("pick different experts" in r.reason for r in report.rejected), report
 
 
+def test_expert_choice_routing_is_not_fused():
+    """Each expert picking its tokens with a top-k over the tokens is another MoE than the op's: left alone,
+    eager-equal, and explain names it."""
+    model = LoopMoE(Variant())
+
+    def forward(hidden):
+        x = hidden.view(-1, 16)
+        probs = model.gate(x).softmax(-1)
+        w, tok = probs.t().topk(x.shape[0] // 2, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(4):
+            out.index_add_(0, tok[e], model.expert(e, x[tok[e]]) * w[e, :, None])
+        return out.view(hidden.shape), probs.mean(0).pow(2).sum()
+
+    model.forward = forward
+    _run(model, torch.float32, fused=0)
+    report = moe_fuser.explain(model, torch.randn(2, 5, 16))
+    assert any("expert-choice routing" in r.reason for r in report.rejected), report
+
+
 @pytest.mark.parametrize("twist", ["extra_scale", "skip_expert"])
 def test_unmodelled_departures_are_not_fused(twist):
     _run(LoopMoE(Variant(twist=twist)), torch.float32, fused=0)
