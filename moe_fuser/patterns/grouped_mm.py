@@ -47,10 +47,10 @@ from ..fx.graph import arg, common_prefix, is_op, module_path, op, val
 from ..spec import ExpertSpec, MoESpec, MoEWeights, SharedExpertSpec
 from .base import Match, MatchContext, Rejection, register_pattern
 from .handwritten import (_ALLOCS, _CASTS, FAMILY, HandwrittenLoop, _activation, _is_activation, _NoMatch,
-                          _Walk)
+                          _Walk, _want)
 from .routers import _dtype_of as _dtype
 from .routers import recognise_router
-from .sorted_experts import _gate_column, _want, ascending_order
+from .sorted_experts import _gate_column, ascending_order
 from .transformers_experts import _match_gate, _Miss, _shape, _shared_mlp, inverted
 
 __all__ = ["find_grouped_mm"]

@@ -77,6 +77,16 @@ class _NoMatch(Exception):
     pass
 
 
+def _want(cond: bool, reason: str) -> None:
+    if not cond:
+        raise _NoMatch(reason)
+
+
+def _weight_kinds(params: dict) -> dict:
+    """role -> how an expert holds that weight (``_Expert.params``' kinds): experts of one MoE must agree."""
+    return {k: (v[0] if v else None) for k, v in params.items()}
+
+
 @dataclass
 class _Expert:
     """One loop iteration, as recognised."""
@@ -128,7 +138,8 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
         if name in _ACCUMULATES_INPLACE:
             acc = _accumulation(u)
             if acc is None:   # not along the rows (a load-balancing loss's zeros(B, E).scatter_add_(1, ...))
-                other.append(f"{u.name} ({name}) adds into the output buffer {buf.name} along dim 1")
+                other.append(f"{u.name} ({name}) adds into the output buffer {buf.name} along dim "
+                             f"{arg(u, 1, 'dim')}")
             else:
                 writes.append((u, *acc))
         elif name == "setitem":
@@ -203,7 +214,7 @@ def _functional_chain(buf: fx.Node) -> tuple[list, fx.Node]:
         if acc is None:
             if not writes:   # a lone zeros(B, E).scatter_add(1, ...) (a routing statistic): no MoE
                 return writes, node
-            raise _NoMatch(f"{u.name} ({op(u)}) adds into the output along dim 1")
+            raise _NoMatch(f"{u.name} ({op(u)}) adds into the output along dim {arg(u, 1, 'dim')}")
         writes.append((u, *acc))
         node = u
 
@@ -724,8 +735,7 @@ class HandwrittenLoop:
             for what in ("x", "ids", "weights", "weights_dtype", "combine_dtype", "activation", "glu", "on_input"):
                 if getattr(ex, what) is not getattr(first, what) and getattr(ex, what) != getattr(first, what):
                     raise _NoMatch(f"experts {first.e} and {ex.e} differ in {what}")
-            if {k: (v[0] if v else None) for k, v in ex.params.items()} != \
-                    {k: (v[0] if v else None) for k, v in first.params.items()}:
+            if _weight_kinds(ex.params) != _weight_kinds(first.params):
                 raise _NoMatch(f"experts {first.e} and {ex.e} hold their weights differently")
         ids = val(first.ids)
         assign = next((w[0] for w in writes if _assigns(w[0])), None)

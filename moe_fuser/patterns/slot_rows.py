@@ -30,17 +30,12 @@ from ..fx.graph import arg, is_op, module_path, op, val
 from ..spec import ExpertSpec
 from .base import Match, MatchContext, Rejection, register_pattern
 from .handwritten import (_CASTS, FAMILY, HandwrittenLoop, _expert_of, _ffn, _NoMatch, _same_shape,
-                          _skip_dropout, _Walk, routed_match)
+                          _skip_dropout, _Walk, _want, _weight_kinds, routed_match)
 
 __all__ = ["find_slot_rows"]
 
 PATTERN = "handwritten.slots"
 _BUFFERS = ("empty_like", "zeros_like", "new_empty", "new_zeros", "empty", "zeros")
-
-
-def _want(cond: bool, reason: str) -> None:
-    if not cond:
-        raise _NoMatch(reason)
 
 
 def _masked_assign(node: fx.Node) -> bool:
@@ -100,9 +95,7 @@ def _match(ctx: MatchContext, buf: fx.Node, writes: list) -> Match:
     for e, xs_e, flat_e, act_e, glu_e, params in experts[1:]:
         _want(xs_e is xs and flat_e is flat, f"experts {e0} and {e} read different rows or ids")
         _want((act_e, glu_e) == (act, glu), f"experts {e0} and {e} differ in their activation")
-        _want({k: (v[0] if v else None) for k, v in params.items()}
-              == {k: (v[0] if v else None) for k, v in params0.items()},
-              f"experts {e0} and {e} hold their weights differently")
+        _want(_weight_kinds(params) == _weight_kinds(params0), f"experts {e0} and {e} hold their weights differently")
     ids = _flat_ids(flat, walk)
     T_K = tuple(val(ids).shape)
     K = T_K[1]

@@ -38,16 +38,11 @@ from ..fx.graph import arg, is_op, module_path, op, val
 from ..spec import ExpertSpec
 from .base import Match, MatchContext, Rejection, register_pattern
 from .handwritten import (_ACCUMULATES, _ACCUMULATES_INPLACE, _ALLOCS, FAMILY, HandwrittenLoop, _accumulation,
-                          _activation, _is_activation, _linear, _NoMatch, _Walk, routed_match)
+                          _activation, _is_activation, _linear, _NoMatch, _Walk, _want, routed_match)
 
 __all__ = ["ascending_order", "find_sorted"]
 
 PATTERN = "handwritten.sorted"
-
-
-def _want(cond: bool, reason: str) -> None:
-    if not cond:
-        raise _NoMatch(reason)
 
 
 def _gate_column(node: fx.Node, walk: _Walk) -> Optional[fx.Node]:
