@@ -139,7 +139,7 @@ def _advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
     """A contiguous uninitialised buffer of ``like``'s dtype and device, advised for huge pages when it is large
     enough to hold some (most buffers of a streamed expert group are not: they skip the call)."""
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    out = like.new_empty(shape)   # (new_empty: half of torch.empty's per-call cost, which counts per expert group)
     return _advise_huge_pages(out) if math.prod(shape) * like.element_size() >= 2 * _HUGE else out
 
 
@@ -171,7 +171,7 @@ class _Grouping:
             counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
         self.counts = counts
         self.segs = _segments(counts)
-        self.start = 0  # first row of this grouping in the full sorted order (see _sub)
+        self.start = 0  # first row of this grouping in the full sorted order (see _subs)
         self.e0 = 0  # first expert of this grouping (a padded group's slice of the stacked weights)
         self.n = n = sum(counts)
         self.order_N = order_N
@@ -198,8 +198,8 @@ class _Grouping:
         self.ptok.index_copy_(0, self.prow_n, self.tok_n)
         self.ptok_gather = torch.full_like(self.ptok, self.T).index_copy_(0, self.prow_n, self.tok_n)
 
-    def groups(self, row_bytes: int, min_rows: int = 0):
-        """This grouping as consecutive expert groups to stream (itself when small): ragged groups of at most
+    def groups(self, row_bytes: int, min_rows: int = 0) -> list["_Grouping"]:
+        """This grouping as consecutive expert groups to stream ([itself] when small): ragged groups of at most
         max(C, ``min_rows``) rows (C, the largest expert's: the eager loop's temporaries are one expert's, and so
         are these); padded groups whose gathered rows (``row_bytes`` each) fill at most ``PADDED_STREAM_BYTES``."""
         if self.padded:
@@ -207,39 +207,40 @@ class _Grouping:
             if per >= len(self.segs):
                 if self.ptok is None:
                     self._pad()
-                yield self
-            else:
-                for i in range(0, len(self.segs), per):
-                    yield self._sub(self.segs[i:i + per])
-            return
+                return [self]
+            return self._subs([self.segs[i:i + per] for i in range(0, len(self.segs), per)])
         max_rows = max(self.C, min_rows)
         if self.n <= max_rows:
-            yield self
-            return
-        first = 0
+            return [self]
+        runs, first = [], 0
         for i, (_, start, stop) in enumerate(self.segs):
             if i > first and stop - self.segs[first][1] > max_rows:
-                yield self._sub(self.segs[first:i])
+                runs.append(self.segs[first:i])
                 first = i
-        if self.segs:
-            yield self._sub(self.segs[first:])
+        runs.append(self.segs[first:])
+        return self._subs(runs)
 
-    def _sub(self, segs: list[tuple[int, int, int]]) -> "_Grouping":
-        """The sub-grouping of consecutive experts ``segs``, in this grouping's layout."""
-        lo, hi = segs[0][1], segs[-1][2]
-        sub = object.__new__(_Grouping)
-        sub.T, sub.E, sub.padded, sub.e0 = self.T, self.E, self.padded, self.e0
-        sub.segs = [(e, start - lo, stop - lo) for e, start, stop in segs]
-        sub.start, sub.n = self.start + lo, hi - lo
-        sub.order_n = self.order_n[lo:hi]
-        sub.tok_n = self.tok_n[lo:hi]
-        sub.expert_n = self.expert_n[lo:hi]
-        sub.counts = [stop - start for _, start, stop in segs]
-        sub.C = max(sub.counts)
-        if sub.padded:
-            sub.E, sub.e0 = len(segs), segs[0][0]
-            sub._pad()
-        return sub
+    def _subs(self, runs: list[list[tuple[int, int, int]]]) -> list["_Grouping"]:
+        """The sub-groupings of ``runs``, lists of consecutive experts (segments) that together are all of this
+        grouping's, in order; in this grouping's layout. Their row indices are views made by one split per index
+        tensor (not three slicing calls per sub-grouping)."""
+        sizes = [run[-1][2] - run[0][1] for run in runs]
+        views = zip(*(t.split_with_sizes(sizes) for t in (self.order_n, self.tok_n, self.expert_n)))
+        subs = []
+        for run, (order_n, tok_n, expert_n) in zip(runs, views):
+            lo = run[0][1]
+            sub = object.__new__(_Grouping)
+            sub.T, sub.E, sub.padded, sub.e0 = self.T, self.E, self.padded, self.e0
+            sub.segs = [(e, start - lo, stop - lo) for e, start, stop in run]
+            sub.start, sub.n = self.start + lo, run[-1][2] - lo
+            sub.order_n, sub.tok_n, sub.expert_n = order_n, tok_n, expert_n
+            sub.counts = [stop - start for _, start, stop in run]
+            sub.C = max(sub.counts)
+            if sub.padded:
+                sub.E, sub.e0 = len(run), run[0][0]
+                sub._pad()
+            subs.append(sub)
+        return subs
 
     def _mine(self, stacked: torch.Tensor) -> torch.Tensor:
         """A padded grouping's slice ``[e0, e0 + E)`` of a stacked per-expert tensor."""
@@ -354,6 +355,12 @@ def _mm_into(mm, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(mm(a, b))
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where ``t`` has that dtype already: ATen calls cost several microseconds
+    each from Python, and the backward runs its sequence once per expert group."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows ``[start, stop)`` of ``t``: ``t`` itself when that is all of it (a one-expert group: no slice op)."""
     return t if start == 0 and stop == t.shape[0] else t[start:stop]
@@ -438,7 +445,7 @@ def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, s
     for part, h in saved if saved is not None else [(G, None)]:
         for sub in part.groups(row_bytes, min_rows):
             rows = None if h is None else _rows_of(h, spec, sub, part)
-            out_TD = _ffn(sub, x_TD, g_n[sub.start:sub.start + sub.n], *ws, spec, saved_rows=rows, out=out_TD)
+            out_TD = _ffn(sub, x_TD, _rows(g_n, sub.start, sub.start + sub.n), *ws, spec, saved_rows=rows, out=out_TD)
     return x_TD.new_zeros(x_TD.shape, dtype=spec.combine_dtype or x_TD.dtype) if out_TD is None else out_TD
 
 
@@ -446,7 +453,7 @@ def _rows_of(h: torch.Tensor, spec: ExpertSpec, sub: _Grouping, part: _Grouping)
     """``sub``'s rows of the saved halves in ``h``, which holds ``part``'s rows (from ``part.start`` on). Views:
     while one is alive, letting go of ``h`` frees nothing."""
     off = sub.start - part.start
-    return tuple(half[off:off + sub.n] for half in _saved_halves(h, spec))
+    return tuple(_rows(half, off, off + sub.n) for half in _saved_halves(h, spec))
 
 
 def expert_chunks(num_experts: int, chunks: int) -> list[tuple[int, int]]:
@@ -457,11 +464,9 @@ def expert_chunks(num_experts: int, chunks: int) -> list[tuple[int, int]]:
 
 def _saved_parts(G: _Grouping, chunks: int) -> list[Optional[_Grouping]]:
     """G split along ``expert_chunks``: one sub-grouping per chunk, None for a chunk whose experts got no rows."""
-    parts = []
-    for lo, hi in expert_chunks(G.E, chunks):
-        segs = [s for s in G.segs if lo <= s[0] < hi]
-        parts.append(G._sub(segs) if segs else None)
-    return parts
+    runs = [[s for s in G.segs if lo <= s[0] < hi] for lo, hi in expert_chunks(G.E, chunks)]
+    subs = iter(G._subs([run for run in runs if run]) if G.segs else [])
+    return [next(subs) if run else None for run in runs]
 
 
 def _graph_kept() -> bool:
@@ -589,12 +594,13 @@ class CpuLowering:
         g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         for part, h, rows in saved:
-            subs = list(part.groups(row_bytes, TRAIN_STREAM_MIN_ROWS))
+            subs = part.groups(row_bytes, TRAIN_STREAM_MIN_ROWS)
             for i, sub in enumerate(subs):
                 done = (lambda h=h: _release(h)) if release and i == len(subs) - 1 else None
-                dy = None if rows is None else rows[sub.start - part.start:sub.start - part.start + sub.n]
-                _ffn_backward(sub, grad_TD, x_TD, g_n[sub.start:sub.start + sub.n], _rows_of(h, spec, sub, part),
-                              w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done, dy)
+                off = sub.start - part.start
+                dy = None if rows is None else _rows(rows, off, off + sub.n)
+                _ffn_backward(sub, grad_TD, x_TD, _rows(g_n, sub.start, sub.start + sub.n),
+                              _rows_of(h, spec, sub, part), w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done, dy)
                 del dy
             if rows is not None and release:
                 _release(rows)
@@ -658,7 +664,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     g = G.column(g_n)
     # unweighted (G's rows of the output gradient, or ``dy_rows`` already gathered); cast per group where the
     # output had a combine_dtype
-    dy = (G.gather(grad_TD) if dy_rows is None else dy_rows).to(x_TD.dtype)
+    dy = _as(G.gather(grad_TD) if dy_rows is None else dy_rows, x_TD.dtype)
     dy_owned = dy_rows is None or dy.data_ptr() != dy_rows.data_ptr()
     dA = G.mm(dy, w2)
     parts = tuple(G.from_sorted(h) for h in saved_rows)
@@ -674,7 +680,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
         dg = (dA * a).sum(-1, dtype=torch.float32)
         if b2 is not None:
             dg = dg + (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32)
-        dweights_N.index_copy_(0, G.order_n, G.to_sorted(dg).to(dweights_N.dtype))
+        dweights_N.index_copy_(0, G.order_n, _as(G.to_sorted(dg), dweights_N.dtype))
     if saved_done is None:   # nothing to let go of: dW2 first, so that a and dy are gone before dh appears
         _down_grads(G, dy, a, g, dw2, db2, dy_owned)
         del a, dy

@@ -67,16 +67,17 @@ def expert_activation(h_NH: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
 
 
 def act_backward(name: str, grad: torch.Tensor, h: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The activation's vector-Jacobian product, written into ``out`` when given (which may be ``grad`` itself)."""
+    """The activation's vector-Jacobian product, written into ``out`` when given (which may be ``grad`` itself).
+    Explicit overloads: resolving an ``OpOverloadPacket`` costs about as much as the call itself."""
     aten = torch.ops.aten
     if name == "silu":
-        return aten.silu_backward(grad, h) if out is None else aten.silu_backward.grad_input(grad, h, grad_input=out)
+        return aten.silu_backward.default(grad, h) if out is None else aten.silu_backward.grad_input(grad, h, grad_input=out)
     if name in ("gelu", "gelu_tanh"):
         approximate = "none" if name == "gelu" else "tanh"
-        return aten.gelu_backward(grad, h, approximate=approximate) if out is None else \
+        return aten.gelu_backward.default(grad, h, approximate=approximate) if out is None else \
             aten.gelu_backward.grad_input(grad, h, approximate=approximate, grad_input=out)
     if name == "relu":
-        return aten.threshold_backward(grad, h, 0) if out is None else \
+        return aten.threshold_backward.default(grad, h, 0) if out is None else \
             aten.threshold_backward.grad_input(grad, h, 0, grad_input=out)
     if name == "relu2":
         return torch.mul(F.relu(h).mul_(2), grad, out=out)
