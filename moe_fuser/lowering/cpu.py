@@ -8,7 +8,8 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
    ``bincount(...).tolist()`` is the single host sync;
 2. ``_Grouping`` places the pairs in one of two layouts, chosen from the counts:
    - *ragged*: rows sorted by expert, ``[n, X]``; each GEMM is one ``mm`` per active expert on its contiguous
-     rows, written straight into the destination buffer;
+     rows, written straight into the destination buffer, or, for stacked weights and a group of several experts,
+     one ``torch._grouped_mm`` (the same per-expert GEMMs in one call: no Python round per expert);
    - *padded*: ``[E, C, X]`` with C the largest count and zero rows after each expert's own; each GEMM is one
      ``bmm``. On CPU a batched GEMM beats E small ``mm`` calls when experts get few rows each (fine-grained MoE:
      E=128 experts of ~16 rows ran ~1.6x faster single-threaded), at the price of the padding; it is used only
@@ -16,7 +17,8 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
      dtype (bf16's batched GEMM wins up to ~100 rows per expert, fp32's only up to ~24) and the padding at most
      doubles the rows (``PADDED_*`` below);
 3. one gather of the token rows; the first projection (w1 and w3 into two halves of one buffer, or one GEMM
-   for fused gate_up weights), the activation, the routing weight folded into the smaller of the activation
+   for fused gate_up weights), the activation (in inference written over the first projection's output), the
+   routing weight folded into the smaller of the activation
    ``[n, F]`` or the output ``[n, D]``, the second projection (with ``ExpertSpec.combine_dtype``: the output
    rows cast to it and weighted there);
 4. one ``index_add_`` combines into ``out [T, D]`` (in ``combine_dtype`` when set): no ``[T, K, D]`` tensor, no
@@ -25,8 +27,10 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 Both forwards (``forward`` saving for backward, ``forward_inference`` keeping nothing) stream groups of
 consecutive experts through steps 3-4: ragged groups of the largest expert's rows (as the eager loop's
 temporaries are one expert's) or, for tiny experts, of as many rows as keep the temporaries within the size of the
-``[T, D]`` output or ``INFER_STREAM_MIN_BYTES``, the larger (inference), or of at least ``TRAIN_STREAM_MIN_ROWS``
-(training; the forward's within the size of the saved ``h``, ``TRAIN_FORWARD_BUDGET``);
+``[T, D]`` output or ``INFER_STREAM_MIN_BYTES``, the larger (inference; for stacked weights within the first
+projection's output and activation of all T*K pairs, which the code stacked weights come from holds at once:
+usually one group), or of at least ``TRAIN_STREAM_MIN_ROWS`` (training; the forward's within the size of the saved
+``h``, ``TRAIN_FORWARD_BUDGET``);
 padded groups of several tiny experts per ``bmm`` whose gathered rows fill at most ``PADDED_STREAM_BYTES``.
 Temporaries stay bounded without a Python round per tiny expert.
 
@@ -59,7 +63,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.activations import (act_fn, clamp_gate_up, expert_activation, expert_activation_backward,
+from ..ops.activations import (act_fn, act_fn_, clamp_gate_up, expert_activation, expert_activation_backward,
                                gated_activation, gated_activation_backward, split_gate_up)
 from ..spec import ExpertSpec
 
@@ -185,6 +189,7 @@ class _Grouping:
         # the padded layout's row indices (``_pad``) are built by the grouping that runs (``groups``): one streamed
         # in several expert groups never needs its own
         self.ptok = None
+        self.offs = None   # built on first use (``_offsets``)
 
     def _pad(self) -> None:
         """Row indices of the padded layout ``[E, C, X]`` (every expert of the grouping has rows)."""
@@ -234,6 +239,7 @@ class _Grouping:
             sub.segs = [(e, start - lo, stop - lo) for e, start, stop in run]
             sub.start, sub.n = self.start + lo, run[-1][2] - lo
             sub.order_n, sub.tok_n, sub.expert_n = order_n, tok_n, expert_n
+            sub.offs = None
             sub.counts = [stop - start for _, start, stop in run]
             sub.C = max(sub.counts)
             if sub.padded:
@@ -296,6 +302,9 @@ class _Grouping:
             if save_to is not None:
                 self.to_sorted(out, out=save_to)
             return out
+        if len(self.segs) > 1 and bias is None and save_to is None and _grouped_mm_fits(rows, ws):
+            lo, hi = self.segs[0][0], self.segs[-1][0] + 1
+            return torch._grouped_mm(rows, ws[lo:hi], offs=self._offsets())
         X = ws[0].shape[-1]
         out = save_to if save_to is not None else _empty((self.n, X), rows)
         cast = ws[0].dtype != dt   # checked once, not a .to() per expert: the experts share one dtype
@@ -307,6 +316,17 @@ class _Grouping:
                 torch.addmm(bias[e].to(dt) if cast else bias[e], _rows(rows, start, stop), w,
                             out=_rows(out, start, stop))
         return out
+
+    def _offsets(self) -> torch.Tensor:
+        """int32 end row of each expert from the grouping's first to its last (``torch._grouped_mm``'s offs)."""
+        if self.offs is None:
+            ends = [0] * (self.segs[-1][0] + 1 - self.segs[0][0])
+            for e, _, stop in self.segs:
+                ends[e - self.segs[0][0]] = stop
+            for i in range(1, len(ends)):   # an expert without rows ends where the one before it does
+                ends[i] = max(ends[i], ends[i - 1])
+            self.offs = torch.tensor(ends, dtype=torch.int32, device=self.order_n.device)
+        return self.offs
 
     def mm_add_(self, acc: torch.Tensor, rows: torch.Tensor, ws) -> torch.Tensor:
         """acc += rows_e @ ws[e] per expert, in place."""
@@ -347,6 +367,24 @@ class _Grouping:
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
+def _grouped_mm_fits(rows: torch.Tensor, ws) -> bool:
+    """Whether ``torch._grouped_mm`` can run a ragged group's GEMM in one call (instead of one ``mm`` per expert,
+    each costing several microseconds of Python): stacked CPU weights of the rows' dtype, fp32 or bf16,
+    row-major rows, 16-byte alignment. bf16 weights only in nn.Linear's layout (``[in, out]`` views of
+    ``[out, in]`` storage): with ``[in, out]`` storage its CPU kernel ran ~10x slower than ``mm`` per expert
+    (torch 2.13, AVX2); fp32 ran as fast as ``mm`` per expert in both layouts (bitwise equal), and faster where
+    the experts are many (E=64: 2.9 against 3.5 ms)."""
+    return (isinstance(ws, torch.Tensor) and rows.device.type == "cpu" and ws.dtype == rows.dtype
+            and (rows.dtype == torch.float32 or (rows.dtype == torch.bfloat16 and ws.stride(-2) == 1))
+            and rows.stride(-1) == 1 and _aligned(rows) and _aligned(ws) and hasattr(torch, "_grouped_mm"))
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """``torch._grouped_mm``'s layout rule: 16-byte aligned data and strides (other than unit ones)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st == 1 or st * size % 16 == 0 for st in t.stride())
+
+
 def _mm_into(mm, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out = mm(a, b)``, through a temporary where ``out`` (a weight gradient) has the weights' wider dtype."""
     if out.dtype == a.dtype:
@@ -384,10 +422,23 @@ def _saved_halves(h_NH: torch.Tensor, spec: ExpertSpec):
     return (h_NH,)
 
 
-def _activate(parts, spec: ExpertSpec) -> torch.Tensor:
+def _activate(parts, spec: ExpertSpec, inplace: bool = False) -> torch.Tensor:
+    """The activation of the first projection's output ``parts`` (``_saved_halves``' form); with ``inplace``
+    (nothing reads ``parts`` again) written over them where the activation allows (no clamp): one ``[n, F]``
+    buffer fewer."""
+    if inplace and _activates_inplace(spec):
+        gate, up = ((parts[0], None) if not spec.gated else
+                    parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu))
+        a = act_fn_(spec.activation, gate)
+        return a if up is None else a.mul_(up)
     if spec.glu == "separate":
         return gated_activation(parts[0], parts[1], spec)
     return expert_activation(parts[0], spec) if spec.gated else act_fn(spec.activation, parts[0])
+
+
+def _activates_inplace(spec: ExpertSpec) -> bool:
+    """Whether ``_activate`` can write the activation over the first projection's output (not a clamped GLU)."""
+    return spec.limit is None and spec.activation != "gpt_oss"
 
 
 def _pair_weights(G: _Grouping, topk_weights_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -408,7 +459,7 @@ def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, s
     if spec.glu == "separate":
         parts += (G.mm(xs, w3t, b3, save_to=save[1]),)
     del xs
-    a = _activate(parts, spec)
+    a = _activate(parts, spec, inplace=saved_rows is None)
     del parts
     g = G.column(g_n)
     fold_into_a = F_ <= D and b2 is None and spec.combine_dtype is None
@@ -432,10 +483,17 @@ def _streamed_ffn(G: _Grouping, x_TD, topk_weights_TK, w1, w2, w3, b1, b2, b3, s
     F_ = w2[0].shape[-1]
     row_bytes = D * x_TD.element_size()
     if saved is None:
-        # inference: a group's temporaries (rows of xs, h, a, y) within one expert's, the output's size or
-        # INFER_STREAM_MIN_BYTES
+        # inference: a group's temporaries (rows of xs, h, y, and of a unless it overwrites h) within one
+        # expert's, the [T, D] output's size or INFER_STREAM_MIN_BYTES; for stacked weights within what the
+        # first projection's output and the activation of all T*K pairs take (H + F per pair), as the code such
+        # weights come from holds them at once (transformers' grouped_mm and batched_mm experts, one
+        # torch._grouped_mm or bmm over every pair); weight lists come from a loop over experts, whose
+        # temporaries are one expert's
+        H = 2 * F_ if spec.gated else F_
         budget = max(T * D, INFER_STREAM_MIN_BYTES // x_TD.element_size())
-        min_rows = budget // (2 * D + (2 * F_ if spec.gated else F_) + F_)
+        if isinstance(w2, torch.Tensor):
+            budget = max(budget, G.order_N.shape[0] * (H + F_))
+        min_rows = budget // (2 * D + H + (0 if _activates_inplace(spec) else F_))
     else:
         # training: a group's temporaries (rows of xs, then of a and y; h goes straight to the saved tensor)
         # within TRAIN_FORWARD_BUDGET times the size of what the call saves, or TRAIN_STREAM_MIN_ROWS rows

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..spec import ExpertSpec
 
-__all__ = ["act_backward", "act_fn", "clamp_gate_up", "expert_activation", "expert_activation_backward",
+__all__ = ["act_backward", "act_fn", "act_fn_", "clamp_gate_up", "expert_activation", "expert_activation_backward",
            "gated_activation", "gated_activation_backward", "split_gate_up"]
 
 
@@ -32,6 +32,19 @@ def act_fn(name: str, h: torch.Tensor) -> torch.Tensor:
         return F.relu(h)
     if name == "relu2":
         return torch.square(F.relu(h))
+    raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh, relu or relu2")
+
+
+def act_fn_(name: str, h: torch.Tensor) -> torch.Tensor:
+    """``act_fn`` written over ``h`` (a view of a larger buffer is fine), returned."""
+    if name == "silu":
+        return F.silu(h, inplace=True)
+    if name in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_.default(h, approximate="none" if name == "gelu" else "tanh")
+    if name == "relu":
+        return h.relu_()
+    if name == "relu2":
+        return h.relu_().square_()
     raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh, relu or relu2")
 
 
@@ -71,7 +84,8 @@ def act_backward(name: str, grad: torch.Tensor, h: torch.Tensor, out: Optional[t
     Explicit overloads: resolving an ``OpOverloadPacket`` costs about as much as the call itself."""
     aten = torch.ops.aten
     if name == "silu":
-        return aten.silu_backward.default(grad, h) if out is None else aten.silu_backward.grad_input(grad, h, grad_input=out)
+        return aten.silu_backward.default(grad, h) if out is None else \
+            aten.silu_backward.grad_input(grad, h, grad_input=out)
     if name in ("gelu", "gelu_tanh"):
         approximate = "none" if name == "gelu" else "tanh"
         return aten.gelu_backward.default(grad, h, approximate=approximate) if out is None else \

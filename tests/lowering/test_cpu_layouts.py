@@ -127,9 +127,9 @@ def _streamed(monkeypatch) -> list:
     groups = cpu._Grouping.groups
 
     def spy(self, row_bytes, min_rows=0):
-        for sub in groups(self, row_bytes, min_rows):
-            seen.append((sub.padded, len(sub.segs), sub.n))
-            yield sub
+        subs = groups(self, row_bytes, min_rows)
+        seen.extend((sub.padded, len(sub.segs), sub.n) for sub in subs)
+        return subs
 
     monkeypatch.setattr(cpu._Grouping, "groups", spy)
     return seen
@@ -144,33 +144,64 @@ def _inference_matches_reference(case: Case):
     return x, logits, kw
 
 
+@pytest.mark.parametrize("as_list", [True, False])
 @pytest.mark.parametrize("glu,bias", [("separate", False), ("concat", True), (None, True)])
-def test_inference_streams_expert_groups(monkeypatch, glu, bias):
-    """Without grad the ragged layout runs expert groups one after another (each <= the largest expert's rows)."""
+def test_inference_streams_expert_groups(monkeypatch, glu, bias, as_list):
+    """Without grad the ragged layout runs expert groups one after another: for weight lists (a loop over experts
+    replaced) each within the largest expert's rows; for stacked weights within what the first projection's
+    output and the activation of all T*K pairs take (H + F elements a pair), which the code such weights come
+    from holds at once, so several experts per group. Rows of xs, h and y count (the activation overwrites h)."""
     _padded_rows(monkeypatch, 0)
     monkeypatch.setattr(cpu, "INFER_STREAM_MIN_BYTES", 0)
     seen = _streamed(monkeypatch)
-    _, logits, _ = _inference_matches_reference(Case(T=60, D=24, F=20, E=7, k=2, dtype=torch.float32, glu=glu,
-                                                     bias=bias))
-    assert len(seen) > 1 and sum(n for _, _, n in seen) == 120 and not any(p for p, _, _ in seen)
+    T, D, F_ = 60, 24, 20
+    _, logits, _ = _inference_matches_reference(Case(T=T, D=D, F=F_, E=7, k=2, dtype=torch.float32, glu=glu,
+                                                     bias=bias, as_list=as_list))
+    assert len(seen) > 1 and sum(n for _, _, n in seen) == 2 * T and not any(p for p, _, _ in seen)
     counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=7)
-    assert max(n for _, _, n in seen) <= counts.max()
+    if as_list:
+        assert max(n for _, _, n in seen) <= counts.max()
+        return
+    H = 2 * F_ if glu else F_
+    budget_rows = 2 * T * (H + F_) // (2 * D + H)
+    assert budget_rows > counts.max() and counts.max() < max(n for _, _, n in seen) <= budget_rows
 
+
+def test_stacked_weights_infer_all_pairs_at_once_with_grouped_mm(monkeypatch):
+    """Stacked fp32 weights whose pairs fit the budget above run as one group, each projection one
+    torch._grouped_mm call (not one mm per expert), equal to the reference; bf16 weights stored [in, out] (where
+    its CPU kernel is slow) and biased projections keep one mm per expert."""
+    _padded_rows(monkeypatch, 0)
+    seen, calls = _streamed(monkeypatch), []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: (calls.append(a[0].shape), grouped_mm(*a, **k))[1])
+    _inference_matches_reference(Case(T=40, D=16, F=32, E=6, k=2, dtype=torch.float32, glu="concat"))
+    assert [n for _, _, n in seen] == [80] and calls == [(80, 16), (80, 32)]
+    calls.clear()
+    _inference_matches_reference(Case(T=40, D=16, F=32, E=6, k=2, dtype=torch.float32, glu="concat", bias=True))
+    assert calls == []
+    bf16 = torch.bfloat16
+    rows, ws = torch.randn(8, 16, dtype=bf16), torch.randn(3, 32, 16, dtype=bf16)
+    assert cpu._grouped_mm_fits(rows, ws.transpose(1, 2)) and not cpu._grouped_mm_fits(rows, ws.transpose(1, 2)
+                                                                                      .contiguous())
+    assert cpu._grouped_mm_fits(rows.float(), ws.transpose(1, 2).contiguous().float())
+    assert not cpu._grouped_mm_fits(rows[:, 1:], ws[:, :, 1:].transpose(1, 2))   # 16-byte strides only
+    assert not cpu._grouped_mm_fits(rows, [w.t() for w in ws])   # per-expert lists: never stacked
 
 
 @pytest.mark.parametrize("wide", [False, True])
 def test_inference_groups_tiny_experts_within_the_output_size(monkeypatch, wide):
-    """Tiny experts with narrow rows share a group whose temporaries (rows of xs, h, a, y: 2D + 3F elements for a
-    GLU) fit in the [T, D] output; wide rows (decode: F >> D) go one expert at a time (without the bytes every
-    group may hold, see the next test)."""
+    """Tiny experts of a weight list with narrow rows share a group whose temporaries (rows of xs, h and y: 2D + 2F
+    elements for a GLU whose activation overwrites h) fit in the [T, D] output; wide rows (decode: F >> D) go one
+    expert at a time (without the bytes every group may hold, see the next test)."""
     _padded_rows(monkeypatch, 0)
     monkeypatch.setattr(cpu, "INFER_STREAM_MIN_BYTES", 0)
     seen = _streamed(monkeypatch)
     T, D, F_, E = (6, 16, 96, 4) if wide else (64, 32, 8, 32)
     _, logits, _ = _inference_matches_reference(Case(T=T, D=D, F=F_, E=E, k=2, dtype=torch.float32,
-                                                     glu="separate"))
+                                                     glu="separate", as_list=True))
     counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=E)
-    budget_rows = T * D // (2 * D + 3 * F_)
+    budget_rows = T * D // (2 * D + 2 * F_)
     assert sum(n for _, _, n in seen) == 2 * T
     assert all(n <= max(int(counts.max()), budget_rows) for _, _, n in seen)
     if wide:
@@ -179,22 +210,22 @@ def test_inference_groups_tiny_experts_within_the_output_size(monkeypatch, wide)
         assert budget_rows > counts.max() and len(seen) > 1
         assert max(n for _, _, n in seen) > counts.max()   # several experts per group, beyond the largest's rows
 
+
 def test_inference_groups_up_to_the_minimum_bytes(monkeypatch):
-    """Decode-like rows (a few tokens, F >> D) whose temporaries together fit in INFER_STREAM_MIN_BYTES run as one
-    group, not one per expert; beyond it the groups stay within it."""
+    """Decode-like rows (a few tokens, F >> D) of a weight list whose temporaries together fit in
+    INFER_STREAM_MIN_BYTES run as one group, not one per expert; beyond it the groups stay within it."""
     _padded_rows(monkeypatch, 0)
     seen = _streamed(monkeypatch)
-    _inference_matches_reference(Case(T=6, D=16, F=96, E=4, k=2, dtype=torch.float32, glu="separate"))
+    case = Case(T=6, D=16, F=96, E=4, k=2, dtype=torch.float32, glu="separate", as_list=True)
+    _inference_matches_reference(case)
     assert [n for _, _, n in seen] == [12]
-    row_bytes = (2 * 16 + 3 * 96) * 4
+    row_bytes = (2 * 16 + 2 * 96) * 4
     monkeypatch.setattr(cpu, "INFER_STREAM_MIN_BYTES", 5 * row_bytes)
     seen.clear()
-    _, logits, _ = _inference_matches_reference(Case(T=6, D=16, F=96, E=4, k=2, dtype=torch.float32,
-                                                     glu="separate"))
+    _, logits, _ = _inference_matches_reference(case)
     counts = torch.bincount(logits.softmax(-1).topk(2).indices.flatten(), minlength=4)
     assert sum(n for _, _, n in seen) == 12 and len(seen) > 1
     assert all(n <= max(5, int(counts.max())) for _, _, n in seen)
-
 
 
 def test_training_forward_groups_within_the_saved_size(monkeypatch):
