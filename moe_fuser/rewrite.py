@@ -139,8 +139,18 @@ def _flatten_tokens(x, logits, topk_weights, topk_ids):
     return x.reshape(-1, x.shape[-1]), flat(logits), flat(topk_weights), flat(topk_ids)
 
 
+def _topk_pairs(topk_weights, topk_ids, dense: bool):
+    """[T, K] weights and ids from the flattened ones: 1-D top-1 ids as a column, a dense gate
+    (``Match.dense_weights``) read at the ids."""
+    if topk_ids is not None and topk_ids.dim() == 1:
+        topk_ids = topk_ids.unsqueeze(-1)
+        if not dense:
+            topk_weights = topk_weights.unsqueeze(-1)
+    return (topk_weights.gather(-1, topk_ids) if dense else topk_weights), topk_ids
+
+
 def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index: int, dtypes: tuple,
-                 transposed=frozenset(), out_dtype: Optional[torch.dtype] = None):
+                 transposed=frozenset(), out_dtype: Optional[torch.dtype] = None, dense_weights: bool = False):
     """The function the new node calls; it closes over the op's ``spec`` (FX keeps it as a graph global). Its
     ``spec`` attribute is the MoE as ``recognised`` (whose routing the call may take from the graph instead,
     ``Match.reuse_routing``). The routed and shared experts compute in ``dtypes`` (``_compute_dtypes``)
@@ -153,8 +163,7 @@ def _make_target(spec: MoESpec, recognised: MoESpec, impl: Optional[str], index:
         weights = _transpose_fields(weights, transposed)
         x_shape = x.shape
         x, logits, topk_weights, topk_ids = _flatten_tokens(x, logits, topk_weights, topk_ids)
-        if topk_ids is not None and topk_ids.dim() == 1:
-            topk_ids, topk_weights = topk_ids.unsqueeze(-1), topk_weights.unsqueeze(-1)
+        topk_weights, topk_ids = _topk_pairs(topk_weights, topk_ids, dense_weights)
         out = moe_forward(spec, x, logits, weights, impl=impl, topk_weights_TK=topk_weights,
                           topk_ids_TK=topk_ids, capacity_groups=capacity_groups, check=False,
                           expert_dtype=dtypes[0], shared_dtype=dtypes[1], **op_kwargs)
@@ -229,6 +238,11 @@ def _check_values(m: Match, ctx: MatchContext) -> Optional[str]:
                 f"({getattr(ov, 'shape', None)}, {getattr(ov, 'dtype', None)} vs {tuple(xv.shape)}, {xv.dtype})")
     spec, logits, topk_weights, topk_ids, weights = _op_inputs(m)
     xv, lv, tw, ti = _flatten_tokens(xv, val(logits), val(topk_weights), val(topk_ids))
+    if m.dense_weights:
+        if tw.dim() != 2 or ti.dim() not in (1, 2) or tw.shape[0] != ti.shape[0]:
+            return (f"the dense gate {m.topk_weights.name} {tuple(tw.shape)} does not fit the ids "
+                    f"{tuple(ti.shape)}: one row of E weights per token")
+        tw, ti = _topk_pairs(tw, ti, True)
     tw, ti = _to_2d(tw), _to_2d(ti)
     try:
         validate(spec, xv, lv, _fake_weights(weights, m.transposed), tw, ti)
@@ -256,7 +270,7 @@ def _rewrite(ctx: MatchContext, m: Match, keep: frozenset, last: fx.Node, impl: 
     args = (m.x, logits, topk_weights, topk_ids, m.capacity_groups, *w, dict(m.op_kwargs))
     out_dtype = val(m.output).dtype
     target = _make_target(spec, m.spec, None if impl in (None, "auto") else impl, index, dtypes, m.transposed,
-                          None if out_dtype == val(m.x).dtype else out_dtype)
+                          None if out_dtype == val(m.x).dtype else out_dtype, m.dense_weights)
     with graph.inserting_after(last):
         new = graph.call_function(target, args=tuple(
             list(a) if isinstance(a, (list, tuple)) else a for a in args))

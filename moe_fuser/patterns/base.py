@@ -114,6 +114,9 @@ class Match:
     notes: tuple = ()
     router_outputs: Optional[tuple] = None
     reuse_routing: bool = False
+    # ``topk_weights`` is a dense [T, E] gate (zero, or anything, outside each token's top-k): the op takes its
+    # values at ``topk_ids``, which must name no expert twice per token.
+    dense_weights: bool = False
     # Filled in by the driver when the match is rewritten.
     lowering: Optional[str] = None
     dtype: Optional[torch.dtype] = None

@@ -19,8 +19,11 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
     WEIGHT    y = f * w[tok, slot, None] (either order; ``w[tok, slot].unsqueeze(-1)``/``[:, None]``/``view``;
               ``w[tok, None]`` for 1-D top-1 weights), with dtype casts anywhere; or the weight summed over the
               slots that chose e, ``(w * (ids == e)).sum(-1)[tok, None]``, with the tokens of
-              ``(ids == e).any(-1)`` (DISPATCH's last form); or either on the expert's input,
-              ``expert(x[tok] * w[tok, slot, None])`` (``MoESpec.weight_on_input``)
+              ``(ids == e).any(-1)`` (DISPATCH's last form); or column e of a dense ``[T, E]`` gate,
+              ``gate[tok, e].unsqueeze(1)`` with the same tokens and ids from a top-k (makeMoE: the op takes
+              ``gate.gather(-1, ids)``, ``Match.dense_weights``); or any of these on the expert's input,
+              ``expert(x[tok] * w[tok, slot, None])`` (``MoESpec.weight_on_input``). A squeeze that keeps the
+              shape may follow the product.
     FFN       Linear -> act (also in place) -> Linear (``nn.Sequential``), act(Linear) * Linear -> Linear
               (SwiGLU/GeGLU module), Linear -> chunk(2) -> act(gate) * up -> Linear (fused gate_up); eval-mode
               dropout is skipped.
@@ -29,12 +32,14 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
               ``einsum("nd,df->nf", x, w)``): ``w`` then holds ``[in, out]`` (``Match.transposed``), or
               nn.Linear's ``[out, in]`` read as ``w.t()``/``w.T`` (``einsum("nd,fd->nf", ...)``).
               Activations: silu, gelu, gelu(tanh), relu, squared relu (``relu(h) ** 2``).
-    GATHER    x[tok] | x[None, tok].reshape(-1, D) | x.index_select(0, tok)
+    GATHER    x[tok] | x[None, tok].reshape(-1, D) | x.index_select(0, tok) | x.view(-1, D)[m.view(-1)] for a
+              boolean token mask m (x then ``[B, S, D]`` and the buffer too, written as ``out[m] += y``)
     DISPATCH  torch.where(ids == e) -> (tok, slot)  |  torch.where(one_hot(ids, E).permute(2, 1, 0)[e]) ->
               (slot, tok) (``permute(2, 0, 1)`` gives (tok, slot))  |  (ids == e).nonzero() -> [:, 0], [:, 1]
               |  with 1-D top-1 ids: torch.where(ids == e)[0], the mask ids == e (x[mask]),
               (ids == e).nonzero().squeeze(-1)  |  tok = (ids == e).any(-1).nonzero().squeeze(-1) (or
-              torch.where(...)[0]) with the masked-sum weight
+              torch.where(...)[0], or the mask itself, also over [B, S, K] ids) with the masked-sum weight or a
+              dense gate column
 
 The loop must cover every expert 0..E-1 exactly once with one FFN structure; the weights and ids of all experts
 must be the same two nodes, which ``routers.recognise_router`` resolves to a RouterSpec (or an external router).
@@ -53,9 +58,9 @@ import torch.fx as fx
 
 from ..fx.dag import mutated_arg
 from ..fx.graph import arg, common_prefix, is_op, module_path, op, scalar_arg, squared_relu, val
-from ..spec import ExpertSpec, MoESpec, MoEWeights
+from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
 from .base import Match, MatchContext, Rejection, register_pattern
-from .routers import recognise_router
+from .routers import RouterMatch, recognise_router
 
 __all__ = ["HandwrittenLoop", "routed_match"]
 
@@ -102,6 +107,7 @@ class _Expert:
     params: dict                  # role -> (kind, node): "param" (the expert's own tensor) or "row" (stacked[e]);
                                   # weights used as x @ w ([in, out]) are "param.kn" / "row.kn"
     on_input: bool = False        # the routing weight scales the expert's input (MoESpec.weight_on_input)
+    dense: bool = False           # ``weights`` is a dense [T, E] gate read at column e (``_dense_weight``)
 
 
 class _Walk:
@@ -225,12 +231,12 @@ def _split_weight(y: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, fx.No
                                                                  fx.Node]:
     """y = f * w_e -> (f, topk weights node W, slot node or None, w_e, the product); w_e = W[tok, slot, None] and
     friends."""
-    y = walk.casts(y)
+    y = walk.casts(y, _CASTS + ("squeeze",))   # a squeeze that keeps the shape (makeMoE's .squeeze(1)) too
     if not (is_op(y, "mul") and len(y.args) == 2 and all(isinstance(a, fx.Node) for a in y.args)):
         raise _NoMatch(f"the expert output {y.name} is not multiplied by its routing weight")
     walk.take(y)
     for f, we in (y.args, y.args[::-1]):
-        for read in (_masked_weight, _weight_index):   # the stricter first: a masked sum is 1-D too
+        for read in _WEIGHT_READERS:
             try:
                 sub = _Walk()
                 W, slot = read(we, sub, tok)
@@ -283,6 +289,38 @@ def _masked_weight(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, _Sl
     raise _NoMatch(f"{prod.name} is not routing weights [T, K] times the mask ids == e")
 
 
+@dataclass(frozen=True)
+class _DenseColumn:
+    """In place of a slot index: expert e's weight of each token is column e of a dense ``[T, E]`` gate (zero
+    outside the token's top-k), so the op takes ``gate.gather(-1, ids)`` (``Match.dense_weights``); the tokens are
+    those with e in any slot (``_any_dispatch``)."""
+
+    e: int
+
+
+def _dense_weight(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, _DenseColumn]:
+    """w_e = G[tok, e].unsqueeze(1) (also ``G[tok, e, None]``, ``G[tok][:, e, None]`` not) -> (G, the column):
+    makeMoE's ``flat_gating_output[flat_mask, i].unsqueeze(1)``."""
+    we = walk.casts(we)
+    column = False
+    if is_op(we, "unsqueeze") and arg(we, 1, "dim") in (-1, 1):
+        column = True
+        we = walk.casts(walk.take(we).args[0])
+    if not is_op(we, "getitem"):
+        raise _NoMatch(f"{we.name} does not index the routing weights")
+    G, index = walk.take(we).args
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) == 3 and index[2] is None and not column:
+        index, column = index[:2], True
+    if not (column and len(index) == 2 and isinstance(index[0], fx.Node) and _tokens(index[0]) is _tokens(tok)
+            and isinstance(index[1], int) and not isinstance(index[1], bool)):
+        raise _NoMatch(f"{we.name} is not G[tok, e, None], column e of a dense gate")
+    G = walk.casts(G)
+    if not (isinstance(val(G), torch.Tensor) and val(G).dim() == 2):
+        raise _NoMatch(f"{we.name} reads a gate of rank {getattr(val(G), 'ndim', None)}, not [T, E]")
+    return G, _DenseColumn(index[1])
+
+
 def _weight_index(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
     we = walk.casts(we)
     trailing_none = False
@@ -316,6 +354,11 @@ def _weight_index(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, Opti
         raise _NoMatch(f"{we.name} indexes routing weights of rank {getattr(v, 'ndim', None)} with "
                        f"{len(index)} indices")
     return W, slot
+
+
+# How a factor may hold the routing weight, the stricter first (a masked sum is 1-D too; a dense column reads
+# like W[tok, slot] with a constant slot).
+_WEIGHT_READERS = (_masked_weight, _dense_weight, _weight_index)
 
 
 # ---------------------------------------------------------------- FFN: f -> (x_e, params, activation, glu)
@@ -473,8 +516,37 @@ def _ffn(f: fx.Node, e: int, walk: _Walk) -> tuple[fx.Node, dict, str, Optional[
 
 # ---------------------------------------------------------------- GATHER and DISPATCH
 
+def _tokens(tok: fx.Node) -> fx.Node:
+    """The token mask a flattened mask comes from (``m.view(-1)``, ``m.reshape(-1)``, ``m.flatten()`` of a boolean
+    m, ``[B, S]`` or already ``[T]``), else ``tok``: ``x.view(-1, D)[m.view(-1)]`` are the rows ``x[m]``."""
+    if (is_op(tok, "view", "reshape") and tuple(tok.args[1:]) in ((-1,), ((-1,),), ([-1],))
+            or is_op(tok, "flatten") and len(tok.args) == 1 and not tok.kwargs) \
+            and getattr(val(tok.args[0]), "dtype", None) == torch.bool:
+        return tok.args[0]
+    return tok
+
+
+def _unflattened(flat_x: fx.Node, mask: fx.Node, walk: _Walk) -> fx.Node:
+    """The ``[B, S, D]`` (or ``[T, D]``) x of ``flat_x = x.view(-1, D)`` (or reshape) whose rows a flattened
+    mask picks."""
+    if is_op(flat_x, "view", "reshape") and len(flat_x.args) == 3 and flat_x.args[1] == -1:
+        x = flat_x.args[0]
+        xv, mv = val(x), val(mask)
+        if isinstance(xv, torch.Tensor) and xv.dim() == mv.dim() + 1 and tuple(xv.shape[:-1]) == tuple(mv.shape) \
+                and flat_x.args[2] == xv.shape[-1]:
+            walk.take(flat_x)
+            return x
+    raise _NoMatch(f"{flat_x.name} is not the [B, S, D] hidden states flattened to rows, as the mask "
+                   f"{mask.name} is")
+
+
 def _gather(x_e: fx.Node, tok: fx.Node, walk: _Walk) -> fx.Node:
-    """x_e = x[tok] (and friends) -> x."""
+    """x_e = x[tok] (and friends) -> x; ``x.view(-1, D)[m.view(-1)]`` for a token mask m (``_tokens``) -> x."""
+    if is_op(x_e, "getitem") and isinstance(x_e.args[1], fx.Node) and x_e.args[1] is not tok \
+            and _tokens(x_e.args[1]) is _tokens(tok) and _tokens(tok) is not x_e.args[1]:
+        walk.take(x_e)
+        walk.take(x_e.args[1])
+        return _unflattened(x_e.args[0], _tokens(tok), walk)
     if is_op(x_e, "reshape", "view") and is_op(x_e.args[0], "getitem"):
         inner = x_e.args[0]
         if isinstance(inner.args[1], tuple) and inner.args[1] == (None, tok):
@@ -509,32 +581,41 @@ def _column(node: fx.Node) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == 1
 
 
-def _any_dispatch(tok: fx.Node, mask: _SlotMask, walk: _Walk) -> tuple[fx.Node, int]:
-    """The tokens with expert e in any slot, for weights summed under ``mask``: tok =
+def _any_dispatch(tok: fx.Node, walk: _Walk) -> tuple[fx.Node, int]:
+    """The tokens with expert e in any slot (for weights summed under a mask or read from a dense gate column):
+    tok = ``(ids == e).any(-1)`` as a boolean mask (also flattened, ``_tokens``),
     ``(ids == e).any(-1).nonzero().squeeze(-1)``, ``torch.where((ids == e).any(-1))[0]`` or
-    ``.nonzero(as_tuple=True)[0]`` of it."""
-    if _column(tok) and is_op(tok.args[0], "nonzero") and arg(tok.args[0], 1, "as_tuple", False) is not True:
-        nz = tok.args[0]
+    ``.nonzero(as_tuple=True)[0]`` of it -> (ids, e)."""
+    cond = _tokens(tok)
+    if is_op(cond, "any"):
+        nodes = {tok, cond}
+        rank = val(cond).dim() + 1
+    elif _column(tok) and is_op(tok.args[0], "nonzero") and arg(tok.args[0], 1, "as_tuple", False) is not True:
+        nodes, cond, rank = {tok, tok.args[0]}, tok.args[0].args[0], 2
     elif is_op(tok, "getitem") and tok.args[1] == 0 and is_op(tok.args[0], "where", "nonzero") \
             and len(tok.args[0].args) == 1 and tok.args[0].kwargs.get("as_tuple", True) is True:
-        nz = tok.args[0]
+        nodes, cond, rank = {tok, tok.args[0]}, tok.args[0].args[0], 2
     else:
-        raise _NoMatch(f"the token index {tok.name} is not the nonzero rows of (ids == e).any(-1)")
-    cond = nz.args[0]
-    if not (is_op(cond, "any") and arg(cond, 1, "dim") in (-1, 1) and not arg(cond, 2, "keepdim", False)):
+        raise _NoMatch(f"the token index {tok.name} is not (ids == e).any(-1) or its nonzero rows")
+    if not (is_op(cond, "any") and arg(cond, 1, "dim") in (-1, val(cond.args[0]).dim() - 1)
+            and not arg(cond, 2, "keepdim", False)):
         raise _NoMatch(f"{cond.name} is not (ids == e).any(-1)")
-    for node in (tok, nz, cond):
-        walk.take(node)
+    walk.nodes |= nodes | {cond}
     ids, e = _expert_of(cond.args[0], walk)
-    if (ids, e) != _expert_of(mask.eq, walk) or val(ids).dim() != 2:
-        raise _NoMatch(f"the tokens {tok.name} and the weight mask {mask.eq.name} pick different experts")
+    if val(ids).dim() != rank:
+        raise _NoMatch(f"the tokens {tok.name} do not fit ids of rank {val(ids).dim()}")
     return ids, e
 
 
 def _dispatch(tok: fx.Node, slot, walk: _Walk) -> tuple[fx.Node, int]:
     """(tok, slot) -> (ids node, expert index e); ``slot`` is a node, None, or a ``_SlotMask``."""
-    if isinstance(slot, _SlotMask):
-        return _any_dispatch(tok, slot, walk)
+    if isinstance(slot, (_SlotMask, _DenseColumn)):
+        ids, e = _any_dispatch(tok, walk)
+        if isinstance(slot, _SlotMask) and (ids, e) != _expert_of(slot.eq, walk):
+            raise _NoMatch(f"the tokens {tok.name} and the weight mask {slot.eq.name} pick different experts")
+        if isinstance(slot, _DenseColumn) and e != slot.e:
+            raise _NoMatch(f"the tokens {tok.name} are expert {e}'s, the routing weight column {slot.e} of the gate")
+        return ids, e
     if is_op(tok, "eq") and slot is None:   # a boolean mask over 1-D top-1 ids: x[ids == e] picks rows like where
         ids, e = _expert_of(tok, walk)
         if val(ids).dim() != 1:
@@ -637,7 +718,8 @@ def _expert(write, walk: _Walk) -> _Expert:
     # experts' compute dtype); a product cast before the sum is not modelled (the op then sums in compute dtype)
     formed = val(product if gathered is None else _Walk().casts(y)).dtype
     combine = formed if formed == val(y).dtype else None
-    return _Expert(e, x, ids, W, val(we).dtype, combine, act, glu, params, on_input=gathered is not None)
+    return _Expert(e, x, ids, W, val(we).dtype, combine, act, glu, params, on_input=gathered is not None,
+                   dense=isinstance(slot, _DenseColumn))
 
 
 def _weighted_input(tok: fx.Node, walk: _Walk) -> Optional[tuple]:
@@ -652,7 +734,7 @@ def _weighted_input(tok: fx.Node, walk: _Walk) -> Optional[tuple]:
             if not (is_op(prod, "mul") and len(prod.args) == 2 and gathered in prod.args):
                 continue
             we = prod.args[1] if prod.args[0] is gathered else prod.args[0]
-            for read in (_masked_weight, _weight_index):
+            for read in _WEIGHT_READERS:
                 sub = _Walk()
                 try:
                     W, slot = read(we, sub, tok)
@@ -674,13 +756,20 @@ def _all_experts_at_once(y: fx.Node) -> bool:
 
 def routed_match(pattern: str, walk: _Walk, x: fx.Node, output: fx.Node, weights_TK: fx.Node, ids: fx.Node,
                  applied_dtype: torch.dtype, weights: MoEWeights, transposed: frozenset, experts: ExpertSpec,
-                 where: str, notes: tuple = (), top_k: Optional[int] = None, weight_on_input: bool = False) -> Match:
+                 where: str, notes: tuple = (), top_k: Optional[int] = None, weight_on_input: bool = False,
+                 dense_weights: bool = False) -> Match:
     """The Match of a hand-written MoE (family ``handwritten``) whose experts were read (``weights``, ``experts``
     without its bias flag) and whose routing weights ``weights_TK`` (applied in ``applied_dtype``) and ``ids``
     select them: the router recognised, or kept as written with its ids proven to lie in [0, E); ``top_k``
     overrides the recognised router's k (ids read as a flat list of K per token); ``weight_on_input``: the weights
-    scale the experts' inputs."""
-    router = recognise_router(weights_TK, ids, applied_dtype=applied_dtype)
+    scale the experts' inputs; ``dense_weights``: ``weights_TK`` is a dense ``[T, E]`` gate read at the ids (an
+    external router whose ids, a top-k, max or argmax, name no expert twice per token)."""
+    if dense_weights:
+        router = RouterMatch(RouterSpec(top_k=val(ids).shape[-1] if val(ids).dim() > 1 else 1, external=True,
+                                        dtype=None), weights_TK, ids, kind="external",
+                             reason=f"the weights are columns of the dense gate {weights_TK.name}, taken at the ids")
+    else:
+        router = recognise_router(weights_TK, ids, applied_dtype=applied_dtype)
     if router.external:
         HandwrittenLoop._check_external_ids(ids, experts.num_experts)
         notes += (f"router kept as written: {router.reason}",)
@@ -693,7 +782,7 @@ def routed_match(pattern: str, walk: _Walk, x: fx.Node, output: fx.Node, weights
     return Match(family=FAMILY, pattern=pattern, spec=spec, x=x, output=output,
                  region=frozenset(walk.nodes), weights=weights, router_logits=router.logits,
                  topk_weights=weights_TK if router.external else None, topk_ids=ids if router.external else None,
-                 module_path=where, notes=notes,
+                 module_path=where, notes=notes, dense_weights=dense_weights,
                  router_outputs=None if router.external else (weights_TK, ids), transposed=transposed)
 
 
@@ -732,7 +821,8 @@ class HandwrittenLoop:
         if sorted(x.e for x in experts) != list(range(E)):
             raise _NoMatch(f"the loop covers experts {sorted(x.e for x in experts)}, not each of 0..{E - 1} once")
         for ex in experts[1:]:
-            for what in ("x", "ids", "weights", "weights_dtype", "combine_dtype", "activation", "glu", "on_input"):
+            for what in ("x", "ids", "weights", "weights_dtype", "combine_dtype", "activation", "glu", "on_input",
+                         "dense"):
                 if getattr(ex, what) is not getattr(first, what) and getattr(ex, what) != getattr(first, what):
                     raise _NoMatch(f"experts {first.e} and {ex.e} differ in {what}")
             if _weight_kinds(ex.params) != _weight_kinds(first.params):
@@ -751,7 +841,7 @@ class HandwrittenLoop:
         return routed_match(self.name, walk, first.x, output, first.weights, first.ids, first.weights_dtype,
                             weights, transposed, ExpertSpec(num_experts=E, activation=first.activation,
                                                             glu=first.glu, combine_dtype=first.combine_dtype),
-                            where, weight_on_input=first.on_input)
+                            where, weight_on_input=first.on_input, dense_weights=first.dense)
 
     @staticmethod
     def _weights(params: list[dict]) -> tuple[MoEWeights, frozenset]:
