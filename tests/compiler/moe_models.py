@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 ROUTERS = ("softmax_topk_renorm", "softmax_topk", "mixtral_f32", "topk_softmax", "sigmoid_bias", "max_top1",
            "external")
-# "any_*": the tokens with expert e in any slot, weighted by (w * (ids == e)).sum(-1)
-LOOPS = ("where", "one_hot_210", "one_hot_201", "nonzero", "any_nonzero", "any_where")
+# "any_*": the tokens with expert e in any slot, weighted by (w * (ids == e)).sum(-1), or ("any_dense") by column
+# e of a dense [T, E] gate holding w at the ids (makeMoE's weights)
+LOOPS = ("where", "one_hot_210", "one_hot_201", "nonzero", "any_nonzero", "any_where", "any_dense")
 # in place, then functional (out = out.index_add(...)); an in-place scatter_reduce_ cannot train in eager (its
 # backward needs the result it overwrites), so only inference tests take it
 COMBINES = ("index_add_", "scatter_add_", "iadd", "index_put_", "index_add", "scatter_add", "scatter_reduce",
@@ -232,7 +233,7 @@ class LoopMoE(nn.Module):
             return (ids == e).nonzero().squeeze(-1), None
         if v.loop == "any_nonzero":
             return (ids == e).any(-1).nonzero().squeeze(-1), None
-        if v.loop == "any_where":
+        if v.loop in ("any_where", "any_dense"):
             return torch.where((ids == e).any(dim=-1))[0], None
         if v.loop == "where":
             if ids.dim() == 1:
@@ -261,6 +262,9 @@ class LoopMoE(nn.Module):
             mask = oh.permute(1, 0) if ids.dim() == 1 else oh.permute(*((2, 1, 0) if v.loop == "one_hot_210"
                                                                        else (2, 0, 1)))
         out = torch.zeros_like(x) if v.combine.endswith("_") else x.new_zeros(x.shape)
+        if v.loop == "any_dense":   # ids as [T, K] (also for top-1 routers' [T] ids), w scattered into a dense gate
+            ids = ids.view(x.shape[0], -1)
+            gate = torch.zeros_like(logits, dtype=w.dtype).scatter(-1, ids, w.view(x.shape[0], -1))
         experts = range(v.E - 1) if v.twist == "skip_expert" else range(v.E)
         for e in experts:
             tok, slot = self.dispatch(ids, e, mask)
@@ -268,6 +272,8 @@ class LoopMoE(nn.Module):
                 we = (w * (ids == e)).sum(-1, keepdim=True)[tok]
             elif v.loop == "any_where":
                 we = ((ids == e).to(w.dtype) * w).sum(dim=-1)[tok, None]
+            elif v.loop == "any_dense":
+                we = gate[tok, e].unsqueeze(1)
             else:
                 we = (w[tok, slot, None] if slot is not None else w[tok, None])
             xe = x[tok]
