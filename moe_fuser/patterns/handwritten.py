@@ -13,7 +13,7 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
 
     COMBINE   out.index_add_(0, tok, y) | out.scatter_add_(0, tok[:, None].expand(-1, D), y)
               | out.scatter_reduce_(0, tok[:, None].expand(-1, D), y, "sum")
-              | out.index_put_((tok,), y, accumulate=True) | out[tok] += y
+              | out.index_put_((tok,), y, accumulate=True) | out[tok] += y (tok also a pair b, t, see DISPATCH)
               | each of the four as a function: out = out.index_add(0, tok, y), ...
               | out[tok] = y (a sum only under top-1 routing: refused for ids of k > 1 experts per token)
     WEIGHT    y = f * w[tok, slot, None] (either order; ``w[tok, slot].unsqueeze(-1)``/``[:, None]``/``view``;
@@ -39,7 +39,8 @@ lists the forms it accepts (data), and raises ``_NoMatch`` with a reason when it
               |  with 1-D top-1 ids: torch.where(ids == e)[0], the mask ids == e (x[mask]),
               (ids == e).nonzero().squeeze(-1)  |  tok = (ids == e).any(-1).nonzero().squeeze(-1) (or
               torch.where(...)[0], or the mask itself, also over [B, S, K] ids) with the masked-sum weight or a
-              dense gate column
+              dense gate column  |  b, t, slot = torch.where(ids == e) over [B, S, K] ids, with x[b, t],
+              w[b, t, slot, None] and out[b, t] += y (or index_put_((b, t), ...)) on [B, S, D] tokens
 
 The loop must cover every expert 0..E-1 exactly once with one FFN structure; the weights and ids of all experts
 must be the same two nodes, which ``routers.recognise_router`` resolves to a RouterSpec (or an external router).
@@ -131,6 +132,20 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and tuple(va.shape) == tuple(vb.shape)
 
 
+def _is_index(tok: Any) -> bool:
+    """A token index: one node (rows of [T, D]), or a pair of nodes (b, t) (rows of [B, S, D], from
+    ``b, t, slot = torch.where(ids == e)`` over [B, S, K] ids)."""
+    return isinstance(tok, fx.Node) or (isinstance(tok, tuple) and len(tok) == 2
+                                        and all(isinstance(t, fx.Node) for t in tok))
+
+
+def _same_index(a: Any, b: Any) -> bool:
+    """The same token index (a pair is rebuilt as a new tuple at each use)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return a is b
+
+
 # ---------------------------------------------------------------- COMBINE: buffer writes -> (tok, contribution)
 
 def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]:
@@ -150,7 +165,7 @@ def _combine_writes(buf: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, set]]
                 writes.append((u, *acc))
         elif name == "setitem":
             tok, rhs = u.args[1], u.args[2]
-            if not isinstance(tok, fx.Node) or not isinstance(rhs, fx.Node):
+            if not _is_index(tok) or not isinstance(rhs, fx.Node):
                 raise _NoMatch(f"{u.name} writes into the output at an index that is not a token index")
             old = _added_slice(u)
             if old is None:   # out[tok] = y: an accumulation only under top-1 routing (checked in _match)
@@ -178,9 +193,10 @@ def _accumulation(u: fx.Node) -> Optional[tuple[fx.Node, fx.Node, set]]:
         return u.args[2], u.args[3], {u}
     if name == "index_put":
         indices, values = arg(u, 1, "indices"), arg(u, 2, "values")
-        if arg(u, 3, "accumulate", False) is not True or not isinstance(indices, (tuple, list)) or len(indices) != 1:
+        if arg(u, 3, "accumulate", False) is not True or not isinstance(indices, (tuple, list)) \
+                or not _is_index(indices[0] if len(indices) == 1 else tuple(indices)):
             raise _NoMatch(f"{u.name} is not index_put((tok,), y, accumulate=True)")
-        return indices[0], values, {u}
+        return (indices[0] if len(indices) == 1 else tuple(indices)), values, {u}
     if name == "scatter_reduce" and (arg(u, 4, "reduce") != "sum" or arg(u, 5, "include_self", True) is not True):
         raise _NoMatch(f'{u.name} is not scatter_reduce(0, tok[:, None].expand(-1, D), y, "sum") adding into the '
                        "buffer")
@@ -199,7 +215,8 @@ def _added_slice(setitem: fx.Node) -> Optional[fx.Node]:
     buf, tok, rhs = setitem.args[:3]
     if not (is_op(rhs, "iadd", "add") and len(rhs.args) == 2):
         return None
-    return next((a for a in rhs.args if is_op(a, "getitem") and a.args[0] is buf and a.args[1] is tok), None)
+    return next((a for a in rhs.args if is_op(a, "getitem") and a.args[0] is buf and _same_index(a.args[1], tok)),
+                None)
 
 
 def _assigns(writer: fx.Node) -> bool:
@@ -345,12 +362,16 @@ def _weight_index(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, Opti
         if trailing_none:
             raise _NoMatch(f"{we.name} adds two trailing dims")
         index, trailing_none = index[:-1], True
-    if not trailing_none or not index or index[0] is not tok or len(index) > 2:
+    lead = len(tok) if isinstance(tok, tuple) else 1   # W[b, t, slot, None] for a (b, t) pair
+    if not trailing_none or not _same_index(index[0] if lead == 1 else tuple(index[:lead]), tok) \
+            or len(index) > lead + 1:
         raise _NoMatch(f"{we.name} is not W[tok, slot, None]")
-    slot = index[1] if len(index) == 2 else None
+    slot = index[lead] if len(index) == lead + 1 else None
+    if lead == 2 and slot is None:
+        raise _NoMatch(f"{we.name}: [B, S] top-1 weights without a slot index are not modelled")
     W = walk.casts(W)
     v = val(W)
-    if not isinstance(v, torch.Tensor) or v.dim() != (1 if slot is None else 2):
+    if not isinstance(v, torch.Tensor) or v.dim() != lead + (slot is not None):
         raise _NoMatch(f"{we.name} indexes routing weights of rank {getattr(v, 'ndim', None)} with "
                        f"{len(index)} indices")
     return W, slot
@@ -553,13 +574,17 @@ def _gather(x_e: fx.Node, tok: fx.Node, walk: _Walk) -> fx.Node:
             walk.take(x_e)
             walk.take(inner)
             return inner.args[0]
-    if is_op(x_e, "getitem") and x_e.args[1] is tok:
+    if is_op(x_e, "getitem") and _same_index(x_e.args[1], tok):
         walk.take(x_e)
         return x_e.args[0]
     if is_op(x_e, "index_select") and arg(x_e, 1, "dim") == 0 and arg(x_e, 2, "index") is tok:
         walk.take(x_e)
         return x_e.args[0]
-    raise _NoMatch(f"the expert input {x_e.name} is not x[tok] for the dispatched tokens {tok.name}")
+    raise _NoMatch(f"the expert input {x_e.name} is not x[tok] for the dispatched tokens {_name(tok)}")
+
+
+def _name(tok: Any) -> str:
+    return ", ".join(t.name for t in tok) if isinstance(tok, tuple) else tok.name
 
 
 def _expert_of(eq: fx.Node, walk: _Walk) -> tuple[fx.Node, int]:
@@ -609,6 +634,17 @@ def _any_dispatch(tok: fx.Node, walk: _Walk) -> tuple[fx.Node, int]:
 
 def _dispatch(tok: fx.Node, slot, walk: _Walk) -> tuple[fx.Node, int]:
     """(tok, slot) -> (ids node, expert index e); ``slot`` is a node, None, or a ``_SlotMask``."""
+    if isinstance(tok, tuple):   # b, t, slot = torch.where(ids == e) over [B, S, K] ids
+        where = tok[0].args[0] if is_op(tok[0], "getitem") else None
+        if not (is_op(where, "where") and len(where.args) == 1 and is_op(where.args[0], "eq")
+                and all(is_op(n, "getitem") and n.args[0] is where and n.args[1] == i
+                        for i, n in enumerate((*tok, slot)))):
+            raise _NoMatch(f"the token index ({_name(tok)}) and slot are not b, t, slot = torch.where(ids == e)")
+        walk.nodes |= {*tok, slot, where}
+        ids, e = _expert_of(where.args[0], walk)
+        if val(ids).dim() != 3:
+            raise _NoMatch(f"{where.name}: b, t, slot do not fit ids of rank {val(ids).dim()}")
+        return ids, e
     if isinstance(slot, (_SlotMask, _DenseColumn)):
         ids, e = _any_dispatch(tok, walk)
         if isinstance(slot, _SlotMask) and (ids, e) != _expert_of(slot.eq, walk):
@@ -726,8 +762,8 @@ def _weighted_input(tok: fx.Node, walk: _Walk) -> Optional[tuple]:
     """The routing weight on the expert's input, ``expert(x[tok] * w[tok, slot, None])`` (either order, the weight
     forms of WEIGHT; torchtitan's ``score_before_experts``) -> (W, slot, the weight factor, the product, the
     gathered rows), or None."""
-    for gathered in tok.users:
-        if not (is_op(gathered, "getitem") and gathered.args[1] is tok
+    for gathered in (tok[0] if isinstance(tok, tuple) else tok).users:
+        if not (is_op(gathered, "getitem") and _same_index(gathered.args[1], tok)
                 or is_op(gathered, "index_select") and arg(gathered, 2, "index") is tok):
             continue
         for prod in gathered.users:
@@ -775,7 +811,7 @@ def routed_match(pattern: str, walk: _Walk, x: fx.Node, output: fx.Node, weights
         notes += (f"router kept as written: {router.reason}",)
     walk.nodes |= router.nodes
     experts = replace(experts, bias=any(b is not None for b in (weights.b1, weights.b2, weights.b3)))
-    rspec = router.spec if top_k in (None, router.spec.top_k) else router.spec.replace(top_k=top_k)
+    rspec = router.spec if top_k in (None, router.spec.top_k) else replace(router.spec, top_k=top_k)
     if router.selection_bias is not None:
         weights = weights._replace(selection_bias=router.selection_bias)
     spec = MoESpec(router=rspec, experts=experts, weight_on_input=weight_on_input)
@@ -841,7 +877,8 @@ class HandwrittenLoop:
         return routed_match(self.name, walk, first.x, output, first.weights, first.ids, first.weights_dtype,
                             weights, transposed, ExpertSpec(num_experts=E, activation=first.activation,
                                                             glu=first.glu, combine_dtype=first.combine_dtype),
-                            where, weight_on_input=first.on_input, dense_weights=first.dense)
+                            where, weight_on_input=first.on_input, dense_weights=first.dense,
+                            top_k=ids.shape[-1] if ids.dim() == 3 else None)
 
     @staticmethod
     def _weights(params: list[dict]) -> tuple[MoEWeights, frozenset]:

@@ -311,3 +311,42 @@ def test_rounded_routing_weights_taken_from_the_graph():
     with torch.no_grad():
         out, ref = compiled(x)[0], model(x)[0]
     assert rel_err(out, ref) <= 1e-6, rel_err(out, ref)   # unrounded weights: ~1e-3
+
+
+class UnflattenedLoop(torch.nn.Module):
+    """A loop over [B, S, D] tokens without flattening: ``b, t, slot = torch.where(ids == e)`` over [B, S, K] ids,
+    ``x[b, t]``, ``w[b, t, slot, None]``, into a [B, S, D] buffer; ``slot=0``: every token weighted by its first
+    slot (no MoE the op computes)."""
+
+    def __init__(self, combine="iadd", on_input=False, slot=None, E=4, k=2):
+        super().__init__()
+        self.gate = torch.nn.Linear(16, E, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.SiLU(),
+                                                               torch.nn.Linear(24, 16)) for _ in range(E))
+        self.combine, self.on_input, self.slot, self.k = combine, on_input, slot, k
+
+    def forward(self, x):
+        w, ids = self.gate(x).softmax(-1).topk(self.k, -1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            b, t, slot = torch.where(ids == e)
+            we = w[b, t, slot if self.slot is None else self.slot, None]
+            y = expert(x[b, t] * we) if self.on_input else expert(x[b, t]) * we
+            if self.combine == "iadd":
+                out[b, t] += y
+            else:
+                out.index_put_((b, t), y, accumulate=True)
+        return out
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(combine="index_put_"), dict(on_input=True), dict(k=1, E=3)])
+def test_loop_over_unflattened_tokens_fuses(kw):
+    _run(UnflattenedLoop(**kw), torch.float32)
+    report = moe_fuser.explain(UnflattenedLoop(**kw), torch.randn(2, 5, 16))
+    assert report.num_fused == 1 and report.fused[0].top_k == kw.get("k", 2), report
+
+
+def test_loop_over_unflattened_tokens_with_a_constant_slot_is_not_fused():
+    _run(UnflattenedLoop(slot=0), torch.float32, fused=0)
+    report = moe_fuser.explain(UnflattenedLoop(slot=0), torch.randn(2, 5, 16))
+    assert any("not b, t, slot = torch.where(ids == e)" in r.reason for r in report.rejected), report
