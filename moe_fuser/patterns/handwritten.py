@@ -272,10 +272,9 @@ class _SlotMask:
     eq: fx.Node
 
 
-def _masked_weight(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, _SlotMask]:
-    """w_e = (W * (ids == e)).sum(-1)[tok, None] (also ``.sum(-1, keepdim=True)[tok]``, ``.unsqueeze(-1)``, the
-    mask cast, either order) -> (W, the mask). Top-k ids hold e at most once per token, and even where a router's
-    ids repeat it, applying the expert once with the summed weight is what the (token, slot) pairs sum to."""
+def _column_index(we: fx.Node, walk: _Walk) -> tuple[fx.Node, tuple, bool]:
+    """``we = src[index]``, maybe as a column (``.unsqueeze(-1)``/``.unsqueeze(1)`` of it, or a trailing None in
+    the index) -> (src, the index without that None, whether it is a column)."""
     we = walk.casts(we)
     column = False
     if is_op(we, "unsqueeze") and arg(we, 1, "dim") in (-1, 1):
@@ -283,10 +282,18 @@ def _masked_weight(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, _Sl
         we = walk.casts(walk.take(we).args[0])
     if not is_op(we, "getitem"):
         raise _NoMatch(f"{we.name} does not index the routing weights")
-    S, index = walk.take(we).args
+    src, index = walk.take(we).args
     index = index if isinstance(index, tuple) else (index,)
-    if len(index) == 2 and index[1] is None and not column:
-        index, column = index[:1], True
+    if len(index) >= 2 and index[-1] is None and not column:
+        index, column = index[:-1], True
+    return src, index, column
+
+
+def _masked_weight(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, _SlotMask]:
+    """w_e = (W * (ids == e)).sum(-1)[tok, None] (also ``.sum(-1, keepdim=True)[tok]``, ``.unsqueeze(-1)``, the
+    mask cast, either order) -> (W, the mask). Top-k ids hold e at most once per token, and even where a router's
+    ids repeat it, applying the expert once with the summed weight is what the (token, slot) pairs sum to."""
+    S, index, column = _column_index(we, walk)
     S = walk.casts(S)
     if not (len(index) == 1 and index[0] is tok and is_op(S, "sum")
             and arg(S, 1, "dim") in (-1, 1, (-1,), (1,), [-1], [1])):
@@ -318,17 +325,7 @@ class _DenseColumn:
 def _dense_weight(we: fx.Node, walk: _Walk, tok: fx.Node) -> tuple[fx.Node, _DenseColumn]:
     """w_e = G[tok, e].unsqueeze(1) (also ``G[tok, e, None]``, ``G[tok][:, e, None]`` not) -> (G, the column):
     makeMoE's ``flat_gating_output[flat_mask, i].unsqueeze(1)``."""
-    we = walk.casts(we)
-    column = False
-    if is_op(we, "unsqueeze") and arg(we, 1, "dim") in (-1, 1):
-        column = True
-        we = walk.casts(walk.take(we).args[0])
-    if not is_op(we, "getitem"):
-        raise _NoMatch(f"{we.name} does not index the routing weights")
-    G, index = walk.take(we).args
-    index = index if isinstance(index, tuple) else (index,)
-    if len(index) == 3 and index[2] is None and not column:
-        index, column = index[:2], True
+    G, index, column = _column_index(we, walk)
     if not (column and len(index) == 2 and isinstance(index[0], fx.Node) and _tokens(index[0]) is _tokens(tok)
             and isinstance(index[1], int) and not isinstance(index[1], bool)):
         raise _NoMatch(f"{we.name} is not G[tok, e, None], column e of a dense gate")
