@@ -36,7 +36,9 @@ The Match contract (the rewrite relies on it; the driver re-checks what it can)
     region        every node the fused op replaces: routing after the logits, dispatch, expert FFNs, combine
     router_logits [T, E] node outside the region, when the op should route (``spec.router.external`` False)
     topk_weights, topk_ids
-                  [T, K] nodes outside the region, when ``spec.router.external`` (the user's router is kept)
+                  [T, K] nodes outside the region, when ``spec.router.external`` (the user's router is kept);
+                  with ``dense_weights`` topk_weights is a dense [T, E] gate and the op takes its values at the
+                  ids, which must then name no expert twice per token (a top-k, max or argmax)
     weights       ``MoEWeights`` whose fields hold a node (a stacked [E, ...] tensor), a list of E nodes (one
                   per expert, e.g. ModuleList Linear weights: passed as is, never stacked) or None
     spec          the ``MoESpec``: everything static the op needs
@@ -114,9 +116,7 @@ class Match:
     notes: tuple = ()
     router_outputs: Optional[tuple] = None
     reuse_routing: bool = False
-    # ``topk_weights`` is a dense [T, E] gate (zero, or anything, outside each token's top-k): the op takes its
-    # values at ``topk_ids``, which must name no expert twice per token.
-    dense_weights: bool = False
+    dense_weights: bool = False   # topk_weights is a dense [T, E] gate, read at topk_ids (see the contract)
     # Filled in by the driver when the match is rewritten.
     lowering: Optional[str] = None
     dtype: Optional[torch.dtype] = None
