@@ -63,7 +63,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.activations import (act_fn, act_fn_, clamp_gate_up, expert_activation, expert_activation_backward,
+from ..ops.activations import (act_fn, clamp_gate_up, expert_activation, expert_activation_backward,
                                gated_activation, gated_activation_backward, split_gate_up)
 from ..spec import ExpertSpec
 
@@ -429,7 +429,7 @@ def _activate(parts, spec: ExpertSpec, inplace: bool = False) -> torch.Tensor:
     if inplace and _activates_inplace(spec):
         gate, up = ((parts[0], None) if not spec.gated else
                     parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu))
-        a = act_fn_(spec.activation, gate)
+        a = act_fn(spec.activation, gate, inplace=True)
         return a if up is None else a.mul_(up)
     if spec.glu == "separate":
         return gated_activation(parts[0], parts[1], spec)

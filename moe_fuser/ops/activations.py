@@ -17,34 +17,23 @@ import torch.nn.functional as F
 
 from ..spec import ExpertSpec
 
-__all__ = ["act_backward", "act_fn", "act_fn_", "clamp_gate_up", "expert_activation", "expert_activation_backward",
+__all__ = ["act_backward", "act_fn", "clamp_gate_up", "expert_activation", "expert_activation_backward",
            "gated_activation", "gated_activation_backward", "split_gate_up"]
 
 
-def act_fn(name: str, h: torch.Tensor) -> torch.Tensor:
+def act_fn(name: str, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """The activation ``name`` of ``h``; with ``inplace`` written over ``h`` (a view of a larger buffer is fine)."""
     if name == "silu":
-        return F.silu(h)
-    if name == "gelu":
-        return F.gelu(h)
-    if name == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if name == "relu":
-        return F.relu(h)
-    if name == "relu2":
-        return torch.square(F.relu(h))
-    raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh, relu or relu2")
-
-
-def act_fn_(name: str, h: torch.Tensor) -> torch.Tensor:
-    """``act_fn`` written over ``h`` (a view of a larger buffer is fine), returned."""
-    if name == "silu":
-        return F.silu(h, inplace=True)
+        return F.silu(h, inplace=inplace)
     if name in ("gelu", "gelu_tanh"):
-        return torch.ops.aten.gelu_.default(h, approximate="none" if name == "gelu" else "tanh")
+        approximate = "none" if name == "gelu" else "tanh"
+        return torch.ops.aten.gelu_.default(h, approximate=approximate) if inplace else \
+            F.gelu(h, approximate=approximate)
     if name == "relu":
-        return h.relu_()
+        return F.relu(h, inplace=inplace)
     if name == "relu2":
-        return h.relu_().square_()
+        r = F.relu(h, inplace=inplace)
+        return r.square_() if inplace else torch.square(r)
     raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh, relu or relu2")
 
 

@@ -534,12 +534,17 @@ def _ffn(f: fx.Node, e: int, walk: _Walk) -> tuple[fx.Node, dict, str, Optional[
 
 # ---------------------------------------------------------------- GATHER and DISPATCH
 
+def _flattens(node: Any) -> bool:
+    """Whether ``node`` is ``t.view(-1)``, ``t.reshape(-1)`` or ``t.flatten()`` of a node t."""
+    return (is_op(node, "view", "reshape") and tuple(node.args[1:]) in ((-1,), ((-1,),), ([-1],))
+            or is_op(node, "flatten") and len(node.args) == 1 and not node.kwargs) \
+        and isinstance(node.args[0], fx.Node)
+
+
 def _tokens(tok: fx.Node) -> fx.Node:
     """The token mask a flattened mask comes from (``m.view(-1)``, ``m.reshape(-1)``, ``m.flatten()`` of a boolean
     m, ``[B, S]`` or already ``[T]``), else ``tok``: ``x.view(-1, D)[m.view(-1)]`` are the rows ``x[m]``."""
-    if (is_op(tok, "view", "reshape") and tuple(tok.args[1:]) in ((-1,), ((-1,),), ([-1],))
-            or is_op(tok, "flatten") and len(tok.args) == 1 and not tok.kwargs) \
-            and getattr(val(tok.args[0]), "dtype", None) == torch.bool:
+    if _flattens(tok) and getattr(val(tok.args[0]), "dtype", None) == torch.bool:
         return tok.args[0]
     return tok
 
@@ -560,10 +565,10 @@ def _unflattened(flat_x: fx.Node, mask: fx.Node, walk: _Walk) -> fx.Node:
 
 def _gather(x_e: fx.Node, tok: fx.Node, walk: _Walk) -> fx.Node:
     """x_e = x[tok] (and friends) -> x; ``x.view(-1, D)[m.view(-1)]`` for a token mask m (``_tokens``) -> x."""
-    if is_op(x_e, "getitem") and isinstance(x_e.args[1], fx.Node) and x_e.args[1] is not tok \
-            and _tokens(x_e.args[1]) is _tokens(tok) and _tokens(tok) is not x_e.args[1]:
+    idx = x_e.args[1] if is_op(x_e, "getitem") else None
+    if idx is not tok and _flattens(idx) and _tokens(idx) is _tokens(tok):   # x.view(-1, D)[m.view(-1)], tok m
         walk.take(x_e)
-        walk.take(x_e.args[1])
+        walk.take(idx)
         return _unflattened(x_e.args[0], _tokens(tok), walk)
     if is_op(x_e, "reshape", "view") and is_op(x_e.args[0], "getitem"):
         inner = x_e.args[0]
@@ -593,12 +598,7 @@ def _expert_of(eq: fx.Node, walk: _Walk) -> tuple[fx.Node, int]:
 
 def _column(node: fx.Node) -> bool:
     """``t.squeeze(-1)`` / ``t.squeeze(1)`` / ``t.view(-1)`` / ``t.reshape(-1)`` / ``t.flatten()`` of an [n, 1] t."""
-    if is_op(node, "squeeze"):
-        ok = arg(node, 1, "dim") in (-1, 1)
-    elif is_op(node, "view", "reshape"):
-        ok = tuple(node.args[1:]) in ((-1,), ((-1,),), ([-1],))
-    else:
-        ok = is_op(node, "flatten") and len(node.args) == 1 and not node.kwargs
+    ok = is_op(node, "squeeze") and arg(node, 1, "dim") in (-1, 1) or _flattens(node)
     v = val(node.args[0]) if ok and isinstance(node.args[0], fx.Node) else None
     return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == 1
 
