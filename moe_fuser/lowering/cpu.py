@@ -38,9 +38,10 @@ Saved for backward: the first projection's output ``h [N, H]`` in sorted order (
 holds the gate block then the up block, ``[2, N, F]``, so each half stays contiguous) and the sort order; with
 per-expert weight lists, ``h`` in one tensor per range of experts, let go of during the backward (``CpuLowering``).
 Backward rebuilds the same grouping and streams the same expert groups; per group it recomputes the activation
-from ``h`` (elementwise), and runs
+from ``h`` (elementwise) into one buffer shaped like ``h``, and runs
 ``dA = dy @ W2``, routing-weight grads as ``rowsum(dA * a) (+ dy . b2)`` (so ``y`` is never kept),
-the activation's backward, ``dx``, ``dW1``/``dW3``, ``dW2`` and bias grads as grouped GEMMs and segment sums.
+the activation's backward (written in place into that buffer), ``dx``, ``dW1``/``dW3``, ``dW2`` and bias grads as
+grouped GEMMs and segment sums: ``D + F + H`` elements of temporaries per row (``_ffn_backward``).
 Weight grads are allocated empty and written by the GEMMs (idle experts zeroed in a stacked buffer, None in a
 weight list), never zero-filled first, and every large fresh buffer is advised for transparent huge pages
 (``_advise_huge_pages``): on CPU, first-touch page faults of fresh stacked weight gradients otherwise cost more
@@ -63,8 +64,8 @@ from typing import Optional
 
 import torch
 
-from ..ops.activations import (act_fn, clamp_gate_up, expert_activation, expert_activation_backward,
-                               gated_activation, gated_activation_backward, split_gate_up)
+from ..ops.activations import (act_backward, act_fn, clamp_gate_up, expert_activation, gated_activation,
+                               gated_activation_backward, split_gate_up)
 from ..spec import ExpertSpec
 
 __all__ = ["CpuLowering", "sort_by_expert"]
@@ -429,7 +430,7 @@ def _activate(parts, spec: ExpertSpec, inplace: bool = False) -> torch.Tensor:
     if inplace and _activates_inplace(spec):
         gate, up = ((parts[0], None) if not spec.gated else
                     parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu))
-        a = act_fn(spec.activation, gate, inplace=True)
+        a = act_fn(spec.activation, gate, out=gate)
         return a if up is None else a.mul_(up)
     if spec.glu == "separate":
         return gated_activation(parts[0], parts[1], spec)
@@ -699,59 +700,101 @@ def _grad_buffer(ws, counts: list[int], zero: bool = False):
     return out
 
 
-def _down_grads(G: _Grouping, dy, a, g, dw2, db2, dy_owned: bool = True) -> None:
-    """The second projection's weight (and bias) gradients from the gathered output gradient ``dy`` and the
-    activation ``a``, with the routing weight ``g``: dW2 = (g dy)^T a, weighting ``dy`` in place, or, where ``dy``
-    is not ours to change (``dy_owned``: rows the backward op was handed), ``a`` (the same product)."""
-    if dy_owned:
-        dy.mul_(g)
+def _backward_buffers(parts, spec: ExpertSpec) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """One buffer shaped like the saved rows ``parts``, which holds first the activation and then, in place, the
+    gradient of the first projection's output: -> (``dh_parts``, what the GEMMs of the first projection's backward
+    read: the whole buffer, or for separate w1/w3 its two blocks; ``slots``: a GLU's (gate, up) halves, or the
+    whole buffer)."""
+    if spec.glu == "separate":
+        halves = _empty((2, *parts[0].shape), parts[0]).unbind(0)
+        return halves, halves
+    buf = _empty(parts[0].shape, parts[0])
+    return (buf,), (split_gate_up(buf, spec.glu) if spec.gated else (buf,))
+
+
+def _activate_into(parts, spec: ExpertSpec, slots) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The activation ``a`` of the saved rows ``parts`` written into ``slots[0]`` and, for a GLU other than
+    GPT-OSS's, ``act(gate)`` (which the activation's backward reads again) into ``slots[1]``: -> (a, act_gate or
+    None)."""
+    if not spec.gated:
+        return act_fn(spec.activation, parts[0], out=slots[0]), None
+    gate, up = clamp_gate_up(*(parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)), spec)
+    if spec.activation == "gpt_oss":
+        return slots[0].copy_(gated_activation(gate, up, spec)), None
+    act_gate = act_fn(spec.activation, gate, out=slots[1])
+    return torch.mul(act_gate, up, out=slots[0]), act_gate
+
+
+def _activation_backward(parts, dA, spec: ExpertSpec, act_gate, out) -> None:
+    """The activation's backward from ``dA`` (weighted), written into ``out`` (a GLU's (d_gate, d_up), or (dh,)),
+    which may alias ``act_gate`` (as ``d_up``) or ``dA`` (as ``d_gate`` or ``dh``)."""
+    if spec.gated:
+        halves = parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)
+        gated_activation_backward(*halves, dA, spec, act_gate, out=out)
+    else:
+        act_backward(spec.activation, dA, parts[0], out=out[0])
+
+
+def _down_grads(G: _Grouping, dy_g, a, dw2, db2) -> None:
+    """The second projection's weight (and bias) gradients from the weighted output gradient ``dy_g`` and the
+    activation ``a``: dW2 = dy_g^T a."""
     if dw2 is not None:
-        G.wgrad(dy, a if dy_owned else a.mul_(g), dw2)
+        G.wgrad(dy_g, a, dw2)
         if db2 is not None:
-            G.segment_sum(dy if dy_owned else dy * g, db2)
+            G.segment_sum(dy_g, db2)
 
 
 def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, spec: ExpertSpec,
                   dx_TD, dweights_N, grads_w, saved_done=None, dy_rows=None) -> None:
     """Backward of ``_ffn`` on G's rows (routing weights ``g_n``, saved halves' rows ``saved_rows``, as in
-    ``_ffn``), accumulating into the given gradient buffers (None: not needed). Temporaries are dropped as soon as
-    their last use is done, and ``saved_done`` (if given) is called once the saved rows are no longer read: then
-    the activation's backward comes before the weight gradients, so that the saved rows go before any of G's
-    gradients is allocated."""
+    ``_ffn``), accumulating into the given gradient buffers (None: not needed).
+
+    Temporaries: the gathered output gradient ``dy``, ``dA = dy @ W2`` and one buffer shaped like the saved rows
+    (``_backward_buffers``), which holds the activation and act(gate) and then receives the activation's backward
+    in place; ``D + F + H`` elements per row (then ``H + D`` for ``dx`` and the first projection's weight
+    gradients). Order: dW2 (the last read of the activation), the routing-weight gradients ``rowsum(dA * a)``
+    computed over the activation in place, the activation's backward. Where ``saved_done`` is given (to be called
+    once the saved rows are no longer read) the activation's backward comes first instead, so that the saved rows
+    go before any of G's gradients is allocated: its gate part then goes to ``dA``'s buffer, and the activation
+    stays where it is until dW2."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
     # unweighted (G's rows of the output gradient, or ``dy_rows`` already gathered); cast per group where the
     # output had a combine_dtype
     dy = _as(G.gather(grad_TD) if dy_rows is None else dy_rows, x_TD.dtype)
-    dy_owned = dy_rows is None or dy.data_ptr() != dy_rows.data_ptr()
     dA = G.mm(dy, w2)
     parts = tuple(G.from_sorted(h) for h in saved_rows)
-    act_gate = None  # act(gate) of a GLU: needed for a and again for d_up, computed once
-    if spec.gated and spec.activation != "gpt_oss":
-        gate, up = clamp_gate_up(*(parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)), spec)
-        act_gate = act_fn(spec.activation, gate)
-        a = act_gate * up
-        del gate, up   # views of the saved rows (see saved_done below)
+    dh_parts, slots = _backward_buffers(parts, spec)
+    a, act_gate = _activate_into(parts, spec, slots)
+    need_dg = dweights_N is not None
+    # the routing-weight gradient's bias term dy . b2, from the unweighted dy
+    dg_b2 = (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32) if need_dg and b2 is not None else None
+    # weighted in place unless the rows are the caller's (``dy_rows`` handed to the op)
+    dy_g = dy.mul_(g) if dy_rows is None or dy.data_ptr() != dy_rows.data_ptr() else dy * g
+    del dy
+    if saved_done is None:
+        _down_grads(G, dy_g, a, dw2, db2)
+        del dy_g
+        dg = a.mul_(dA).sum(-1, dtype=torch.float32) if need_dg else None
+        del a
+        _activation_backward(parts, dA.mul_(g), spec, act_gate, out=slots)
     else:
-        a = _activate(parts, spec)
-    if dweights_N is not None:
-        dg = (dA * a).sum(-1, dtype=torch.float32)
-        if b2 is not None:
-            dg = dg + (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32)
-        dweights_N.index_copy_(0, G.order_n, _as(G.to_sorted(dg), dweights_N.dtype))
-    if saved_done is None:   # nothing to let go of: dW2 first, so that a and dy are gone before dh appears
-        _down_grads(G, dy, a, g, dw2, db2, dy_owned)
-        del a, dy
-    dA.mul_(g)
-    if spec.glu == "separate":
-        dh_parts = gated_activation_backward(parts[0], parts[1], dA, spec, act_gate)
-    else:
-        dh_parts = (expert_activation_backward(parts[0], dA, spec, act_gate),)
-    del dA, parts, act_gate, saved_rows
-    if saved_done is not None:   # the saved rows go before this group's first gradient is allocated
+        dg = (dA * a).sum(-1, dtype=torch.float32) if need_dg else None
+        grad_out = (dA,) + slots[1:]   # the activation (slots[0]) is read by dW2 below
+        _activation_backward(parts, dA.mul_(g), spec, act_gate, out=grad_out)
+        del parts, saved_rows
         saved_done()
-        _down_grads(G, dy, a, g, dw2, db2, dy_owned)
-        del a, dy
+        _down_grads(G, dy_g, a, dw2, db2)
+        del dy_g, a
+        if spec.glu == "separate" or not spec.gated:
+            dh_parts = grad_out
+        else:
+            slots[0].copy_(dA)
+    del dA, act_gate, slots
+    if need_dg:
+        if dg_b2 is not None:
+            dg += dg_b2
+        dweights_N.index_copy_(0, G.order_n, _as(G.to_sorted(dg), dweights_N.dtype))
     if dx_TD is not None:
         dxs = G.mm(dh_parts[0], w1)
         if spec.glu == "separate":

@@ -21,19 +21,25 @@ __all__ = ["act_backward", "act_fn", "clamp_gate_up", "expert_activation", "expe
            "gated_activation", "gated_activation_backward", "split_gate_up"]
 
 
-def act_fn(name: str, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """The activation ``name`` of ``h``; with ``inplace`` written over ``h`` (a view of a larger buffer is fine)."""
+def act_fn(name: str, h: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The activation ``name`` of ``h``, written into ``out`` when given (``h`` itself for in place; a view of a
+    larger buffer is fine). Explicit overloads: resolving an ``OpOverloadPacket`` costs about as much as the call."""
+    aten = torch.ops.aten
     if name == "silu":
-        return F.silu(h, inplace=inplace)
+        return F.silu(h) if out is None else aten.silu.out(h, out=out)
     if name in ("gelu", "gelu_tanh"):
         approximate = "none" if name == "gelu" else "tanh"
-        return torch.ops.aten.gelu_.default(h, approximate=approximate) if inplace else \
-            F.gelu(h, approximate=approximate)
+        if out is None:
+            return F.gelu(h, approximate=approximate)
+        if out is h or not out.is_contiguous():
+            # in place: gelu.out writes a strided ``out`` as if it were contiguous when ``h`` is (its oneDNN path,
+            # torch 2.13 CPU)
+            return aten.gelu_.default(out if out is h else out.copy_(h), approximate=approximate)
+        return aten.gelu.out(h, approximate=approximate, out=out)
     if name == "relu":
-        return F.relu(h, inplace=inplace)
+        return F.relu(h) if out is None else aten.clamp_min.out(h, 0, out=out)
     if name == "relu2":
-        r = F.relu(h, inplace=inplace)
-        return r.square_() if inplace else torch.square(r)
+        return torch.square(F.relu(h)) if out is None else aten.clamp_min.out(h, 0, out=out).square_()
     raise ValueError(f"activation {name!r} has no plain form; use silu, gelu, gelu_tanh, relu or relu2")
 
 

@@ -154,3 +154,20 @@ def test_activation_backward_matches_autograd():
                 (want,) = torch.autograd.grad(a, h, dA)
                 got = expert_activation_backward(h.detach(), dA, spec)
                 assert torch.allclose(got, want, atol=1e-12), (glu, act, limit)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu", "relu2"])
+def test_activation_into_strided_buffers(act):
+    """act_fn(..., out=) into a half of a wider buffer (the CPU backward's slots), from contiguous and strided
+    inputs and in place: torch 2.13's gelu.out writes a strided out as if it were contiguous when the input is."""
+    from moe_fuser.ops.activations import act_fn
+
+    for h_strided in (False, True):
+        h = torch.randn(13, 2 * 24)[:, 24:] if h_strided else torch.randn(13, 24)
+        want = act_fn(act, h)
+        buf = torch.randn(13, 2 * 24)
+        act_fn(act, h, out=buf[:, :24])
+        torch.testing.assert_close(buf[:, :24], want, rtol=1e-6, atol=1e-6)   # vector and scalar paths may differ
+        inplace = h.clone()
+        assert act_fn(act, inplace, out=inplace) is inplace
+        torch.testing.assert_close(inplace, want, rtol=1e-6, atol=1e-6)
