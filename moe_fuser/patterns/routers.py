@@ -1,7 +1,7 @@
 """Router recognition: which ``RouterSpec`` turns the router logits into the top-k weights and ids a MoE uses.
 
 Every family finds, in its own way, the two nodes its experts consume: the per-(token, slot) routing weights
-``[T, K]`` and expert ids ``[T, K]``. ``recognise_router(weights, ids)`` walks back from them to the router
+``[T, K]`` and expert ids ``[T, K]`` (or ``[B, S, K]``, from ``[B, S, E]`` logits: the op routes them flattened). ``recognise_router(weights, ids)`` walks back from them to the router
 logits and returns a ``RouterMatch``: the spec, the logits node, the selection-bias node, and the router's nodes
 (which join the family's region: the fused op recomputes them in fp32). Recognised routers (the RouterSpec
 semantics are in ``moe_fuser.spec``):
@@ -342,9 +342,10 @@ def recognise_router(topk_weights: fx.Node, topk_ids: fx.Node,
 
 
 def _k_of(ids: fx.Node) -> int:
+    """k of [..., K] ids (1 for the 1-D ids of an argmax)."""
     v = val(ids)
-    if isinstance(v, torch.Tensor) and v.dim() == 2 and isinstance(v.shape[1], int):
-        return v.shape[1]
+    if isinstance(v, torch.Tensor) and v.dim() >= 2 and isinstance(v.shape[-1], int):
+        return v.shape[-1]
     return 1
 
 
@@ -381,8 +382,8 @@ def _recognise(w: fx.Node, ids: fx.Node, applied_dtype: Optional[torch.dtype]) -
         kind = "topk-softmax"
     elif is_op(core, "gather"):
         walk.take(core)
-        src, dim, index = core.args[0], arg(core, 1, "dim"), arg(core, 2, "index")
-        if dim not in (1, -1) or walk.strip_casts(index, allow_int=True) is not ids_core:
+        src, index = core.args[0], arg(core, 2, "index")
+        if not _last_dim(core, 1, "dim", None) or walk.strip_casts(index, allow_int=True) is not ids_core:
             raise _NoMatch(f"{core.name} does not gather the scores at the selected experts")
         scores = walk.strip_casts(src)
         scoring, logits, dtype = _scores(scores, walk)
@@ -408,8 +409,8 @@ def _eps(renorm: bool, eps: float, scoring: str) -> Optional[float]:
 def _finish(spec: RouterSpec, w, ids, logits, bias, walk: _Walk, kind: str,
             applied_dtype: Optional[torch.dtype] = None) -> RouterMatch:
     v = val(logits)
-    if not isinstance(v, torch.Tensor) or v.dim() != 2 or not v.is_floating_point():
-        raise _NoMatch(f"the router logits {logits.name} are not a floating [T, E] tensor")
+    if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3) or not v.is_floating_point():
+        raise _NoMatch(f"the router logits {logits.name} are not a floating [T, E] or [B, S, E] tensor")
     E = v.shape[-1]
     if not isinstance(E, int):
         raise _NoMatch("the number of experts is not static")

@@ -318,15 +318,21 @@ class UnflattenedLoop(torch.nn.Module):
     ``x[b, t]``, ``w[b, t, slot, None]``, into a [B, S, D] buffer; ``slot=0``: every token weighted by its first
     slot (no MoE the op computes)."""
 
-    def __init__(self, combine="iadd", on_input=False, slot=None, E=4, k=2):
+    def __init__(self, combine="iadd", on_input=False, slot=None, E=4, k=2, gather_dim=None):
         super().__init__()
         self.gate = torch.nn.Linear(16, E, bias=False)
         self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.SiLU(),
                                                                torch.nn.Linear(24, 16)) for _ in range(E))
         self.combine, self.on_input, self.slot, self.k = combine, on_input, slot, k
+        self.gather_dim = gather_dim   # a sigmoid router gathering its weights along this dim of [B, S, E] scores
 
     def forward(self, x):
-        w, ids = self.gate(x).softmax(-1).topk(self.k, -1)
+        if self.gather_dim is None:
+            w, ids = self.gate(x).softmax(-1).topk(self.k, -1)
+        else:
+            scores = self.gate(x).sigmoid()
+            ids = scores.topk(self.k, -1)[1]
+            w = scores.gather(self.gather_dim, ids)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             b, t, slot = torch.where(ids == e)
@@ -339,11 +345,22 @@ class UnflattenedLoop(torch.nn.Module):
         return out
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(combine="index_put_"), dict(on_input=True), dict(k=1, E=3)])
+@pytest.mark.parametrize("kw", [dict(), dict(combine="index_put_"), dict(on_input=True), dict(k=1, E=3),
+                                dict(gather_dim=-1), dict(gather_dim=2)])
 def test_loop_over_unflattened_tokens_fuses(kw):
+    """... with its [B, S, E] router recognised: the op routes the flattened logits itself."""
     _run(UnflattenedLoop(**kw), torch.float32)
     report = moe_fuser.explain(UnflattenedLoop(**kw), torch.randn(2, 5, 16))
     assert report.num_fused == 1 and report.fused[0].top_k == kw.get("k", 2), report
+    assert report.fused[0].router == ("softmax-topk" if "gather_dim" not in kw else "sigmoid-topk"), report
+
+
+def test_unflattened_router_gathering_along_tokens_stays_external():
+    """gather(scores, 1, ids) over [B, S, E] scores reads along the sequence, not the experts (legal where S >= E,
+    and not a router the op knows): the loop still fuses, with the user's weights as computed."""
+    _run(UnflattenedLoop(gather_dim=1, E=3), torch.float32, shapes=((2, 5), (3, 7)))
+    report = moe_fuser.explain(UnflattenedLoop(gather_dim=1, E=3), torch.randn(2, 5, 16))
+    assert report.num_fused == 1 and report.fused[0].router == "external", report
 
 
 def test_loop_over_unflattened_tokens_with_a_constant_slot_is_not_fused():
