@@ -58,7 +58,7 @@ import torch
 import torch.fx as fx
 
 from ..fx.dag import mutated_arg
-from ..fx.graph import arg, common_prefix, is_op, module_path, op, scalar_arg, squared_relu, val
+from ..fx.graph import arg, common_prefix, is_op, module_path, op, squared_relu, val
 from ..spec import ExpertSpec, MoESpec, MoEWeights, RouterSpec
 from .base import Match, MatchContext, Rejection, register_pattern
 from .routers import RouterMatch, recognise_router
@@ -461,7 +461,11 @@ def _swaps_2d(w: Any) -> bool:
 
 def _skip_dropout(node: fx.Node, walk: _Walk) -> fx.Node:
     while is_op(node, "dropout"):
-        p, training = scalar_arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
+        p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
+        if training is not False and isinstance(p, fx.Node):
+            # torch.compile(dynamic=True) passes a module's float (nn.Dropout.p) as a graph input
+            raise _NoMatch(f"{node.name} is a dropout whose probability {p.name} is a graph input, not a constant: "
+                           f"the fused op has none and cannot assume it is 0 (compile in eval mode)")
         if training is not False and p != 0:
             raise _NoMatch(f"{node.name} is an active dropout; the fused op has none (compile in eval mode)")
         walk.take(node)

@@ -1,6 +1,8 @@
 """The hand-written loop family: every style it claims is fused (count asserted) and trains eager-equal at two
 token counts; departures it must not model are left alone and still eager-equal."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -367,3 +369,33 @@ def test_loop_over_unflattened_tokens_with_a_constant_slot_is_not_fused():
     _run(UnflattenedLoop(slot=0), torch.float32, fused=0)
     report = moe_fuser.explain(UnflattenedLoop(slot=0), torch.randn(2, 5, 16))
     assert any("not b, t, slot = torch.where(ids == e)" in r.reason for r in report.rejected), report
+
+
+class DropoutLoop(torch.nn.Module):
+    """The seed's loop with ``nn.Dropout(0.0)`` after each expert, in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(16, 4, bias=False)
+        self.drop = torch.nn.Dropout(0.0)
+        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.SiLU(),
+                                                               torch.nn.Linear(24, 16)) for _ in range(4))
+
+    def forward(self, x):
+        w, ids = self.gate(x).softmax(-1).topk(2, -1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, self.drop(expert(x[tok])) * w[tok, slot, None])
+        return out
+
+
+def test_dropout_probability_passed_as_a_graph_input_is_named(caplog):
+    """torch.compile(dynamic=True) passes nn.Dropout's float p as a graph input: that graph's loop is not fused (p
+    may be anything there), with that reason; dynamo's recompile with p a constant 0.0 fuses."""
+    model, rec = DropoutLoop(), Recorder()
+    compiled = torch.compile(model, backend="moe_fuser", options={"inner": rec}, dynamic=True)
+    with caplog.at_level(logging.INFO, logger="moe_fuser"):
+        check_train_step(model, compiled, torch.randn(10, 16), TOL[torch.float32])
+    assert rec.num_fused == 1, rec.graphs
+    assert "probability item is a graph input, not a constant" in caplog.text, caplog.text
