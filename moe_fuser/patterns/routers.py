@@ -1,10 +1,10 @@
 """Router recognition: which ``RouterSpec`` turns the router logits into the top-k weights and ids a MoE uses.
 
 Every family finds, in its own way, the two nodes its experts consume: the per-(token, slot) routing weights
-``[T, K]`` and expert ids ``[T, K]`` (or ``[B, S, K]``, from ``[B, S, E]`` logits: the op routes them flattened). ``recognise_router(weights, ids)`` walks back from them to the router
-logits and returns a ``RouterMatch``: the spec, the logits node, the selection-bias node, and the router's nodes
-(which join the family's region: the fused op recomputes them in fp32). Recognised routers (the RouterSpec
-semantics are in ``moe_fuser.spec``):
+``[T, K]`` and expert ids ``[T, K]`` (or ``[B, S, K]``, from ``[B, S, E]`` logits: the op routes them flattened).
+``recognise_router(weights, ids)`` walks back from them to the router logits and returns a ``RouterMatch``: the
+spec, the logits node, the selection-bias node, and the router's nodes (which join the family's region: the fused
+op recomputes them in fp32). Recognised routers (the RouterSpec semantics are in ``moe_fuser.spec``):
 
     softmax -> topk (-> renormalise)                  Mixtral, Qwen2-MoE, OLMoE, Switch (k=1), the seed
     topk -> softmax                                   GShard, Granite, GPT-OSS
