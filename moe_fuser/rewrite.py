@@ -23,6 +23,8 @@ the graph still reads (router probabilities for an auxiliary loss stay, unchange
 recognised router, the router's top-k weights and ids stay too and the op takes them instead of routing again
 (``_reuse_routing``). Every rewrite bumps
 ``FuseResult.num_fused`` (and the module counter ``counters``); every refusal is a ``Rejection`` with its reason.
+After the patterns, a recognised router that none of them claimed or refused gets a ``Rejection`` of its own
+(``_unclaimed_routers``): explain then says that its experts are in a form no pattern knows.
 
 The inserted node's target is a small function made per match that closes over the ``MoESpec`` and calls
 ``moe_fuser.ops.fused.moe_forward(spec, x, logits, MoEWeights(...), ..., check=False)``; its arguments are the
@@ -54,6 +56,7 @@ from .fx.graph import is_op, module_path, op, val
 from .fx.region import absorb_plumbing, check_region, kept_closure
 from .ops.fused import moe_forward, validate
 from .patterns.base import Match, MatchContext, Rejection, patterns_for
+from .patterns.routers import recognise_router
 from .spec import MoESpec, MoEWeights, RouterSpec, dtype_name
 
 __all__ = ["FuseResult", "RegionPicture", "counters", "fuse_graph"]
@@ -345,6 +348,11 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
             counters["fused"] += 1
             log.info("moe_fuser: fused %s (%s, %s) with lowering %s", item.module_path or "<unnamed>",
                      item.pattern, item.spec.summary(), lowering_name)
+    for rejection in _unclaimed_routers(ctx, result.rejections):
+        result.rejections.append(rejection)
+        counters["rejected"] += 1
+        log.info("moe_fuser: not fusing %s (%s): %s", rejection.module_path or "<unnamed>", rejection.pattern,
+                 rejection.reason)
     if result.matches:
         gm.graph.lint()
         gm.recompile()
@@ -353,6 +361,56 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
         for name in ("matches", "rejections", "before", "after"):
             getattr(result, name).extend(getattr(inner, name))
     return result
+
+
+def _unclaimed_routers(ctx: MatchContext, rejections: list[Rejection]) -> list[Rejection]:
+    """A row for each router no pattern claimed or refused: a recognised softmax or sigmoid top-k over the
+    output of a matmul by a parameter (``[.., E]`` logits), whose weights and ids the graph goes on to use. Its
+    experts compute in a form no pattern knows, which explain should say rather than show nothing. Not listed: a
+    router whose top-k leaves the graph (its experts run in another graph, after a graph break, which the capture
+    row explains) and any router a rejection may already be about: one naming its node, a module beside it (the
+    router in ``layers.1.gate``, the refused experts in ``layers.1.experts``) or neither."""
+    if any(not r.region and not r.module_path for r in rejections):
+        return []
+    covered = {n for r in rejections for n in r.region}
+    paths = {r.module_path for r in rejections if r.module_path}
+    rows = []
+    for tk in ctx.nodes_of("topk"):
+        if tk in ctx.claimed or tk in covered or any(_near(module_path(tk), p) for p in paths):
+            continue
+        outs = {u.args[1]: u for u in tk.users if is_op(u, "getitem")}
+        if 0 not in outs or 1 not in outs or any(u.op == "output" for o in outs.values() for u in o.users):
+            continue
+        try:
+            router = recognise_router(outs[0], outs[1])
+        except Exception:   # a diagnostic must never break compilation
+            continue
+        if router.external or not _by_parameter(router.logits):
+            continue
+        readers = sorted({op(u) or u.op for o in outs.values() for u in o.users})
+        E = val(router.logits).shape[-1]
+        rows.append(Rejection(
+            "unmatched", "router",
+            f"{tk.name} is a {router.kind} router (E={E}, k={router.spec.top_k}) whose experts no pattern "
+            f"recognised (its weights and ids go to {', '.join(readers)}); moe_fuser.register_pattern can teach "
+            f"it that form", module_path(tk), frozenset({tk})))
+    return rows
+
+
+def _near(path: str, other: str) -> bool:
+    """Whether module ``other`` is ``path``'s parent or within it (``path``: a router's module path; everything is
+    within the root)."""
+    parent = path.rpartition(".")[0]
+    return not parent or other == path or other == parent or other.startswith(parent + ".")
+
+
+def _by_parameter(logits: Optional[fx.Node]) -> bool:
+    """Whether ``logits`` come from a matmul (``linear``, ``matmul``, ``mm``, ``@``) by a parameter or buffer."""
+    if logits is None or not is_op(logits, "linear", "matmul", "mm") or len(logits.args) < 2:
+        return False
+    w = logits.args[1]
+    return isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") and isinstance(val(w), torch.Tensor) \
+        and val(w).dim() == 2
 
 
 _BODY_HOPS = ("tag_activation_checkpoint", "wrap")

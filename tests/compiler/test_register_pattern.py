@@ -36,6 +36,36 @@ def test_custom_pattern_fuses_and_trains(example):
     assert rec2.num_fused == 0
 
 
+def test_an_unclaimed_router_is_reported_until_a_pattern_claims_it(example):
+    """Before register_pattern, explain names the router whose experts no pattern understood, and the way to teach
+    moe_fuser their form (not an empty report); once the pattern fuses the block, the row is gone."""
+    model, x = example.DenseMaskedMoE(d_model=16, d_ff=24, num_experts=4, top_k=2), torch.randn(6, 16)
+    report = moe_fuser.explain(model, x)
+    assert report.num_fused == 0 and [(r.family, r.pattern) for r in report.rejected] == [("unmatched", "router")]
+    reason = report.rejected[0].reason
+    assert "softmax-topk router (E=4, k=2)" in reason and "go to scatter" in reason and "register_pattern" in reason
+    moe_fuser.register_pattern(example.dense_masked_moe, name="examples.dense_masked", family="custom")
+    report = moe_fuser.explain(model, x)
+    assert report.num_fused == 1 and not report.rejected, report
+
+
+def test_a_top_k_that_is_no_router_is_not_reported():
+    """Top-k of activations, or of a softmax over something other than a matmul by a parameter, is no router."""
+    class TopKs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.proj(x))
+            v, i = h.topk(2, -1)                           # top-k of activations
+            p, j = (x @ x.t()).softmax(-1).topk(2, -1)      # attention-like scores
+            return v.sum() + p.sum() + i.sum() + j.sum()
+
+    report = moe_fuser.explain(TopKs(), torch.randn(6, 16))
+    assert report.num_fused == 0 and not report.rejected, report
+
+
 def test_decorator_forms_and_registry(example):
     @moe_fuser.register_pattern(name="tests.broken", family="tests", priority=5)
     def broken(ctx):
