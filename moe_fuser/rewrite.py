@@ -374,6 +374,7 @@ def _unclaimed_routers(ctx: MatchContext, rejections: list[Rejection]) -> list[R
         return []
     covered = {n for r in rejections for n in r.region}
     paths = {r.module_path for r in rejections if r.module_path}
+    off = sorted(name for name, on in (ctx.options.get("patterns") or {}).items() if not on)
     rows = []
     for tk in ctx.nodes_of("topk"):
         if tk in ctx.claimed or tk in covered or any(_near(module_path(tk), p) for p in paths):
@@ -387,13 +388,15 @@ def _unclaimed_routers(ctx: MatchContext, rejections: list[Rejection]) -> list[R
             continue
         if router.external or not _by_parameter(router.logits):
             continue
-        readers = sorted({op(u) or u.op for o in outs.values() for u in o.users})
+        inside = router.nodes | {tk, *outs.values()}
+        readers = sorted({op(u) or u.op for n in inside for u in n.users if u not in inside})
         E = val(router.logits).shape[-1]
         rows.append(Rejection(
             "unmatched", "router",
             f"{tk.name} is a {router.kind} router (E={E}, k={router.spec.top_k}) whose experts no pattern "
-            f"recognised (its weights and ids go to {', '.join(readers)}); moe_fuser.register_pattern can teach "
-            f"it that form", module_path(tk), frozenset({tk})))
+            f"recognised (its top-k outputs are read by {', '.join(readers)}); moe_fuser.register_pattern can teach "
+            f"it that form" + (f" (switched off by options['patterns']: {', '.join(off)})" if off else ""),
+            module_path(tk), frozenset({tk})))
     return rows
 
 

@@ -43,10 +43,12 @@ def test_an_unclaimed_router_is_reported_until_a_pattern_claims_it(example):
     report = moe_fuser.explain(model, x)
     assert report.num_fused == 0 and [(r.family, r.pattern) for r in report.rejected] == [("unmatched", "router")]
     reason = report.rejected[0].reason
-    assert "softmax-topk router (E=4, k=2)" in reason and "go to scatter" in reason and "register_pattern" in reason
+    assert "softmax-topk router (E=4, k=2)" in reason and "read by scatter" in reason and "register_pattern" in reason
     moe_fuser.register_pattern(example.dense_masked_moe, name="examples.dense_masked", family="custom")
     report = moe_fuser.explain(model, x)
     assert report.num_fused == 1 and not report.rejected, report
+    report = moe_fuser.explain(model, x, options={"patterns": {"custom": False}})
+    assert report.num_fused == 0 and "switched off by options['patterns']: custom" in report.rejected[0].reason
 
 
 def test_a_top_k_that_is_no_router_is_not_reported():
