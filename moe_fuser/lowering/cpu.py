@@ -64,8 +64,8 @@ from typing import Optional
 
 import torch
 
-from ..ops.activations import (act_backward, act_fn, clamp_gate_up, expert_activation, gated_activation,
-                               gated_activation_backward, split_gate_up)
+from ..ops.activations import (act_backward, act_fn, clamp_gate_up, gated_activation, gated_activation_backward,
+                               split_gate_up)
 from ..spec import ExpertSpec
 
 __all__ = ["CpuLowering", "sort_by_expert"]
@@ -423,18 +423,20 @@ def _saved_halves(h_NH: torch.Tensor, spec: ExpertSpec):
     return (h_NH,)
 
 
+def _gate_up(parts, spec: ExpertSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GLU's (gate, up) views of the first projection's output ``parts`` (``_saved_halves``' form)."""
+    return parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)
+
+
 def _activate(parts, spec: ExpertSpec, inplace: bool = False) -> torch.Tensor:
     """The activation of the first projection's output ``parts`` (``_saved_halves``' form); with ``inplace``
     (nothing reads ``parts`` again) written over them where the activation allows (no clamp): one ``[n, F]``
     buffer fewer."""
-    if inplace and _activates_inplace(spec):
-        gate, up = ((parts[0], None) if not spec.gated else
-                    parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu))
-        a = act_fn(spec.activation, gate, out=gate)
-        return a if up is None else a.mul_(up)
-    if spec.glu == "separate":
-        return gated_activation(parts[0], parts[1], spec)
-    return expert_activation(parts[0], spec) if spec.gated else act_fn(spec.activation, parts[0])
+    inplace = inplace and _activates_inplace(spec)
+    if not spec.gated:
+        return act_fn(spec.activation, parts[0], out=parts[0] if inplace else None)
+    gate, up = _gate_up(parts, spec)
+    return act_fn(spec.activation, gate, out=gate).mul_(up) if inplace else gated_activation(gate, up, spec)
 
 
 def _activates_inplace(spec: ExpertSpec) -> bool:
@@ -718,7 +720,7 @@ def _activate_into(parts, spec: ExpertSpec, slots) -> tuple[torch.Tensor, Option
     None)."""
     if not spec.gated:
         return act_fn(spec.activation, parts[0], out=slots[0]), None
-    gate, up = clamp_gate_up(*(parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)), spec)
+    gate, up = clamp_gate_up(*_gate_up(parts, spec), spec)
     if spec.activation == "gpt_oss":
         return slots[0].copy_(gated_activation(gate, up, spec)), None
     act_gate = act_fn(spec.activation, gate, out=slots[1])
@@ -729,8 +731,7 @@ def _activation_backward(parts, dA, spec: ExpertSpec, act_gate, out) -> None:
     """The activation's backward from ``dA`` (weighted), written into ``out`` (a GLU's (d_gate, d_up), or (dh,)),
     which may alias ``act_gate`` (as ``d_up``) or ``dA`` (as ``d_gate`` or ``dh``)."""
     if spec.gated:
-        halves = parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)
-        gated_activation_backward(*halves, dA, spec, act_gate, out=out)
+        gated_activation_backward(*_gate_up(parts, spec), dA, spec, act_gate, out=out)
     else:
         act_backward(spec.activation, dA, parts[0], out=out[0])
 
