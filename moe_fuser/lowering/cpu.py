@@ -64,6 +64,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import cpu_glu
 from ..ops.activations import (act_backward, act_fn, clamp_gate_up, gated_activation, gated_activation_backward,
                                split_gate_up)
 from ..spec import ExpertSpec
@@ -436,7 +437,17 @@ def _activate(parts, spec: ExpertSpec, inplace: bool = False) -> torch.Tensor:
     if not spec.gated:
         return act_fn(spec.activation, parts[0], out=parts[0] if inplace else None)
     gate, up = _gate_up(parts, spec)
+    if _swiglu_kernel(spec, gate, up):
+        a = gate if inplace else _empty(gate.shape, gate)
+        cpu_glu.silu_glu(gate, up, a)
+        return a
     return act_fn(spec.activation, gate, out=gate).mul_(up) if inplace else gated_activation(gate, up, spec)
+
+
+def _swiglu_kernel(spec: ExpertSpec, *tensors: torch.Tensor) -> bool:
+    """Whether ``moe_fuser.kernels.cpu_glu`` runs this GLU on these ``[rows, F]`` tensors: SwiGLU without a clamp,
+    CPU float32 or bfloat16 with unit column stride (not an interleaved layout's halves), the kernels built."""
+    return spec.gated and spec.activation == "silu" and spec.limit is None and cpu_glu.supports(*tensors)
 
 
 def _activates_inplace(spec: ExpertSpec) -> bool:
@@ -714,26 +725,37 @@ def _backward_buffers(parts, spec: ExpertSpec) -> tuple[tuple[torch.Tensor, ...]
     return (buf,), (split_gate_up(buf, spec.glu) if spec.gated else (buf,))
 
 
-def _activate_into(parts, spec: ExpertSpec, slots) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _activate_into(parts, spec: ExpertSpec, slots, kernel: bool, dA=None):
     """The activation ``a`` of the saved rows ``parts`` written into ``slots[0]`` and, for a GLU other than
-    GPT-OSS's, ``act(gate)`` (which the activation's backward reads again) into ``slots[1]``: -> (a, act_gate or
-    None)."""
+    GPT-OSS's, what the activation's backward reads again into ``slots[1]``: -> (a, that or None, dg). With
+    ``kernel`` (``_swiglu_kernel`` holds) a SwiGLU runs in ``cpu_glu``'s one pass, which keeps ``sigmoid(gate)`` and,
+    given ``dA``, returns the routing-weight gradient ``dg = rowsum(a * dA)``; else ``act(gate)`` is kept and ``dg``
+    is None (the caller computes it)."""
     if not spec.gated:
-        return act_fn(spec.activation, parts[0], out=slots[0]), None
-    gate, up = clamp_gate_up(*_gate_up(parts, spec), spec)
+        return act_fn(spec.activation, parts[0], out=slots[0]), None, None
+    gate, up = _gate_up(parts, spec)
+    if kernel:
+        return slots[0], slots[1], cpu_glu.silu_glu(gate, up, slots[0], dA, sig=slots[1])
+    gate, up = clamp_gate_up(gate, up, spec)
     if spec.activation == "gpt_oss":
-        return slots[0].copy_(gated_activation(gate, up, spec)), None
+        return slots[0].copy_(gated_activation(gate, up, spec)), None, None
     act_gate = act_fn(spec.activation, gate, out=slots[1])
-    return torch.mul(act_gate, up, out=slots[0]), act_gate
+    return torch.mul(act_gate, up, out=slots[0]), act_gate, None
 
 
-def _activation_backward(parts, dA, spec: ExpertSpec, act_gate, out) -> None:
-    """The activation's backward from ``dA`` (weighted), written into ``out`` (a GLU's (d_gate, d_up), or (dh,)),
-    which may alias ``act_gate`` (as ``d_up``) or ``dA`` (as ``d_gate`` or ``dh``)."""
+def _activation_backward(parts, dA, g, spec: ExpertSpec, kept, kernel: bool, out) -> None:
+    """The activation's backward from ``dA`` weighted by the rows' routing weights ``g`` (``_Grouping.column``),
+    given what ``_activate_into`` (called with the same ``kernel``) ``kept``, written into ``out`` (a GLU's
+    (d_gate, d_up), or (dh,)), which may alias ``kept`` (as ``d_up``) or ``dA`` (as ``d_gate`` or ``dh``). ``dA``
+    may be overwritten."""
     if spec.gated:
-        gated_activation_backward(*_gate_up(parts, spec), dA, spec, act_gate, out=out)
+        gate, up = _gate_up(parts, spec)
+        if kernel:
+            cpu_glu.silu_glu_backward(gate, up, dA, g.reshape(-1), *out, sig=kept)
+        else:
+            gated_activation_backward(gate, up, dA.mul_(g), spec, kept, out=out)
     else:
-        act_backward(spec.activation, dA, parts[0], out=out[0])
+        act_backward(spec.activation, dA.mul_(g), parts[0], out=out[0])
 
 
 def _down_grads(G: _Grouping, dy_g, a, dw2, db2) -> None:
@@ -766,8 +788,9 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     dA = G.mm(dy, w2)
     parts = tuple(G.from_sorted(h) for h in saved_rows)
     dh_parts, slots = _backward_buffers(parts, spec)
-    a, act_gate = _activate_into(parts, spec, slots)
     need_dg = dweights_N is not None
+    kernel = spec.gated and _swiglu_kernel(spec, *_gate_up(parts, spec), dA, *slots)
+    a, kept, dg = _activate_into(parts, spec, slots, kernel, dA if need_dg else None)
     # the routing-weight gradient's bias term dy . b2, from the unweighted dy
     dg_b2 = (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32) if need_dg and b2 is not None else None
     # weighted in place unless the rows are the caller's (``dy_rows`` handed to the op)
@@ -776,13 +799,15 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     if saved_done is None:
         _down_grads(G, dy_g, a, dw2, db2)
         del dy_g
-        dg = a.mul_(dA).sum(-1, dtype=torch.float32) if need_dg else None
+        if need_dg and dg is None:
+            dg = a.mul_(dA).sum(-1, dtype=torch.float32)
         del a
-        _activation_backward(parts, dA.mul_(g), spec, act_gate, out=slots)
+        _activation_backward(parts, dA, g, spec, kept, kernel, out=slots)
     else:
-        dg = (dA * a).sum(-1, dtype=torch.float32) if need_dg else None
+        if need_dg and dg is None:
+            dg = (dA * a).sum(-1, dtype=torch.float32)
         grad_out = (dA,) + slots[1:]   # the activation (slots[0]) is read by dW2 below
-        _activation_backward(parts, dA.mul_(g), spec, act_gate, out=grad_out)
+        _activation_backward(parts, dA, g, spec, kept, kernel, out=grad_out)
         del parts, saved_rows
         saved_done()
         _down_grads(G, dy_g, a, dw2, db2)
@@ -791,7 +816,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
             dh_parts = grad_out
         else:
             slots[0].copy_(dA)
-    del dA, act_gate, slots
+    del dA, kept, slots
     if need_dg:
         if dg_b2 is not None:
             dg += dg_b2

@@ -1,0 +1,162 @@
+// SwiGLU's elementwise work on CPU in one pass per direction, for the ATen lowering's streamed expert groups.
+//
+// Built at first use by ``cpu_glu.py`` (the host's C++ compiler, -O3 -march=native) and called through ctypes with
+// raw pointers: no torch headers, so the build takes under a second. Plain ATen runs the same work as five to seven
+// separate passes over [rows, F] (silu, mul, mul + rowsum, the routing-weight scale, the GLU's backward as three
+// more); here it is one pass forward and one backward, each reading gate, up and the output gradient once.
+//
+// Rows are processed in parallel by OpenMP, linked against the libgomp that torch itself loaded, so these loops
+// share torch's thread pool (no second set of spinning threads) and take torch.get_num_threads() threads.
+// Every tensor is [rows, F] with unit column stride and any row stride; gate and up may be views of one buffer,
+// an output may be the same memory as an input of the same position (each element is read before it is written).
+// Math is fp32 (bf16 in and out: widened on load, rounded to nearest even on store; the forward also rounds
+// silu(gate) before the product, as the model's own two ops do).
+
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+static inline v8f load8(const float* p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline v8f load8(const uint16_t* p) {
+  v8h h;
+  memcpy(&h, p, sizeof h);
+  return (v8f)(__builtin_convertvector(h, v8u) << 16);
+}
+static inline void store8(float* p, v8f v) { memcpy(p, &v, sizeof v); }
+static inline void store8(uint16_t* p, v8f v) {
+  v8u u = (v8u)v;
+  v8u r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  r = (v != v) ? (v8u){} + 0x7FC0u : r;             // NaN stays NaN
+  v8h h = __builtin_convertvector(r, v8h);
+  memcpy(p, &h, sizeof h);
+}
+// v as the dtype T holds it (rounded to bf16 and widened back; float: unchanged)
+static inline v8f round_to(v8f v, const float*) { return v; }
+static inline v8f round_to(v8f v, const uint16_t*) {
+  uint16_t tmp[8];
+  store8(tmp, v);
+  return load8(tmp);
+}
+// m < 8 elements (a row's tail): through a zero-padded temporary
+template <typename T> static inline v8f load_n(const T* p, int64_t m) {
+  if (m == 8) return load8(p);
+  T tmp[8] = {};
+  memcpy(tmp, p, m * sizeof(T));
+  return load8(tmp);
+}
+template <typename T> static inline void store_n(T* p, v8f v, int64_t m) {
+  if (m == 8) return store8(p, v);
+  T tmp[8];
+  store8(tmp, v);
+  memcpy(p, tmp, m * sizeof(T));
+}
+
+// exp over the float range to ~1 ulp: round(x / ln 2) by the 1.5 * 2^23 trick, ln 2 split in two for the
+// reduction, a degree-6 polynomial on [-ln2/2, ln2/2], the power of two built in the exponent bits.
+static inline v8f vexp(v8f x) {
+  const v8f lo = (v8f){} - 87.3f, hi = (v8f){} + 88.7f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  v8f k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  v8f r = x - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  v8f p = (v8f){} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + (r + 1.0f);
+  v8i e = (__builtin_convertvector(k, v8i) + 127) << 23;
+  return p * (v8f)e;
+}
+static inline v8f vsigmoid(v8f x) { return 1.0f / (1.0f + vexp(-x)); }
+static inline float hsum(v8f v) {
+  float s = 0.0f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+// Parallel over rows only where a call has enough elements to pay for waking the pool.
+static const int64_t PARALLEL_MIN_ELEMENTS = 16384;
+
+// a = silu(gate) * up, with silu(gate) rounded to T first, as ATen's two ops do (bf16 outputs match theirs); with
+// sig also sigmoid(gate) (for the backward, which then needs no exp); with dA also dg[i] = sum_j a[i, j] * dA[i, j]
+// (the routing weight's gradient).
+template <typename T>
+static void silu_glu(int64_t n, int64_t F, const T* gate, int64_t gr, const T* up, int64_t ur, T* a, int64_t ar,
+                     T* sig, int64_t sr, const T* dA, int64_t dr, float* dg, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * F >= PARALLEL_MIN_ELEMENTS)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* g = gate + i * gr;
+    const T* u = up + i * ur;
+    T* o = a + i * ar;
+    v8f acc = {};
+    for (int64_t j = 0; j < F; j += 8) {
+      int64_t m = F - j < 8 ? F - j : 8;
+      v8f x = load_n(g + j, m), y = load_n(u + j, m);
+      v8f s = vsigmoid(x);
+      v8f v = round_to(x * s, g) * y;
+      store_n(o + j, v, m);
+      if (sig) store_n(sig + i * sr + j, s, m);
+      if (dA) acc += round_to(v, g) * load_n(dA + i * dr + j, m);   // the stored a, as the forward used it
+    }
+    if (dA) dg[i] = hsum(acc);
+  }
+}
+
+// With d = dA * w[i] (w: one routing weight per row, or none) and s = sigmoid(gate) (given in sig, or computed):
+// d_up = d * gate * s, d_gate = d * up * s * (1 + gate * (1 - s)).
+template <typename T>
+static void silu_glu_backward(int64_t n, int64_t F, const T* gate, int64_t gr, const T* up, int64_t ur,
+                              const T* sig, int64_t sr, const T* dA, int64_t dr, const T* w, T* d_gate, int64_t dgr,
+                              T* d_up, int64_t dur,
+                              int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * F >= PARALLEL_MIN_ELEMENTS)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* g = gate + i * gr;
+    const T* u = up + i * ur;
+    const T* d = dA + i * dr;
+    T* og = d_gate + i * dgr;
+    T* ou = d_up + i * dur;
+    const float wi = w ? load_n(w + i, 1)[0] : 1.0f;
+    for (int64_t j = 0; j < F; j += 8) {
+      int64_t m = F - j < 8 ? F - j : 8;
+      v8f x = load_n(g + j, m), y = load_n(u + j, m), dd = load_n(d + j, m) * wi;
+      v8f s = sig ? load_n(sig + i * sr + j, m) : vsigmoid(x);
+      store_n(ou + j, dd * (x * s), m);
+      store_n(og + j, dd * y * s * (1.0f + x * (1.0f - s)), m);
+    }
+  }
+}
+
+extern "C" {
+
+// dtype: 0 float32, 1 bfloat16. Row strides in elements. sig, dA and dg may be null (dg is null without dA).
+void moe_silu_glu(int dtype, int64_t n, int64_t F, const void* gate, int64_t gr, const void* up, int64_t ur,
+                  void* a, int64_t ar, void* sig, int64_t sr, const void* dA, int64_t dr, float* dg, int threads) {
+  if (dtype == 1)
+    silu_glu(n, F, (const uint16_t*)gate, gr, (const uint16_t*)up, ur, (uint16_t*)a, ar, (uint16_t*)sig, sr,
+             (const uint16_t*)dA, dr, dg, threads);
+  else
+    silu_glu(n, F, (const float*)gate, gr, (const float*)up, ur, (float*)a, ar, (float*)sig, sr, (const float*)dA,
+             dr, dg, threads);
+}
+
+// sig (sigmoid(gate) from moe_silu_glu) and w (one per row, the tensors' dtype) may be null.
+void moe_silu_glu_backward(int dtype, int64_t n, int64_t F, const void* gate, int64_t gr, const void* up, int64_t ur,
+                           const void* sig, int64_t sr, const void* dA, int64_t dr, const void* w, void* d_gate,
+                           int64_t dgr, void* d_up, int64_t dur, int threads) {
+  if (dtype == 1)
+    silu_glu_backward(n, F, (const uint16_t*)gate, gr, (const uint16_t*)up, ur, (const uint16_t*)sig, sr,
+                      (const uint16_t*)dA, dr, (const uint16_t*)w, (uint16_t*)d_gate, dgr, (uint16_t*)d_up, dur,
+                      threads);
+  else
+    silu_glu_backward(n, F, (const float*)gate, gr, (const float*)up, ur, (const float*)sig, sr, (const float*)dA,
+                      dr, (const float*)w, (float*)d_gate, dgr, (float*)d_up, dur, threads);
+}
+}

@@ -1,0 +1,126 @@
+"""The native CPU SwiGLU kernels (``moe_fuser.kernels.cpu_glu``) against float64 PyTorch, in the layouts the CPU
+lowering hands them: halves of one ``[rows, 2F]`` buffer (concat), blocks of a ``[2, rows, F]`` buffer (separate),
+``[E, C, F]`` padded rows, row tails shorter than a vector, and outputs written over their inputs."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_fuser.kernels import cpu_glu
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and not os.environ.get("CXX"),
+                                reason="no C++ compiler: the kernels are not built (the lowering uses ATen)")
+
+# float32: the kernels' exp is within ~2 ulp of libm's; bfloat16: one or two roundings of 2^-8
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+
+
+def _views(layout: str, rows: int, F_: int, dtype: torch.dtype, fill: bool = True):
+    """(gate, up) of one buffer in ``layout``; random N(0, 2) values unless ``fill`` is False."""
+    if layout == "concat":
+        buf = torch.empty(rows, 2 * F_, dtype=dtype)
+        halves = buf.chunk(2, -1)
+    elif layout == "separate":
+        halves = torch.empty(2, rows, F_, dtype=dtype).unbind(0)
+    else:  # padded [E, C, F] rows, concat halves
+        halves = torch.empty(3, rows // 3, 2 * F_, dtype=dtype).chunk(2, -1)
+    if fill:
+        for h in halves:
+            h.copy_(torch.randn(h.shape) * 2)
+    return halves
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def test_builds_here():
+    """Where a compiler is (CI has g++, as inductor needs it), the kernels build and load: the CPU lowering's SwiGLU
+    tests below and in tests/lowering then run them, not the ATen fallback."""
+    assert cpu_glu.available()
+
+
+@pytest.mark.parametrize("layout", ["concat", "separate", "padded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("F_", [5, 8, 37])
+def test_forward_with_sigmoid_and_routing_gradient(layout, dtype, F_):
+    gate, up = _views(layout, 24, F_, dtype)
+    dA = torch.randn(gate.shape).to(dtype)
+    a, sig = _views(layout, 24, F_, dtype, fill=False)
+    assert cpu_glu.supports(gate, up, a, sig, dA)
+    dg = cpu_glu.silu_glu(gate, up, a, dA, sig=sig)
+    g64, u64 = gate.double(), up.double()
+    assert _rel(a, F.silu(g64) * u64) < TOL[dtype]
+    assert _rel(sig, torch.sigmoid(g64)) < TOL[dtype]
+    # dg is summed in float32 from the stored (rounded) activation
+    assert dg.dtype == torch.float32 and dg.shape == gate.shape[:-1]
+    assert _rel(dg, (a.double() * dA.double()).sum(-1)) < 1e-5
+    if dtype == torch.bfloat16:
+        # silu(gate) is rounded before the product, as ATen's silu then mul: the same bits almost everywhere
+        aten = F.silu(gate) * up
+        assert (a == aten).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_in_place_over_gate_and_extreme_inputs(dtype):
+    """``out`` may be the gate's memory (inference writes the activation over the first projection); large
+    magnitudes saturate like ATen's silu (no inf or NaN from the exp)."""
+    gate, up = _views("concat", 9, 19, dtype)
+    gate[0, :4] = torch.tensor([-1e4, -90.0, 90.0, 1e4], dtype=dtype)
+    want = F.silu(gate.double()) * up.double()
+    cpu_glu.silu_glu(gate, up, gate)
+    assert torch.isfinite(gate).all() and _rel(gate, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("layout", ["concat", "separate", "padded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_sig", [False, True])
+def test_backward_against_autograd(layout, dtype, with_sig):
+    gate, up = _views(layout, 24, 37, dtype)
+    dA = torch.randn(gate.shape).to(dtype)
+    w = torch.rand(gate.shape[:-1]).to(dtype)
+    g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
+    (F.silu(g64) * u64).backward(dA.double() * w.double().unsqueeze(-1))
+    d_gate, d_up = _views(layout, 24, 37, dtype, fill=False)
+    sig = torch.sigmoid(gate.float()).to(dtype) if with_sig else None
+    cpu_glu.silu_glu_backward(gate, up, dA, w.reshape(-1), d_gate, d_up, sig=sig)
+    assert _rel(d_gate, g64.grad) < TOL[dtype] * (2 if with_sig else 1)
+    assert _rel(d_up, u64.grad) < TOL[dtype] * (2 if with_sig else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_written_over_its_inputs(dtype):
+    """The lowering's aliasing: d_gate over dA, d_up over the sigmoid it reads (one buffer fewer per group)."""
+    gate, up = _views("concat", 16, 29, dtype)
+    dA = torch.randn(gate.shape).to(dtype)
+    sig = torch.empty_like(gate)
+    cpu_glu.silu_glu(gate, up, torch.empty_like(gate), sig=sig)
+    want_gate, want_up = torch.empty_like(gate), torch.empty_like(up)
+    cpu_glu.silu_glu_backward(gate, up, dA, None, want_gate, want_up)
+    cpu_glu.silu_glu_backward(gate, up, dA, None, dA, sig, sig=sig)
+    assert _rel(dA, want_gate.double()) < TOL[dtype] and _rel(sig, want_up.double()) < TOL[dtype]
+
+
+def test_what_the_kernels_do_not_take():
+    gate, up = _views("concat", 4, 8, torch.float32)
+    inter = torch.randn(4, 16)
+    assert not cpu_glu.supports(inter[:, 0::2], inter[:, 1::2])            # interleaved columns: stride 2
+    assert not cpu_glu.supports(gate.half(), up.half())                    # float16
+    assert not cpu_glu.supports(gate, up.to(torch.bfloat16))               # mixed dtypes
+    assert not cpu_glu.supports(gate, up[:3])                              # mismatched rows
+    assert not cpu_glu.supports(torch.randn(4, 3, 8).transpose(0, 1), up.expand(3, 4, 8))  # rows of no one stride
+    with pytest.raises(ValueError, match="one per row"):
+        cpu_glu.silu_glu_backward(gate, up, torch.randn(4, 8), torch.rand(3), torch.empty(4, 8), torch.empty(4, 8))
+
+
+def test_switched_off_by_environment(tmp_path):
+    """``MOE_FUSER_NATIVE_KERNELS=0`` keeps the lowering on ATen (nothing is built)."""
+    env = dict(os.environ, MOE_FUSER_NATIVE_KERNELS="0", MOE_FUSER_CACHE_DIR=str(tmp_path))
+    code = "from moe_fuser.kernels import cpu_glu; print(cpu_glu.available())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False" and not any(tmp_path.iterdir())
