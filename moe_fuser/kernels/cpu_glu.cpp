@@ -1,16 +1,16 @@
-// SwiGLU's elementwise work on CPU in one pass per direction, for the ATen lowering's streamed expert groups.
+// SiLU experts' elementwise work on CPU in one pass per direction, for the ATen lowering's streamed expert groups.
 //
 // Built at first use by ``cpu_glu.py`` (the host's C++ compiler, -O3 -march=native) and called through ctypes with
-// raw pointers: no torch headers, so the build takes under a second. Plain ATen runs the same work as five to seven
-// separate passes over [rows, F] (silu, mul, mul + rowsum, the routing-weight scale, the GLU's backward as three
-// more); here it is one pass forward and one backward, each reading gate, up and the output gradient once.
+// raw pointers: no torch headers, so the build takes under a second. Plain ATen runs a SwiGLU group's backward as
+// six to eight passes over [rows, F] with two exps per element (the activation's recompute as silu then mul, the
+// routing weight's gradient as mul and rowsum, the routing-weight scale, the GLU's backward as three more); here it
+// is one pass with one exp, reading gate, up and the output gradient once. The forward's silu and mul are one pass.
 //
 // Rows are processed in parallel by OpenMP, linked against the libgomp that torch itself loaded, so these loops
 // share torch's thread pool (no second set of spinning threads) and take torch.get_num_threads() threads.
-// Every tensor is [rows, F] with unit column stride and any row stride; gate and up may be views of one buffer,
-// an output may be the same memory as an input of the same position (each element is read before it is written).
-// Math is fp32 (bf16 in and out: widened on load, rounded to nearest even on store; the forward also rounds
-// silu(gate) before the product, as the model's own two ops do).
+// Every tensor is [rows, F] with unit column stride and any row stride; gate and up may be views of one buffer.
+// Math is fp32 (bf16 in and out: widened on load, rounded to nearest even on store, and silu(gate) rounded before
+// the GLU's product, as the model's own two ops round it).
 
 #include <stdint.h>
 #include <string.h>
@@ -84,79 +84,87 @@ static inline float hsum(v8f v) {
 // Parallel over rows only where a call has enough elements to pay for waking the pool.
 static const int64_t PARALLEL_MIN_ELEMENTS = 16384;
 
-// a = silu(gate) * up, with silu(gate) rounded to T first, as ATen's two ops do (bf16 outputs match theirs); with
-// sig also sigmoid(gate) (for the backward, which then needs no exp); with dA also dg[i] = sum_j a[i, j] * dA[i, j]
-// (the routing weight's gradient).
+// a = silu(gate) * up, with silu(gate) rounded to T first, as ATen's two ops do (bf16 outputs match theirs).
 template <typename T>
 static void silu_glu(int64_t n, int64_t F, const T* gate, int64_t gr, const T* up, int64_t ur, T* a, int64_t ar,
-                     T* sig, int64_t sr, const T* dA, int64_t dr, float* dg, int threads) {
+                     int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * F >= PARALLEL_MIN_ELEMENTS)
   for (int64_t i = 0; i < n; ++i) {
     const T* g = gate + i * gr;
     const T* u = up + i * ur;
     T* o = a + i * ar;
-    v8f acc = {};
     for (int64_t j = 0; j < F; j += 8) {
       int64_t m = F - j < 8 ? F - j : 8;
-      v8f x = load_n(g + j, m), y = load_n(u + j, m);
-      v8f s = vsigmoid(x);
-      v8f v = round_to(x * s, g) * y;
-      store_n(o + j, v, m);
-      if (sig) store_n(sig + i * sr + j, s, m);
-      if (dA) acc += round_to(v, g) * load_n(dA + i * dr + j, m);   // the stored a, as the forward used it
+      v8f x = load_n(g + j, m);
+      store_n(o + j, round_to(x * vsigmoid(x), g) * load_n(u + j, m), m);
     }
-    if (dA) dg[i] = hsum(acc);
   }
 }
 
-// With d = dA * w[i] (w: one routing weight per row, or none) and s = sigmoid(gate) (given in sig, or computed):
-// d_up = d * gate * s, d_gate = d * up * s * (1 + gate * (1 - s)).
+// The backward of a = silu(gate) * up (or of a = silu(gate): up and d_up null) in one pass, one exp per element.
+// With s = sigmoid(gate) and d = dA * w[i] (w: one routing weight per row, or null for none):
+//   a      = silu(gate) * up                          recomputed (the second projection's weight gradient reads it)
+//   dg[i]  = sum_j a[i, j] * dA[i, j]                 the routing weight's gradient (from the stored a); dg may be null
+//   d_gate = d * up * s * (1 + gate * (1 - s))
+//   d_up   = d * silu(gate)
+// Any output may be the memory of an input (each element is read before it is written): the lowering writes a
+// over dA and the gradients over the saved rows' shape in one buffer.
 template <typename T>
-static void silu_glu_backward(int64_t n, int64_t F, const T* gate, int64_t gr, const T* up, int64_t ur,
-                              const T* sig, int64_t sr, const T* dA, int64_t dr, const T* w, T* d_gate, int64_t dgr,
-                              T* d_up, int64_t dur,
-                              int threads) {
+static void silu_backward(int64_t n, int64_t F, const T* gate, int64_t gr, const T* up, int64_t ur, const T* dA,
+                          int64_t dr, const T* w, T* a, int64_t ar, T* d_gate, int64_t dgr, T* d_up, int64_t dur,
+                          float* dg, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * F >= PARALLEL_MIN_ELEMENTS)
   for (int64_t i = 0; i < n; ++i) {
     const T* g = gate + i * gr;
-    const T* u = up + i * ur;
     const T* d = dA + i * dr;
+    T* oa = a + i * ar;
     T* og = d_gate + i * dgr;
-    T* ou = d_up + i * dur;
     const float wi = w ? load_n(w + i, 1)[0] : 1.0f;
+    v8f acc = {};
     for (int64_t j = 0; j < F; j += 8) {
       int64_t m = F - j < 8 ? F - j : 8;
-      v8f x = load_n(g + j, m), y = load_n(u + j, m), dd = load_n(d + j, m) * wi;
-      v8f s = sig ? load_n(sig + i * sr + j, m) : vsigmoid(x);
-      store_n(ou + j, dd * (x * s), m);
-      store_n(og + j, dd * y * s * (1.0f + x * (1.0f - s)), m);
+      v8f x = load_n(g + j, m), da = load_n(d + j, m);
+      v8f s = vsigmoid(x);
+      v8f act = round_to(x * s, g);
+      v8f dd = da * wi;
+      v8f ds = dd * s * (1.0f + x * (1.0f - s));   // d silu(gate), before the GLU's product
+      if (up) {
+        v8f y = load_n(up + i * ur + j, m);
+        v8f v = round_to(act * y, g);
+        acc += v * da;
+        store_n(oa + j, v, m);
+        store_n(d_up + i * dur + j, dd * act, m);
+        store_n(og + j, ds * y, m);
+      } else {
+        acc += act * da;
+        store_n(oa + j, act, m);
+        store_n(og + j, ds, m);
+      }
     }
+    if (dg) dg[i] = hsum(acc);
   }
 }
 
 extern "C" {
 
-// dtype: 0 float32, 1 bfloat16. Row strides in elements. sig, dA and dg may be null (dg is null without dA).
+// dtype: 0 float32, 1 bfloat16. Row strides in elements.
 void moe_silu_glu(int dtype, int64_t n, int64_t F, const void* gate, int64_t gr, const void* up, int64_t ur,
-                  void* a, int64_t ar, void* sig, int64_t sr, const void* dA, int64_t dr, float* dg, int threads) {
+                  void* a, int64_t ar, int threads) {
   if (dtype == 1)
-    silu_glu(n, F, (const uint16_t*)gate, gr, (const uint16_t*)up, ur, (uint16_t*)a, ar, (uint16_t*)sig, sr,
-             (const uint16_t*)dA, dr, dg, threads);
+    silu_glu(n, F, (const uint16_t*)gate, gr, (const uint16_t*)up, ur, (uint16_t*)a, ar, threads);
   else
-    silu_glu(n, F, (const float*)gate, gr, (const float*)up, ur, (float*)a, ar, (float*)sig, sr, (const float*)dA,
-             dr, dg, threads);
+    silu_glu(n, F, (const float*)gate, gr, (const float*)up, ur, (float*)a, ar, threads);
 }
 
-// sig (sigmoid(gate) from moe_silu_glu) and w (one per row, the tensors' dtype) may be null.
-void moe_silu_glu_backward(int dtype, int64_t n, int64_t F, const void* gate, int64_t gr, const void* up, int64_t ur,
-                           const void* sig, int64_t sr, const void* dA, int64_t dr, const void* w, void* d_gate,
-                           int64_t dgr, void* d_up, int64_t dur, int threads) {
+// up and d_up (both or neither), w and dg may be null.
+void moe_silu_backward(int dtype, int64_t n, int64_t F, const void* gate, int64_t gr, const void* up, int64_t ur,
+                       const void* dA, int64_t dr, const void* w, void* a, int64_t ar, void* d_gate, int64_t dgr,
+                       void* d_up, int64_t dur, float* dg, int threads) {
   if (dtype == 1)
-    silu_glu_backward(n, F, (const uint16_t*)gate, gr, (const uint16_t*)up, ur, (const uint16_t*)sig, sr,
-                      (const uint16_t*)dA, dr, (const uint16_t*)w, (uint16_t*)d_gate, dgr, (uint16_t*)d_up, dur,
-                      threads);
+    silu_backward(n, F, (const uint16_t*)gate, gr, (const uint16_t*)up, ur, (const uint16_t*)dA, dr,
+                  (const uint16_t*)w, (uint16_t*)a, ar, (uint16_t*)d_gate, dgr, (uint16_t*)d_up, dur, dg, threads);
   else
-    silu_glu_backward(n, F, (const float*)gate, gr, (const float*)up, ur, (const float*)sig, sr, (const float*)dA,
-                      dr, (const float*)w, (float*)d_gate, dgr, (float*)d_up, dur, threads);
+    silu_backward(n, F, (const float*)gate, gr, (const float*)up, ur, (const float*)dA, dr, (const float*)w,
+                  (float*)a, ar, (float*)d_gate, dgr, (float*)d_up, dur, dg, threads);
 }
 }

@@ -1,4 +1,5 @@
-"""SwiGLU's elementwise work in one pass per direction on CPU (``cpu_glu.cpp``), for the ATen lowering.
+"""SiLU experts' elementwise work (SwiGLU or plain) in one pass per direction on CPU (``cpu_glu.cpp``), for the ATen
+lowering.
 
 Built on first use with the host's g++ (``$CXX`` overrides it) into ``$MOE_FUSER_CACHE_DIR`` (default
 ``~/.cache/moe_fuser``), keyed by the source, the compiler, torch's version and the CPU's flags (the build is
@@ -27,7 +28,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "silu_glu", "silu_glu_backward", "supports"]
+__all__ = ["available", "silu_backward", "silu_glu", "supports"]
 
 log = logging.getLogger("moe_fuser")
 
@@ -82,13 +83,13 @@ def _library() -> Optional[ctypes.CDLL]:
     try:
         lib = ctypes.CDLL(str(_build(cache)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("moe_fuser: native CPU kernels unavailable, using plain ATen for SwiGLU (%s)", e)
+        log.warning("moe_fuser: native CPU kernels unavailable, using plain ATen for SiLU experts (%s)", e)
         return None
-    lib.moe_silu_glu.argtypes = [ctypes.c_int, _I, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, ctypes.c_int]
+    lib.moe_silu_glu.argtypes = [ctypes.c_int, _I, _I, _P, _I, _P, _I, _P, _I, ctypes.c_int]
     lib.moe_silu_glu.restype = None
-    lib.moe_silu_glu_backward.argtypes = [ctypes.c_int, _I, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P,
-                                          _I, ctypes.c_int]
-    lib.moe_silu_glu_backward.restype = None
+    lib.moe_silu_backward.argtypes = [ctypes.c_int, _I, _I, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P,
+                                      ctypes.c_int]
+    lib.moe_silu_backward.restype = None
     return lib
 
 
@@ -123,35 +124,37 @@ def _rows(t: torch.Tensor) -> int:
 
 
 def _ptr(t: Optional[torch.Tensor]) -> tuple[Optional[int], int]:
-    """(data pointer, row stride) of an optional argument."""
+    """(data pointer, row stride) of an optional ``[rows, F]`` argument."""
     return (None, 0) if t is None else (t.data_ptr(), _row_stride(t))
 
 
-def silu_glu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, dA: Optional[torch.Tensor] = None,
-             sig: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """``out = silu(gate) * up`` (``out`` may be ``gate``'s memory); ``sig`` also receives ``sigmoid(gate)``, which
-    ``silu_glu_backward`` then reads instead of computing it; with ``dA``, returns ``dg = rowsum(out * dA)`` in
-    float32, shaped like the rows. Callers check ``supports`` on the tensors first."""
-    dg = torch.empty(out.shape[:-1], dtype=torch.float32) if dA is not None else None
+def silu_glu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = silu(gate) * up`` (``out`` may be ``gate``'s memory). Callers check ``supports`` first."""
     n, F = _rows(out), out.shape[-1]
     if n and F:
-        _library().moe_silu_glu(_DTYPES[gate.dtype], n, F, *_ptr(gate), *_ptr(up), *_ptr(out), *_ptr(sig), *_ptr(dA),
-                                _ptr(dg)[0], torch.get_num_threads())
-    elif dg is not None:
-        dg.zero_()
-    return dg
+        _library().moe_silu_glu(_DTYPES[gate.dtype], n, F, *_ptr(gate), *_ptr(up), *_ptr(out),
+                                torch.get_num_threads())
+    return out
 
 
-def silu_glu_backward(gate: torch.Tensor, up: torch.Tensor, dA: torch.Tensor, weight: Optional[torch.Tensor],
-                      d_gate: torch.Tensor, d_up: torch.Tensor, sig: Optional[torch.Tensor] = None) -> None:
-    """``silu(gate) * up``'s backward from ``dA`` scaled per row by ``weight`` (one value per row, contiguous, the
-    tensors' dtype; None: 1) into ``d_gate`` and ``d_up``, which may be the memory of any input (each element is
-    read before it is written). ``sig``: ``sigmoid(gate)`` from ``silu_glu``, or None (computed here)."""
+def silu_backward(gate: torch.Tensor, up: Optional[torch.Tensor], dA: torch.Tensor, weight: Optional[torch.Tensor],
+                  a: torch.Tensor, d_gate: torch.Tensor, d_up: Optional[torch.Tensor],
+                  need_dg: bool = True) -> Optional[torch.Tensor]:
+    """The backward of ``silu(gate) * up`` (or of ``silu(gate)``: ``up`` and ``d_up`` None) from ``dA`` in one pass:
+    writes the activation ``a`` (recomputed) and the gradients ``d_gate`` (and ``d_up``) of ``dA`` scaled per row
+    by ``weight`` (one value per row, contiguous, the tensors' dtype; None: 1); returns the routing weight's
+    gradient ``rowsum(a * dA)`` in float32, shaped like the rows, when ``need_dg``. Any output may be the memory
+    of an input (each element is read before it is written). Callers check ``supports`` first."""
     n, F = _rows(dA), dA.shape[-1]
-    if not (n and F):
-        return
     if weight is not None and (weight.numel() != n or not weight.is_contiguous() or weight.dtype != dA.dtype):
         raise ValueError(f"weight must be {n} contiguous {dA.dtype} values, one per row; got "
                          f"{tuple(weight.shape)} {weight.dtype}")
-    _library().moe_silu_glu_backward(_DTYPES[gate.dtype], n, F, *_ptr(gate), *_ptr(up), *_ptr(sig), *_ptr(dA),
-                                     _ptr(weight)[0], *_ptr(d_gate), *_ptr(d_up), torch.get_num_threads())
+    if (up is None) != (d_up is None):
+        raise ValueError("up and d_up go together: both for a GLU, neither for a plain silu")
+    dg = torch.empty(dA.shape[:-1], dtype=torch.float32) if need_dg else None
+    if not (n and F):
+        return None if dg is None else dg.zero_()
+    _library().moe_silu_backward(_DTYPES[gate.dtype], n, F, *_ptr(gate), *_ptr(up), *_ptr(dA),
+                                 None if weight is None else weight.data_ptr(), *_ptr(a), *_ptr(d_gate), *_ptr(d_up),
+                                 None if dg is None else dg.data_ptr(), torch.get_num_threads())
+    return dg

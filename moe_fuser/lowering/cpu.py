@@ -42,6 +42,10 @@ from ``h`` (elementwise) into one buffer shaped like ``h``, and runs
 ``dA = dy @ W2``, routing-weight grads as ``rowsum(dA * a) (+ dy . b2)`` (so ``y`` is never kept),
 the activation's backward (written in place into that buffer), ``dx``, ``dW1``/``dW3``, ``dW2`` and bias grads as
 grouped GEMMs and segment sums: ``D + F + H`` elements of temporaries per row (``_ffn_backward``).
+A silu activation (SwiGLU or plain, without a clamp; float32 or bfloat16; gate and up with unit column stride)
+runs its elementwise work in ``moe_fuser.kernels.cpu_glu``: a SwiGLU's forward in one pass, and the backward's
+recompute, ``rowsum(dA * a)`` and the activation's backward in one pass with one exp per element, instead of six to
+eight ATen passes with two; where the kernels are not built, the same steps run in ATen (``_silu_kernel``).
 Weight grads are allocated empty and written by the GEMMs (idle experts zeroed in a stacked buffer, None in a
 weight list), never zero-filled first, and every large fresh buffer is advised for transparent huge pages
 (``_advise_huge_pages``): on CPU, first-touch page faults of fresh stacked weight gradients otherwise cost more
@@ -437,17 +441,18 @@ def _activate(parts, spec: ExpertSpec, inplace: bool = False) -> torch.Tensor:
     if not spec.gated:
         return act_fn(spec.activation, parts[0], out=parts[0] if inplace else None)
     gate, up = _gate_up(parts, spec)
-    if _swiglu_kernel(spec, gate, up):
+    if _silu_kernel(spec, gate, up):
         a = gate if inplace else _empty(gate.shape, gate)
         cpu_glu.silu_glu(gate, up, a)
         return a
     return act_fn(spec.activation, gate, out=gate).mul_(up) if inplace else gated_activation(gate, up, spec)
 
 
-def _swiglu_kernel(spec: ExpertSpec, *tensors: torch.Tensor) -> bool:
-    """Whether ``moe_fuser.kernels.cpu_glu`` runs this GLU on these ``[rows, F]`` tensors: SwiGLU without a clamp,
-    CPU float32 or bfloat16 with unit column stride (not an interleaved layout's halves), the kernels built."""
-    return spec.gated and spec.activation == "silu" and spec.limit is None and cpu_glu.supports(*tensors)
+def _silu_kernel(spec: ExpertSpec, *tensors: torch.Tensor) -> bool:
+    """Whether ``moe_fuser.kernels.cpu_glu`` runs this activation on these ``[rows, F]`` tensors: silu (SwiGLU or
+    plain) without a clamp, CPU float32 or bfloat16 with unit column stride (not an interleaved layout's halves),
+    the kernels built."""
+    return spec.activation == "silu" and spec.limit is None and cpu_glu.supports(*tensors)
 
 
 def _activates_inplace(spec: ExpertSpec) -> bool:
@@ -725,37 +730,26 @@ def _backward_buffers(parts, spec: ExpertSpec) -> tuple[tuple[torch.Tensor, ...]
     return (buf,), (split_gate_up(buf, spec.glu) if spec.gated else (buf,))
 
 
-def _activate_into(parts, spec: ExpertSpec, slots, kernel: bool, dA=None):
+def _activate_into(parts, spec: ExpertSpec, slots) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The activation ``a`` of the saved rows ``parts`` written into ``slots[0]`` and, for a GLU other than
-    GPT-OSS's, what the activation's backward reads again into ``slots[1]``: -> (a, that or None, dg). With
-    ``kernel`` (``_swiglu_kernel`` holds) a SwiGLU runs in ``cpu_glu``'s one pass, which keeps ``sigmoid(gate)`` and,
-    given ``dA``, returns the routing-weight gradient ``dg = rowsum(a * dA)``; else ``act(gate)`` is kept and ``dg``
-    is None (the caller computes it)."""
+    GPT-OSS's, ``act(gate)`` (which the activation's backward reads again) into ``slots[1]``: -> (a, act_gate or
+    None)."""
     if not spec.gated:
-        return act_fn(spec.activation, parts[0], out=slots[0]), None, None
-    gate, up = _gate_up(parts, spec)
-    if kernel:
-        return slots[0], slots[1], cpu_glu.silu_glu(gate, up, slots[0], dA, sig=slots[1])
-    gate, up = clamp_gate_up(gate, up, spec)
+        return act_fn(spec.activation, parts[0], out=slots[0]), None
+    gate, up = clamp_gate_up(*_gate_up(parts, spec), spec)
     if spec.activation == "gpt_oss":
-        return slots[0].copy_(gated_activation(gate, up, spec)), None, None
+        return slots[0].copy_(gated_activation(gate, up, spec)), None
     act_gate = act_fn(spec.activation, gate, out=slots[1])
-    return torch.mul(act_gate, up, out=slots[0]), act_gate, None
+    return torch.mul(act_gate, up, out=slots[0]), act_gate
 
 
-def _activation_backward(parts, dA, g, spec: ExpertSpec, kept, kernel: bool, out) -> None:
-    """The activation's backward from ``dA`` weighted by the rows' routing weights ``g`` (``_Grouping.column``),
-    given what ``_activate_into`` (called with the same ``kernel``) ``kept``, written into ``out`` (a GLU's
-    (d_gate, d_up), or (dh,)), which may alias ``kept`` (as ``d_up``) or ``dA`` (as ``d_gate`` or ``dh``). ``dA``
-    may be overwritten."""
+def _activation_backward(parts, dA, spec: ExpertSpec, act_gate, out) -> None:
+    """The activation's backward from ``dA`` (weighted), written into ``out`` (a GLU's (d_gate, d_up), or (dh,)),
+    which may alias ``act_gate`` (as ``d_up``) or ``dA`` (as ``d_gate`` or ``dh``)."""
     if spec.gated:
-        gate, up = _gate_up(parts, spec)
-        if kernel:
-            cpu_glu.silu_glu_backward(gate, up, dA, g.reshape(-1), *out, sig=kept)
-        else:
-            gated_activation_backward(gate, up, dA.mul_(g), spec, kept, out=out)
+        gated_activation_backward(*_gate_up(parts, spec), dA, spec, act_gate, out=out)
     else:
-        act_backward(spec.activation, dA.mul_(g), parts[0], out=out[0])
+        act_backward(spec.activation, dA, parts[0], out=out[0])
 
 
 def _down_grads(G: _Grouping, dy_g, a, dw2, db2) -> None:
@@ -779,7 +773,8 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     computed over the activation in place, the activation's backward. Where ``saved_done`` is given (to be called
     once the saved rows are no longer read) the activation's backward comes first instead, so that the saved rows
     go before any of G's gradients is allocated: its gate part then goes to ``dA``'s buffer, and the activation
-    stays where it is until dW2."""
+    stays where it is until dW2. A silu the native kernel runs (``_silu_kernel``) takes one pass for all of it,
+    with the activation written over ``dA`` and its gradient into the buffer; the saved rows are then done."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
     # unweighted (G's rows of the output gradient, or ``dy_rows`` already gathered); cast per group where the
@@ -789,25 +784,35 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     parts = tuple(G.from_sorted(h) for h in saved_rows)
     dh_parts, slots = _backward_buffers(parts, spec)
     need_dg = dweights_N is not None
-    kernel = spec.gated and _swiglu_kernel(spec, *_gate_up(parts, spec), dA, *slots)
-    a, kept, dg = _activate_into(parts, spec, slots, kernel, dA if need_dg else None)
     # the routing-weight gradient's bias term dy . b2, from the unweighted dy
     dg_b2 = (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32) if need_dg and b2 is not None else None
     # weighted in place unless the rows are the caller's (``dy_rows`` handed to the op)
     dy_g = dy.mul_(g) if dy_rows is None or dy.data_ptr() != dy_rows.data_ptr() else dy * g
     del dy
-    if saved_done is None:
+    gate, up = _gate_up(parts, spec) if spec.gated else (parts[0], None)
+    d_gate, d_up = slots if spec.gated else (slots[0], None)
+    if _silu_kernel(spec, *(t for t in (gate, up, dA, d_gate, d_up) if t is not None)):
+        # one pass: the activation written over dA (dW2 reads it), its gradient into the buffer, dg
+        dg = cpu_glu.silu_backward(gate, up, dA, g.reshape(-1), dA, d_gate, d_up, need_dg)
+        del parts, saved_rows, gate, up
+        if saved_done is not None:
+            saved_done()
+        _down_grads(G, dy_g, dA, dw2, db2)
+        del dy_g
+    elif saved_done is None:
+        del gate, up
+        a, act_gate = _activate_into(parts, spec, slots)
         _down_grads(G, dy_g, a, dw2, db2)
         del dy_g
-        if need_dg and dg is None:
-            dg = a.mul_(dA).sum(-1, dtype=torch.float32)
+        dg = a.mul_(dA).sum(-1, dtype=torch.float32) if need_dg else None
         del a
-        _activation_backward(parts, dA, g, spec, kept, kernel, out=slots)
+        _activation_backward(parts, dA.mul_(g), spec, act_gate, out=slots)
     else:
-        if need_dg and dg is None:
-            dg = (dA * a).sum(-1, dtype=torch.float32)
+        del gate, up
+        a, act_gate = _activate_into(parts, spec, slots)
+        dg = (dA * a).sum(-1, dtype=torch.float32) if need_dg else None
         grad_out = (dA,) + slots[1:]   # the activation (slots[0]) is read by dW2 below
-        _activation_backward(parts, dA, g, spec, kept, kernel, out=grad_out)
+        _activation_backward(parts, dA.mul_(g), spec, act_gate, out=grad_out)
         del parts, saved_rows
         saved_done()
         _down_grads(G, dy_g, a, dw2, db2)
@@ -816,7 +821,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
             dh_parts = grad_out
         else:
             slots[0].copy_(dA)
-    del dA, kept, slots
+    del dA, d_gate, d_up, slots
     if need_dg:
         if dg_b2 is not None:
             dg += dg_b2

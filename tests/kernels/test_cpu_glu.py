@@ -1,4 +1,4 @@
-"""The native CPU SwiGLU kernels (``moe_fuser.kernels.cpu_glu``) against float64 PyTorch, in the layouts the CPU
+"""The native CPU SiLU kernels (``moe_fuser.kernels.cpu_glu``) against float64 PyTorch, in the layouts the CPU
 lowering hands them: halves of one ``[rows, 2F]`` buffer (concat), blocks of a ``[2, rows, F]`` buffer (separate),
 ``[E, C, F]`` padded rows, row tails shorter than a vector, and outputs written over their inputs."""
 
@@ -40,30 +40,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_builds_here():
-    """Where a compiler is (CI has g++, as inductor needs it), the kernels build and load: the CPU lowering's SwiGLU
-    tests below and in tests/lowering then run them, not the ATen fallback."""
+    """Where a compiler is (CI has g++, as inductor needs it), the kernels build and load: the CPU lowering's silu
+    tests here and in tests/lowering then run them, not the ATen fallback."""
     assert cpu_glu.available()
 
 
 @pytest.mark.parametrize("layout", ["concat", "separate", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("F_", [5, 8, 37])
-def test_forward_with_sigmoid_and_routing_gradient(layout, dtype, F_):
+def test_forward(layout, dtype, F_):
     gate, up = _views(layout, 24, F_, dtype)
-    dA = torch.randn(gate.shape).to(dtype)
-    a, sig = _views(layout, 24, F_, dtype, fill=False)
-    assert cpu_glu.supports(gate, up, a, sig, dA)
-    dg = cpu_glu.silu_glu(gate, up, a, dA, sig=sig)
-    g64, u64 = gate.double(), up.double()
-    assert _rel(a, F.silu(g64) * u64) < TOL[dtype]
-    assert _rel(sig, torch.sigmoid(g64)) < TOL[dtype]
-    # dg is summed in float32 from the stored (rounded) activation
-    assert dg.dtype == torch.float32 and dg.shape == gate.shape[:-1]
-    assert _rel(dg, (a.double() * dA.double()).sum(-1)) < 1e-5
+    a = torch.empty(gate.shape, dtype=dtype)
+    assert cpu_glu.supports(gate, up, a)
+    cpu_glu.silu_glu(gate, up, a)
+    assert _rel(a, F.silu(gate.double()) * up.double()) < TOL[dtype]
     if dtype == torch.bfloat16:
         # silu(gate) is rounded before the product, as ATen's silu then mul: the same bits almost everywhere
-        aten = F.silu(gate) * up
-        assert (a == aten).float().mean() > 0.98
+        assert (a == F.silu(gate) * up).float().mean() > 0.98
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,31 +72,41 @@ def test_forward_in_place_over_gate_and_extreme_inputs(dtype):
 
 @pytest.mark.parametrize("layout", ["concat", "separate", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_sig", [False, True])
-def test_backward_against_autograd(layout, dtype, with_sig):
+@pytest.mark.parametrize("gated,weighted", [(True, True), (True, False), (False, True)])
+def test_backward_against_autograd(layout, dtype, gated, weighted):
+    """One pass: the recomputed activation, the routing weight's gradient rowsum(a * dA) and the activation's
+    gradient of dA scaled by the routing weights, for SwiGLU and plain silu."""
     gate, up = _views(layout, 24, 37, dtype)
+    up = up if gated else None
     dA = torch.randn(gate.shape).to(dtype)
-    w = torch.rand(gate.shape[:-1]).to(dtype)
-    g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
-    (F.silu(g64) * u64).backward(dA.double() * w.double().unsqueeze(-1))
-    d_gate, d_up = _views(layout, 24, 37, dtype, fill=False)
-    sig = torch.sigmoid(gate.float()).to(dtype) if with_sig else None
-    cpu_glu.silu_glu_backward(gate, up, dA, w.reshape(-1), d_gate, d_up, sig=sig)
-    assert _rel(d_gate, g64.grad) < TOL[dtype] * (2 if with_sig else 1)
-    assert _rel(d_up, u64.grad) < TOL[dtype] * (2 if with_sig else 1)
+    w = torch.rand(gate.shape[:-1]).to(dtype) if weighted else None
+    g64 = gate.double().requires_grad_()
+    u64 = up.double().requires_grad_() if gated else None
+    act = F.silu(g64) * u64 if gated else F.silu(g64)
+    act.backward(dA.double() * (w.double().unsqueeze(-1) if weighted else 1))
+    a, d_gate = torch.empty_like(gate), torch.empty_like(gate)
+    d_up = torch.empty_like(gate) if gated else None
+    dg = cpu_glu.silu_backward(gate, up, dA, None if w is None else w.reshape(-1), a, d_gate, d_up)
+    assert _rel(a, act.detach()) < TOL[dtype]
+    assert dg.dtype == torch.float32 and dg.shape == gate.shape[:-1]
+    assert _rel(dg, (a.double() * dA.double()).sum(-1)) < 1e-5   # from the stored (rounded) activation
+    assert _rel(d_gate, g64.grad) < TOL[dtype]
+    if gated:
+        assert _rel(d_up, u64.grad) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_written_over_its_inputs(dtype):
-    """The lowering's aliasing: d_gate over dA, d_up over the sigmoid it reads (one buffer fewer per group)."""
+    """The lowering's aliasing: the activation over dA, the gradients over the saved rows' shape (here over gate
+    and up themselves), bit for bit what separate outputs get."""
     gate, up = _views("concat", 16, 29, dtype)
     dA = torch.randn(gate.shape).to(dtype)
-    sig = torch.empty_like(gate)
-    cpu_glu.silu_glu(gate, up, torch.empty_like(gate), sig=sig)
-    want_gate, want_up = torch.empty_like(gate), torch.empty_like(up)
-    cpu_glu.silu_glu_backward(gate, up, dA, None, want_gate, want_up)
-    cpu_glu.silu_glu_backward(gate, up, dA, None, dA, sig, sig=sig)
-    assert _rel(dA, want_gate.double()) < TOL[dtype] and _rel(sig, want_up.double()) < TOL[dtype]
+    w = torch.rand(16).to(dtype)
+    want = [torch.empty_like(gate) for _ in range(3)]
+    want_dg = cpu_glu.silu_backward(gate, up, dA, w, *want)
+    dg = cpu_glu.silu_backward(gate, up, dA, w, dA, gate, up)
+    assert torch.equal(dg, want_dg) and torch.equal(dA, want[0])
+    assert torch.equal(gate, want[1]) and torch.equal(up, want[2])
 
 
 def test_what_the_kernels_do_not_take():
@@ -114,8 +117,11 @@ def test_what_the_kernels_do_not_take():
     assert not cpu_glu.supports(gate, up.to(torch.bfloat16))               # mixed dtypes
     assert not cpu_glu.supports(gate, up[:3])                              # mismatched rows
     assert not cpu_glu.supports(torch.randn(4, 3, 8).transpose(0, 1), up.expand(3, 4, 8))  # rows of no one stride
+    out = [torch.empty(4, 8) for _ in range(3)]
     with pytest.raises(ValueError, match="one per row"):
-        cpu_glu.silu_glu_backward(gate, up, torch.randn(4, 8), torch.rand(3), torch.empty(4, 8), torch.empty(4, 8))
+        cpu_glu.silu_backward(gate, up, torch.randn(4, 8), torch.rand(3), *out)
+    with pytest.raises(ValueError, match="both for a GLU"):
+        cpu_glu.silu_backward(gate, up, torch.randn(4, 8), None, *out[:2], None)
 
 
 def test_switched_off_by_environment(tmp_path):

@@ -59,19 +59,19 @@ def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
 
 
 @pytest.mark.parametrize("padded,as_list", [(False, False), (True, False), (False, True)])
-@pytest.mark.parametrize("glu", ["separate", "concat"])
+@pytest.mark.parametrize("glu", ["separate", "concat", None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_kernel_and_aten_agree(monkeypatch, padded, as_list, glu, dtype):
-    """A SwiGLU runs in ``moe_fuser.kernels.cpu_glu`` (forward, the backward's recompute with the routing-weight
-    gradient, the activation's backward; with weight lists the backward that lets go of saved chunks) and, with
-    the kernels unavailable, in plain ATen: both match the reference, forward and gradients."""
+def test_silu_kernel_and_aten_agree(monkeypatch, padded, as_list, glu, dtype):
+    """SiLU experts run their elementwise work in ``moe_fuser.kernels.cpu_glu`` (a SwiGLU's forward; the backward's
+    one pass, also where weight lists let go of saved chunks) and, with the kernels unavailable, in plain ATen:
+    both match the reference, forward and gradients."""
     if not cpu.cpu_glu.available():
         pytest.skip("the native kernels are not built here (tests/kernels/test_cpu_glu.py says why)")
     _padded_rows(monkeypatch, 10**9 if padded else 0)
     monkeypatch.setattr(cpu, "PADDED_MAX_WASTE", float("inf"))
     monkeypatch.setattr(cpu, "TRAIN_STREAM_MIN_ROWS", 1)
     calls = []
-    for name in ("silu_glu", "silu_glu_backward"):
+    for name in ("silu_glu", "silu_backward"):
         fn = getattr(cpu.cpu_glu, name)
         monkeypatch.setattr(cpu.cpu_glu, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
     x, logits, kw = Case(T=45, D=24, F=20, E=6, k=3, dtype=dtype, glu=glu, as_list=as_list).make(requires_grad=True)
@@ -82,13 +82,13 @@ def test_swiglu_kernel_and_aten_agree(monkeypatch, padded, as_list, glu, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for kernel in (True, False):
         if not kernel:
-            monkeypatch.setattr(cpu, "_swiglu_kernel", lambda *a: False)
+            monkeypatch.setattr(cpu, "_silu_kernel", lambda *a: False)
         calls.clear()
         out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
         assert rel_err(out, ref) < tol
         for g, w in zip(torch.autograd.grad(out, ins, grad), want):
             assert (g.double() - w.double()).norm() <= 2 * tol * w.double().norm() + 1e-6
-        assert set(calls) == ({"silu_glu", "silu_glu_backward"} if kernel else set())
+        assert set(calls) == ({"silu_backward"} | ({"silu_glu"} if glu else set()) if kernel else set())
 
 
 @pytest.mark.parametrize("padded", [False, True])
