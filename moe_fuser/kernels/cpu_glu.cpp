@@ -84,19 +84,20 @@ static inline float hsum(v8f v) {
 // Parallel over rows only where a call has enough elements to pay for waking the pool.
 static const int64_t PARALLEL_MIN_ELEMENTS = 16384;
 
-// a = silu(gate) * up, with silu(gate) rounded to T first, as ATen's two ops do (bf16 outputs match theirs).
+// a = silu(gate) * up, with silu(gate) rounded to T first, as ATen's two ops do (bf16 outputs match theirs);
+// a = silu(gate) where up is null.
 template <typename T>
 static void silu_glu(int64_t n, int64_t F, const T* gate, int64_t gr, const T* up, int64_t ur, T* a, int64_t ar,
                      int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * F >= PARALLEL_MIN_ELEMENTS)
   for (int64_t i = 0; i < n; ++i) {
     const T* g = gate + i * gr;
-    const T* u = up + i * ur;
     T* o = a + i * ar;
     for (int64_t j = 0; j < F; j += 8) {
       int64_t m = F - j < 8 ? F - j : 8;
       v8f x = load_n(g + j, m);
-      store_n(o + j, round_to(x * vsigmoid(x), g) * load_n(u + j, m), m);
+      v8f act = x * vsigmoid(x);
+      store_n(o + j, up ? round_to(act, g) * load_n(up + i * ur + j, m) : act, m);
     }
   }
 }
@@ -147,7 +148,7 @@ static void silu_backward(int64_t n, int64_t F, const T* gate, int64_t gr, const
 
 extern "C" {
 
-// dtype: 0 float32, 1 bfloat16. Row strides in elements.
+// dtype: 0 float32, 1 bfloat16. Row strides in elements. up may be null.
 void moe_silu_glu(int dtype, int64_t n, int64_t F, const void* gate, int64_t gr, const void* up, int64_t ur,
                   void* a, int64_t ar, int threads) {
   if (dtype == 1)

@@ -101,22 +101,29 @@ def available() -> bool:
 def _row_stride(t: torch.Tensor) -> Optional[int]:
     """The stride between consecutive rows of ``t`` seen as ``[rows, F]``, or None where it has none (a column
     stride other than one, or leading dims that do not flatten to one row stride)."""
-    if t.dim() < 2 or t.stride(-1) != 1:
+    st, sh = t.stride(), t.shape
+    if len(st) < 2 or st[-1] != 1:
         return None
-    rs = t.stride(-2)
-    for d in range(t.dim() - 3, -1, -1):
-        if t.shape[d] > 1 and t.stride(d) != t.stride(d + 1) * t.shape[d + 1]:
+    for d in range(len(st) - 3, -1, -1):
+        if sh[d] > 1 and st[d] != st[d + 1] * sh[d + 1]:
             return None
-    return rs
+    return st[-2]
 
 
-def supports(*tensors: torch.Tensor) -> bool:
-    """Whether these ``[rows, F]`` tensors (all one shape) can go to the kernels, and the kernels are built."""
-    t0 = tensors[0]
-    return (t0.device.type == "cpu" and t0.dtype in _DTYPES
-            and all(t.dtype == t0.dtype and t.device == t0.device and t.shape == t0.shape
-                    and _row_stride(t) is not None for t in tensors)
-            and available())
+def supports(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether these ``[rows, F]`` tensors (all one shape; None entries skipped) can go to the kernels, and the
+    kernels are built. (Checked per expert group: plain attribute reads, a few microseconds.)"""
+    shape = dtype = None
+    for t in tensors:
+        if t is None:
+            continue
+        if shape is None:
+            shape, dtype = t.shape, t.dtype
+            if dtype not in _DTYPES:
+                return False
+        if not t.is_cpu or t.dtype != dtype or t.shape != shape or _row_stride(t) is None:
+            return False
+    return shape is not None and available()
 
 
 def _rows(t: torch.Tensor) -> int:
@@ -128,8 +135,9 @@ def _ptr(t: Optional[torch.Tensor]) -> tuple[Optional[int], int]:
     return (None, 0) if t is None else (t.data_ptr(), _row_stride(t))
 
 
-def silu_glu(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = silu(gate) * up`` (``out`` may be ``gate``'s memory). Callers check ``supports`` first."""
+def silu_glu(gate: torch.Tensor, up: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``out = silu(gate) * up``, or ``silu(gate)`` where ``up`` is None (``out`` may be ``gate``'s memory).
+    Callers check ``supports`` first."""
     n, F = _rows(out), out.shape[-1]
     if n and F:
         _library().moe_silu_glu(_DTYPES[gate.dtype], n, F, *_ptr(gate), *_ptr(up), *_ptr(out),

@@ -438,20 +438,18 @@ def _activate(parts, spec: ExpertSpec, inplace: bool = False) -> torch.Tensor:
     (nothing reads ``parts`` again) written over them where the activation allows (no clamp): one ``[n, F]``
     buffer fewer."""
     inplace = inplace and _activates_inplace(spec)
-    if not spec.gated:
-        return act_fn(spec.activation, parts[0], out=parts[0] if inplace else None)
-    gate, up = _gate_up(parts, spec)
+    gate, up = _gate_up(parts, spec) if spec.gated else (parts[0], None)
     if _silu_kernel(spec, gate, up):
-        a = gate if inplace else _empty(gate.shape, gate)
-        cpu_glu.silu_glu(gate, up, a)
-        return a
+        return cpu_glu.silu_glu(gate, up, gate if inplace else _empty(gate.shape, gate))
+    if not spec.gated:
+        return act_fn(spec.activation, gate, out=gate if inplace else None)
     return act_fn(spec.activation, gate, out=gate).mul_(up) if inplace else gated_activation(gate, up, spec)
 
 
-def _silu_kernel(spec: ExpertSpec, *tensors: torch.Tensor) -> bool:
-    """Whether ``moe_fuser.kernels.cpu_glu`` runs this activation on these ``[rows, F]`` tensors: silu (SwiGLU or
-    plain) without a clamp, CPU float32 or bfloat16 with unit column stride (not an interleaved layout's halves),
-    the kernels built."""
+def _silu_kernel(spec: ExpertSpec, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether ``moe_fuser.kernels.cpu_glu`` runs this activation on these ``[rows, F]`` tensors (None: absent, as
+    a plain activation's ``up``): silu (SwiGLU or plain) without a clamp, CPU float32 or bfloat16 with unit column
+    stride (not an interleaved layout's halves), the kernels built."""
     return spec.activation == "silu" and spec.limit is None and cpu_glu.supports(*tensors)
 
 
@@ -791,7 +789,7 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     del dy
     gate, up = _gate_up(parts, spec) if spec.gated else (parts[0], None)
     d_gate, d_up = slots if spec.gated else (slots[0], None)
-    if _silu_kernel(spec, *(t for t in (gate, up, dA, d_gate, d_up) if t is not None)):
+    if _silu_kernel(spec, gate, up, dA, d_gate, d_up):
         # one pass: the activation written over dA (dW2 reads it), its gradient into the buffer, dg
         dg = cpu_glu.silu_backward(gate, up, dA, g.reshape(-1), dA, d_gate, d_up, need_dg)
         del parts, saved_rows, gate, up

@@ -54,7 +54,10 @@ def test_forward(layout, dtype, F_):
     assert cpu_glu.supports(gate, up, a)
     cpu_glu.silu_glu(gate, up, a)
     assert _rel(a, F.silu(gate.double()) * up.double()) < TOL[dtype]
+    cpu_glu.silu_glu(up, None, a)   # plain silu
+    assert _rel(a, F.silu(up.double())) < TOL[dtype]
     if dtype == torch.bfloat16:
+        cpu_glu.silu_glu(gate, up, a)
         # silu(gate) is rounded before the product, as ATen's silu then mul: the same bits almost everywhere
         assert (a == F.silu(gate) * up).float().mean() > 0.98
 
