@@ -104,7 +104,8 @@ static void silu_glu(int64_t n, int64_t F, const T* gate, int64_t gr, const T* u
 
 // The backward of a = silu(gate) * up (or of a = silu(gate): up and d_up null) in one pass, one exp per element.
 // With s = sigmoid(gate) and d = dA * w[i] (w: one routing weight per row, or null for none):
-//   a      = silu(gate) * up                          recomputed (the second projection's weight gradient reads it)
+//   a      = silu(gate) * up [* w[i] with weight_a]   recomputed (the second projection's weight gradient reads it:
+//                                                     weighted, dW2 = dy^T a needs no weighted copy of dy)
 //   dg[i]  = sum_j a[i, j] * dA[i, j]                 the routing weight's gradient (from the stored a); dg may be null
 //   d_gate = d * up * s * (1 + gate * (1 - s))
 //   d_up   = d * silu(gate)
@@ -113,7 +114,7 @@ static void silu_glu(int64_t n, int64_t F, const T* gate, int64_t gr, const T* u
 template <typename T>
 static void silu_backward(int64_t n, int64_t F, const T* gate, int64_t gr, const T* up, int64_t ur, const T* dA,
                           int64_t dr, const T* w, T* a, int64_t ar, T* d_gate, int64_t dgr, T* d_up, int64_t dur,
-                          float* dg, int threads) {
+                          float* dg, bool weight_a, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * F >= PARALLEL_MIN_ELEMENTS)
   for (int64_t i = 0; i < n; ++i) {
     const T* g = gate + i * gr;
@@ -121,6 +122,7 @@ static void silu_backward(int64_t n, int64_t F, const T* gate, int64_t gr, const
     T* oa = a + i * ar;
     T* og = d_gate + i * dgr;
     const float wi = w ? load_n(w + i, 1)[0] : 1.0f;
+    const float wa = weight_a ? wi : 1.0f;
     v8f acc = {};
     for (int64_t j = 0; j < F; j += 8) {
       int64_t m = F - j < 8 ? F - j : 8;
@@ -133,12 +135,12 @@ static void silu_backward(int64_t n, int64_t F, const T* gate, int64_t gr, const
         v8f y = load_n(up + i * ur + j, m);
         v8f v = round_to(act * y, g);
         acc += v * da;
-        store_n(oa + j, v, m);
+        store_n(oa + j, v * wa, m);
         store_n(d_up + i * dur + j, dd * act, m);
         store_n(og + j, ds * y, m);
       } else {
         acc += act * da;
-        store_n(oa + j, act, m);
+        store_n(oa + j, act * wa, m);
         store_n(og + j, ds, m);
       }
     }
@@ -160,12 +162,14 @@ void moe_silu_glu(int dtype, int64_t n, int64_t F, const void* gate, int64_t gr,
 // up and d_up (both or neither), w and dg may be null.
 void moe_silu_backward(int dtype, int64_t n, int64_t F, const void* gate, int64_t gr, const void* up, int64_t ur,
                        const void* dA, int64_t dr, const void* w, void* a, int64_t ar, void* d_gate, int64_t dgr,
-                       void* d_up, int64_t dur, float* dg, int threads) {
+                       void* d_up, int64_t dur, float* dg, int weight_a, int threads) {
   if (dtype == 1)
     silu_backward(n, F, (const uint16_t*)gate, gr, (const uint16_t*)up, ur, (const uint16_t*)dA, dr,
-                  (const uint16_t*)w, (uint16_t*)a, ar, (uint16_t*)d_gate, dgr, (uint16_t*)d_up, dur, dg, threads);
+                  (const uint16_t*)w, (uint16_t*)a, ar, (uint16_t*)d_gate, dgr, (uint16_t*)d_up, dur, dg, weight_a,
+                  threads);
   else
     silu_backward(n, F, (const float*)gate, gr, (const float*)up, ur, (const float*)dA, dr, (const float*)w,
-                  (float*)a, ar, (float*)d_gate, dgr, (float*)d_up, dur, dg, threads);
+                  (float*)a, ar, (float*)d_gate, dgr, (float*)d_up, dur, dg, weight_a,
+                  threads);
 }
 }

@@ -88,7 +88,7 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.moe_silu_glu.argtypes = [ctypes.c_int, _I, _I, _P, _I, _P, _I, _P, _I, ctypes.c_int]
     lib.moe_silu_glu.restype = None
     lib.moe_silu_backward.argtypes = [ctypes.c_int, _I, _I, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P,
-                                      ctypes.c_int]
+                                      ctypes.c_int, ctypes.c_int]
     lib.moe_silu_backward.restype = None
     return lib
 
@@ -147,11 +147,13 @@ def silu_glu(gate: torch.Tensor, up: Optional[torch.Tensor], out: torch.Tensor) 
 
 def silu_backward(gate: torch.Tensor, up: Optional[torch.Tensor], dA: torch.Tensor, weight: Optional[torch.Tensor],
                   a: torch.Tensor, d_gate: torch.Tensor, d_up: Optional[torch.Tensor],
-                  need_dg: bool = True) -> Optional[torch.Tensor]:
+                  need_dg: bool = True, weight_a: bool = False) -> Optional[torch.Tensor]:
     """The backward of ``silu(gate) * up`` (or of ``silu(gate)``: ``up`` and ``d_up`` None) from ``dA`` in one pass:
-    writes the activation ``a`` (recomputed) and the gradients ``d_gate`` (and ``d_up``) of ``dA`` scaled per row
-    by ``weight`` (one value per row, contiguous, the tensors' dtype; None: 1); returns the routing weight's
-    gradient ``rowsum(a * dA)`` in float32, shaped like the rows, when ``need_dg``. Any output may be the memory
+    writes the activation ``a`` (recomputed; with ``weight_a`` times ``weight``, so that the second projection's
+    weight gradient needs no weighted copy of the output gradient) and the gradients ``d_gate`` (and ``d_up``) of
+    ``dA`` scaled per row by ``weight`` (one value per row, contiguous, the tensors' dtype; None: 1); returns the
+    routing weight's gradient ``rowsum(a * dA)`` (``a`` unweighted) in float32, shaped like the rows, when
+    ``need_dg``. Any output may be the memory
     of an input (each element is read before it is written). Callers check ``supports`` first."""
     n, F = _rows(dA), dA.shape[-1]
     if weight is not None and (weight.numel() != n or not weight.is_contiguous() or weight.dtype != dA.dtype):
@@ -164,5 +166,5 @@ def silu_backward(gate: torch.Tensor, up: Optional[torch.Tensor], dA: torch.Tens
         return None if dg is None else dg.zero_()
     _library().moe_silu_backward(_DTYPES[gate.dtype], n, F, *_ptr(gate), *_ptr(up), *_ptr(dA),
                                  None if weight is None else weight.data_ptr(), *_ptr(a), *_ptr(d_gate), *_ptr(d_up),
-                                 None if dg is None else dg.data_ptr(), torch.get_num_threads())
+                                 None if dg is None else dg.data_ptr(), int(weight_a), torch.get_num_threads())
     return dg

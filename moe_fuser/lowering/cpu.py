@@ -772,7 +772,8 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     once the saved rows are no longer read) the activation's backward comes first instead, so that the saved rows
     go before any of G's gradients is allocated: its gate part then goes to ``dA``'s buffer, and the activation
     stays where it is until dW2. A silu the native kernel runs (``_silu_kernel``) takes one pass for all of it,
-    with the activation written over ``dA`` and its gradient into the buffer; the saved rows are then done."""
+    with the activation written over ``dA`` (times the routing weight, for dW2, unless a second-projection bias
+    gradient needs the weighted ``dy``) and its gradient into the buffer; the saved rows are then done."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
     # unweighted (G's rows of the output gradient, or ``dy_rows`` already gathered); cast per group where the
@@ -784,14 +785,17 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     need_dg = dweights_N is not None
     # the routing-weight gradient's bias term dy . b2, from the unweighted dy
     dg_b2 = (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32) if need_dg and b2 is not None else None
-    # weighted in place unless the rows are the caller's (``dy_rows`` handed to the op)
-    dy_g = dy.mul_(g) if dy_rows is None or dy.data_ptr() != dy_rows.data_ptr() else dy * g
-    del dy
     gate, up = _gate_up(parts, spec) if spec.gated else (parts[0], None)
     d_gate, d_up = slots if spec.gated else (slots[0], None)
-    if _silu_kernel(spec, gate, up, dA, d_gate, d_up):
+    kernel = _silu_kernel(spec, gate, up, dA, d_gate, d_up)
+    # dW2 = (g dy)^T a: the kernel puts g into a where no b2 gradient needs g dy; else dy is weighted, in place
+    # unless the rows are the caller's (``dy_rows`` handed to the op)
+    weight_a = kernel and b2 is None
+    dy_g = dy if weight_a else dy.mul_(g) if dy_rows is None or dy.data_ptr() != dy_rows.data_ptr() else dy * g
+    del dy
+    if kernel:
         # one pass: the activation written over dA (dW2 reads it), its gradient into the buffer, dg
-        dg = cpu_glu.silu_backward(gate, up, dA, g.reshape(-1), dA, d_gate, d_up, need_dg)
+        dg = cpu_glu.silu_backward(gate, up, dA, g.reshape(-1), dA, d_gate, d_up, need_dg, weight_a)
         del parts, saved_rows, gate, up
         if saved_done is not None:
             saved_done()

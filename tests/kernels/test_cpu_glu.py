@@ -96,6 +96,9 @@ def test_backward_against_autograd(layout, dtype, gated, weighted):
     assert _rel(d_gate, g64.grad) < TOL[dtype]
     if gated:
         assert _rel(d_up, u64.grad) < TOL[dtype]
+    if weighted:   # the activation weighted per row instead (dW2 = dy^T (w a)); dg still from the unweighted one
+        assert torch.equal(cpu_glu.silu_backward(gate, up, dA, w.reshape(-1), a, d_gate, d_up, weight_a=True), dg)
+        assert _rel(a, act.detach() * w.double().unsqueeze(-1)) < 2 * TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

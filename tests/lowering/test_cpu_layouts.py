@@ -58,13 +58,15 @@ def test_layouts_match_reference(monkeypatch, padded, glu, act, bias, dtype):
     assert used == [padded, padded]  # forward and backward took the layout asked for
 
 
-@pytest.mark.parametrize("padded,as_list", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("padded,as_list,bias", [(False, False, False), (True, False, False), (False, True, False),
+                                                 (False, False, True)])
 @pytest.mark.parametrize("glu", ["separate", "concat", None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_kernel_and_aten_agree(monkeypatch, padded, as_list, glu, dtype):
+def test_silu_kernel_and_aten_agree(monkeypatch, padded, as_list, bias, glu, dtype):
     """SiLU experts run their elementwise work in ``moe_fuser.kernels.cpu_glu`` (the forward's activation; the
     backward's one pass, also where weight lists let go of saved chunks) and, with the kernels unavailable, in
-    plain ATen: both match the reference, forward and gradients."""
+    plain ATen: both match the reference, forward and gradients. With a second-projection bias the kernel leaves
+    the activation unweighted (the bias gradient reads the weighted output gradient)."""
     if not cpu.cpu_glu.available():
         pytest.skip("the native kernels are not built here (tests/kernels/test_cpu_glu.py says why)")
     _padded_rows(monkeypatch, 10**9 if padded else 0)
@@ -74,7 +76,8 @@ def test_silu_kernel_and_aten_agree(monkeypatch, padded, as_list, glu, dtype):
     for name in ("silu_glu", "silu_backward"):
         fn = getattr(cpu.cpu_glu, name)
         monkeypatch.setattr(cpu.cpu_glu, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
-    x, logits, kw = Case(T=45, D=24, F=20, E=6, k=3, dtype=dtype, glu=glu, as_list=as_list).make(requires_grad=True)
+    x, logits, kw = Case(T=45, D=24, F=20, E=6, k=3, dtype=dtype, glu=glu, as_list=as_list,
+                         bias=bias).make(requires_grad=True)
     ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
     grad = torch.randn_like(ref)
     ins = leaves(x, logits, kw)
