@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -47,15 +48,15 @@ def _cpu_flags() -> str:
 
 def _build(cache_dir: Path) -> Path:
     """The shared library's path, compiled there unless a build of the same inputs is already cached."""
-    cxx = os.environ.get("CXX") or shutil.which("g++")
-    if not cxx:
+    cxx = shlex.split(os.environ.get("CXX", "")) or [shutil.which("g++")]   # $CXX may carry a wrapper (ccache)
+    if not cxx[0]:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
     torch_lib = Path(torch.__file__).parent / "lib"
     flags = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17"]
     if (torch_lib / "libgomp.so.1").exists():   # torch's own OpenMP runtime: share its thread pool
         flags += ["-fopenmp", f"-L{torch_lib}", "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"]
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cxx, version, " ".join(flags), torch.__version__,
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(cxx), version, " ".join(flags), torch.__version__,
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     lib = cache_dir / f"cpu_glu-{key}.so"
     if lib.exists():
@@ -64,9 +65,9 @@ def _build(cache_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cxx, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode:
-            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{' '.join(cxx)} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)   # atomic: concurrent builders (pytest-xdist workers) each publish a whole file
     finally:
         if os.path.exists(tmp):

@@ -130,9 +130,13 @@ def test_what_the_kernels_do_not_take():
         cpu_glu.silu_backward(gate, up, torch.randn(4, 8), None, *out[:2], None)
 
 
-def test_switched_off_by_environment(tmp_path):
-    """``MOE_FUSER_NATIVE_KERNELS=0`` keeps the lowering on ATen (nothing is built)."""
-    env = dict(os.environ, MOE_FUSER_NATIVE_KERNELS="0", MOE_FUSER_CACHE_DIR=str(tmp_path))
-    code = "from moe_fuser.kernels import cpu_glu; print(cpu_glu.available())"
+@pytest.mark.parametrize("setting", [{"MOE_FUSER_NATIVE_KERNELS": "0"}, {"CXX": "no-such-compiler"}])
+def test_switched_off_or_without_a_compiler(tmp_path, setting):
+    """``MOE_FUSER_NATIVE_KERNELS=0``, or a compiler that is not there, keeps the lowering on ATen: nothing is
+    built, and a missing compiler is named in one warning."""
+    env = dict(os.environ, MOE_FUSER_CACHE_DIR=str(tmp_path), **setting)
+    code = ("import logging; logging.basicConfig(); from moe_fuser.kernels import cpu_glu; "
+            "print(cpu_glu.available(), cpu_glu.available())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False" and not any(tmp_path.iterdir())
+    assert out.stdout.strip() == "False False" and not any(tmp_path.iterdir())
+    assert out.stderr.count("no-such-compiler") == ("CXX" in setting)
