@@ -6,12 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moe_fuser.kernels import cpu_glu
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "ops"))
+from _moe_cases import rel_err  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and not os.environ.get("CXX"),
                                 reason="no C++ compiler: the kernels are not built (the lowering uses ATen)")
@@ -35,10 +39,6 @@ def _views(layout: str, rows: int, F_: int, dtype: torch.dtype, fill: bool = Tru
     return halves
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b).norm() / b.norm())
-
-
 def test_builds_here():
     """Where a compiler is (CI has g++, as inductor needs it), the kernels build and load: the CPU lowering's silu
     tests here and in tests/lowering then run them, not the ATen fallback."""
@@ -53,9 +53,9 @@ def test_forward(layout, dtype, F_):
     a = torch.empty(gate.shape, dtype=dtype)
     assert cpu_glu.supports(gate, up, a)
     cpu_glu.silu_glu(gate, up, a)
-    assert _rel(a, F.silu(gate.double()) * up.double()) < TOL[dtype]
+    assert rel_err(a, F.silu(gate.double()) * up.double()) < TOL[dtype]
     cpu_glu.silu_glu(up, None, a)   # plain silu
-    assert _rel(a, F.silu(up.double())) < TOL[dtype]
+    assert rel_err(a, F.silu(up.double())) < TOL[dtype]
     if dtype == torch.bfloat16:
         cpu_glu.silu_glu(gate, up, a)
         # silu(gate) is rounded before the product, as ATen's silu then mul: the same bits almost everywhere
@@ -70,7 +70,7 @@ def test_forward_in_place_over_gate_and_extreme_inputs(dtype):
     gate[0, :4] = torch.tensor([-1e4, -90.0, 90.0, 1e4], dtype=dtype)
     want = F.silu(gate.double()) * up.double()
     cpu_glu.silu_glu(gate, up, gate)
-    assert torch.isfinite(gate).all() and _rel(gate, want) < TOL[dtype]
+    assert torch.isfinite(gate).all() and rel_err(gate, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("layout", ["concat", "separate", "padded"])
@@ -90,15 +90,15 @@ def test_backward_against_autograd(layout, dtype, gated, weighted):
     a, d_gate = torch.empty_like(gate), torch.empty_like(gate)
     d_up = torch.empty_like(gate) if gated else None
     dg = cpu_glu.silu_backward(gate, up, dA, None if w is None else w.reshape(-1), a, d_gate, d_up)
-    assert _rel(a, act.detach()) < TOL[dtype]
+    assert rel_err(a, act.detach()) < TOL[dtype]
     assert dg.dtype == torch.float32 and dg.shape == gate.shape[:-1]
-    assert _rel(dg, (a.double() * dA.double()).sum(-1)) < 1e-5   # from the stored (rounded) activation
-    assert _rel(d_gate, g64.grad) < TOL[dtype]
+    assert rel_err(dg, (a.double() * dA.double()).sum(-1)) < 1e-5   # from the stored (rounded) activation
+    assert rel_err(d_gate, g64.grad) < TOL[dtype]
     if gated:
-        assert _rel(d_up, u64.grad) < TOL[dtype]
+        assert rel_err(d_up, u64.grad) < TOL[dtype]
     if weighted:   # the activation weighted per row instead (dW2 = dy^T (w a)); dg still from the unweighted one
         assert torch.equal(cpu_glu.silu_backward(gate, up, dA, w.reshape(-1), a, d_gate, d_up, weight_a=True), dg)
-        assert _rel(a, act.detach() * w.double().unsqueeze(-1)) < 2 * TOL[dtype]
+        assert rel_err(a, act.detach() * w.double().unsqueeze(-1)) < 2 * TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
