@@ -154,8 +154,8 @@ def silu_backward(gate: torch.Tensor, up: Optional[torch.Tensor], dA: torch.Tens
     weight gradient needs no weighted copy of the output gradient) and the gradients ``d_gate`` (and ``d_up``) of
     ``dA`` scaled per row by ``weight`` (one value per row, contiguous, the tensors' dtype; None: 1); returns the
     routing weight's gradient ``rowsum(a * dA)`` (``a`` unweighted) in float32, shaped like the rows, when
-    ``need_dg``. Any output may be the memory
-    of an input (each element is read before it is written). Callers check ``supports`` first."""
+    ``need_dg``. Any output may be the memory of an input (each element is read before it is written). Callers
+    check ``supports`` first."""
     n, F = _rows(dA), dA.shape[-1]
     if weight is not None and (weight.numel() != n or not weight.is_contiguous() or weight.dtype != dA.dtype):
         raise ValueError(f"weight must be {n} contiguous {dA.dtype} values, one per row; got "

@@ -791,7 +791,12 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     # dW2 = (g dy)^T a: the kernel puts g into a where no b2 gradient needs g dy; else dy is weighted, in place
     # unless the rows are the caller's (``dy_rows`` handed to the op)
     weight_a = kernel and b2 is None
-    dy_g = dy if weight_a else dy.mul_(g) if dy_rows is None or dy.data_ptr() != dy_rows.data_ptr() else dy * g
+    if weight_a:
+        dy_g = dy
+    elif dy_rows is None or dy.data_ptr() != dy_rows.data_ptr():
+        dy_g = dy.mul_(g)
+    else:
+        dy_g = dy * g
     del dy
     if kernel:
         # one pass: the activation written over dA (dW2 reads it), its gradient into the buffer, dg
