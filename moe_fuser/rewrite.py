@@ -310,19 +310,13 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
             continue
         for item in found:
             if isinstance(item, Rejection):
-                result.rejections.append(item)
-                counters["rejected"] += 1
-                log.info("moe_fuser: not fusing %s (%s): %s", item.module_path or "<unnamed>", item.pattern,
-                         item.reason)
+                _reject(result, item)
                 continue
             if not isinstance(item, Match):
                 raise TypeError(f"pattern {pattern.name} yielded {type(item).__name__}; yield Match or Rejection")
             reason = _accept(ctx, item, impl)
             if isinstance(reason, str):
-                result.rejections.append(Rejection(item.family, item.pattern, reason, item.module_path,
-                                                   item.region))
-                counters["rejected"] += 1
-                log.info("moe_fuser: not fusing %s (%s): %s", item.module_path or "<unnamed>", item.pattern, reason)
+                _reject(result, Rejection(item.family, item.pattern, reason, item.module_path, item.region))
                 continue
             keep, last, lowering_name, dtypes = reason
             keep = _reuse_routing(ctx, item, keep)
@@ -349,10 +343,7 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
             log.info("moe_fuser: fused %s (%s, %s) with lowering %s", item.module_path or "<unnamed>",
                      item.pattern, item.spec.summary(), lowering_name)
     for rejection in _unclaimed_routers(ctx, result.rejections):
-        result.rejections.append(rejection)
-        counters["rejected"] += 1
-        log.info("moe_fuser: not fusing %s (%s): %s", rejection.module_path or "<unnamed>", rejection.pattern,
-                 rejection.reason)
+        _reject(result, rejection)
     if result.matches:
         gm.graph.lint()
         gm.recompile()
@@ -361,6 +352,14 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: Optional[list] = None,
         for name in ("matches", "rejections", "before", "after"):
             getattr(result, name).extend(getattr(inner, name))
     return result
+
+
+def _reject(result: FuseResult, rejection: Rejection) -> None:
+    """Record a refused candidate: in the result, the module counter and the log."""
+    result.rejections.append(rejection)
+    counters["rejected"] += 1
+    log.info("moe_fuser: not fusing %s (%s): %s", rejection.module_path or "<unnamed>", rejection.pattern,
+             rejection.reason)
 
 
 def _unclaimed_routers(ctx: MatchContext, rejections: list[Rejection]) -> list[Rejection]:
