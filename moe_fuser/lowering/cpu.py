@@ -41,7 +41,10 @@ Backward rebuilds the same grouping and streams the same expert groups; per grou
 from ``h`` (elementwise) into one buffer shaped like ``h``, and runs
 ``dA = dy @ W2``, routing-weight grads as ``rowsum(dA * a) (+ dy . b2)`` (so ``y`` is never kept),
 the activation's backward (written in place into that buffer), ``dx``, ``dW1``/``dW3``, ``dW2`` and bias grads as
-grouped GEMMs and segment sums: ``D + F + H`` elements of temporaries per row (``_ffn_backward``).
+grouped GEMMs and segment sums: ``D + F + H`` elements of temporaries per row (``_ffn_backward``). When autograd
+will not run the backward again (no ``retain_graph``) the saved rows are the backward's to use up: where the silu
+kernel below runs, the activation's gradient is written over them instead of into that buffer (``D + F`` per
+row), and the groups take proportionally more rows for the same temporaries.
 A silu activation (SwiGLU or plain, without a clamp; float32 or bfloat16; gate and up with unit column stride)
 runs its elementwise work in ``moe_fuser.kernels.cpu_glu``: a SwiGLU's forward in one pass, and the backward's
 recompute, ``rowsum(dA * a)`` and the activation's backward in one pass with one exp per element, instead of six to
@@ -209,10 +212,11 @@ class _Grouping:
         self.ptok.index_copy_(0, self.prow_n, self.tok_n)
         self.ptok_gather = torch.full_like(self.ptok, self.T).index_copy_(0, self.prow_n, self.tok_n)
 
-    def groups(self, row_bytes: int, min_rows: int = 0) -> list["_Grouping"]:
+    def groups(self, row_bytes: int, min_rows: int = 0, widen: float = 1.0) -> list["_Grouping"]:
         """This grouping as consecutive expert groups to stream ([itself] when small): ragged groups of at most
         max(C, ``min_rows``) rows (C, the largest expert's: the eager loop's temporaries are one expert's, and so
-        are these); padded groups whose gathered rows (``row_bytes`` each) fill at most ``PADDED_STREAM_BYTES``."""
+        are these), times ``widen`` (a backward whose groups take fewer temporaries per row); padded groups whose
+        gathered rows (``row_bytes`` each) fill at most ``PADDED_STREAM_BYTES``."""
         if self.padded:
             per = max(1, PADDED_STREAM_BYTES // (row_bytes * self.C))
             if per >= len(self.segs):
@@ -220,7 +224,7 @@ class _Grouping:
                     self._pad()
                 return [self]
             return self._subs([self.segs[i:i + per] for i in range(0, len(self.segs), per)])
-        max_rows = max(self.C, min_rows)
+        max_rows = int(max(self.C, min_rows) * widen)
         if self.n <= max_rows:
             return [self]
         runs, first = [], 0
@@ -433,12 +437,17 @@ def _gate_up(parts, spec: ExpertSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return parts if spec.glu == "separate" else split_gate_up(parts[0], spec.glu)
 
 
+def _act_inputs(parts, spec: ExpertSpec) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """What the activation reads from ``parts``: a GLU's (gate, up), or (h, None)."""
+    return _gate_up(parts, spec) if spec.gated else (parts[0], None)
+
+
 def _activate(parts, spec: ExpertSpec, inplace: bool = False) -> torch.Tensor:
     """The activation of the first projection's output ``parts`` (``_saved_halves``' form); with ``inplace``
     (nothing reads ``parts`` again) written over them where the activation allows (no clamp): one ``[n, F]``
     buffer fewer."""
     inplace = inplace and _activates_inplace(spec)
-    gate, up = _gate_up(parts, spec) if spec.gated else (parts[0], None)
+    gate, up = _act_inputs(parts, spec)
     if _silu_kernel(spec, gate, up):
         return cpu_glu.silu_glu(gate, up, gate if inplace else _empty(gate.shape, gate))
     if not spec.gated:
@@ -569,10 +578,14 @@ class CpuLowering:
     expert, and lets go of each chunk as soon as its activation backward is done, when autograd will not run
     this backward again (no ``retain_graph``; autograd then holds saved tensors only for this one use, and the
     op wrapper's backward and AOTAutograd's compiled backward both clear their own references first). Letting
-    go is ``Tensor.set_()`` on the op's own argument: memory is freed only if nothing else shares it, so a caller
-    that kept the forward's outputs still reads them intact. A backward handed a chunk already let go of raises.
-    Traced, the backward takes the output gradient's rows per chunk instead of the gradient (``grad_rows``, see
-    ``moe_fuser.ops.experts``) and lets go of them the same way.
+    go is ``Tensor.set_()`` on the op's own argument: memory is freed only if nothing else shares it. A backward
+    handed a chunk already let go of raises. Traced, the backward takes the output gradient's rows per chunk
+    instead of the gradient (``grad_rows``, see ``moe_fuser.ops.experts``) and lets go of them the same way.
+
+    Such a backward (one autograd will not run again, chunks or not) also uses the saved rows as scratch where
+    the silu kernel runs: the activation's gradient is written over them instead of into a buffer of their size
+    (``_ffn_backward``), so a caller that keeps the forward op's ``h`` to read after the backward passes
+    ``retain_graph=True``.
     """
 
     name = "cpu"
@@ -646,6 +659,9 @@ class CpuLowering:
         T, K = topk_ids_TK.shape
         G = _Grouping(topk_ids_TK, spec.num_experts, _is_stacked(w1, w2, w3, b1, b2, b3), x_TD.dtype,
                       order_N=order_N)
+        # Autograd will not run this backward again (see the class docstring): the saved rows are this call's to
+        # use up.
+        spent = x_TD.device.type == "cpu" and not _graph_kept()
         if isinstance(h_NH, torch.Tensor):
             saved, release = [(G, h_NH, None)], False
         else:
@@ -657,7 +673,7 @@ class CpuLowering:
             rows = grad_rows if grad_rows else [None] * len(parts)
             saved = sorted(((p, h, r) for p, h, r in zip(parts, h_NH, rows) if p is not None),
                            key=lambda phr: -phr[0].n)
-            release = x_TD.device.type == "cpu" and not _graph_kept()
+            release = spent
         dx_TD = x_TD.new_zeros(x_TD.shape) if need_x else None
         dweights_N = topk_weights_TK.new_zeros(T * K) if need_weights else None
         grads_w = [None] * 6
@@ -667,15 +683,21 @@ class CpuLowering:
         # Like the forward, backward streams expert groups, so only one group's temporaries are alive next to the
         # gradients (the eager loop's backward frees its per-expert activations as it goes, too).
         g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
-        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        D, F_ = x_TD.shape[1], w2[0].shape[-1]
+        H = 2 * F_ if spec.gated else F_
+        # Where the kernel writes the activation's gradient over the saved rows, a group's temporaries are D + F
+        # per row instead of D + F + H: its rows grow by that ratio, for the same bytes.
+        overwrite = spent and bool(saved) and _silu_kernel(spec, *_act_inputs(_saved_halves(saved[0][1], spec), spec))
+        widen = (D + F_ + H) / (D + F_) if overwrite else 1.0
         for part, h, rows in saved:
-            subs = part.groups(row_bytes, TRAIN_STREAM_MIN_ROWS)
+            subs = part.groups(D * x_TD.element_size(), TRAIN_STREAM_MIN_ROWS, widen)
             for i, sub in enumerate(subs):
                 done = (lambda h=h: _release(h)) if release and i == len(subs) - 1 else None
                 off = sub.start - part.start
                 dy = None if rows is None else _rows(rows, off, off + sub.n)
                 _ffn_backward(sub, grad_TD, x_TD, _rows(g_n, sub.start, sub.start + sub.n),
-                              _rows_of(h, spec, sub, part), w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done, dy)
+                              _rows_of(h, spec, sub, part), w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done, dy,
+                              overwrite)
                 del dy
             if rows is not None and release:
                 _release(rows)
@@ -760,7 +782,7 @@ def _down_grads(G: _Grouping, dy_g, a, dw2, db2) -> None:
 
 
 def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, spec: ExpertSpec,
-                  dx_TD, dweights_N, grads_w, saved_done=None, dy_rows=None) -> None:
+                  dx_TD, dweights_N, grads_w, saved_done=None, dy_rows=None, overwrite=False) -> None:
     """Backward of ``_ffn`` on G's rows (routing weights ``g_n``, saved halves' rows ``saved_rows``, as in
     ``_ffn``), accumulating into the given gradient buffers (None: not needed).
 
@@ -773,7 +795,9 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     go before any of G's gradients is allocated: its gate part then goes to ``dA``'s buffer, and the activation
     stays where it is until dW2. A silu the native kernel runs (``_silu_kernel``) takes one pass for all of it,
     with the activation written over ``dA`` (times the routing weight, for dW2, unless a second-projection bias
-    gradient needs the weighted ``dy``) and its gradient into the buffer; the saved rows are then done."""
+    gradient needs the weighted ``dy``) and its gradient into the buffer, or, with ``overwrite`` (the saved rows
+    are the call's to use up) or in the padded layout (whose rows are copies), over the saved rows: no buffer,
+    ``D + F`` elements of temporaries per row, and the saved rows are done after dW1."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
     # unweighted (G's rows of the output gradient, or ``dy_rows`` already gathered); cast per group where the
@@ -781,13 +805,19 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     dy = _as(G.gather(grad_TD) if dy_rows is None else dy_rows, x_TD.dtype)
     dA = G.mm(dy, w2)
     parts = tuple(G.from_sorted(h) for h in saved_rows)
-    dh_parts, slots = _backward_buffers(parts, spec)
     need_dg = dweights_N is not None
     # the routing-weight gradient's bias term dy . b2, from the unweighted dy
     dg_b2 = (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32) if need_dg and b2 is not None else None
-    gate, up = _gate_up(parts, spec) if spec.gated else (parts[0], None)
-    d_gate, d_up = slots if spec.gated else (slots[0], None)
-    kernel = _silu_kernel(spec, gate, up, dA, d_gate, d_up)
+    gate, up = _act_inputs(parts, spec)
+    kernel = _silu_kernel(spec, gate, up, dA)   # a buffer below is contiguous: the kernel takes it too
+    in_place = kernel and (overwrite or G.padded)
+    if in_place:
+        dh_parts, slots, (d_gate, d_up) = parts, None, (gate, up)
+    else:
+        dh_parts, slots = _backward_buffers(parts, spec)
+        d_gate, d_up = slots if spec.gated else (slots[0], None)
+    # the saved rows are read until the kernel, or, where it writes over them, until dW1
+    done_after_kernel, done_at_end = (None, saved_done) if in_place and not G.padded else (saved_done, None)
     # dW2 = (g dy)^T a: the kernel puts g into a where no b2 gradient needs g dy; else dy is weighted, in place
     # unless the rows are the caller's (``dy_rows`` handed to the op)
     weight_a = kernel and b2 is None
@@ -799,11 +829,11 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
         dy_g = dy * g
     del dy
     if kernel:
-        # one pass: the activation written over dA (dW2 reads it), its gradient into the buffer, dg
+        # one pass: the activation written over dA (dW2 reads it), its gradient into d_gate/d_up, dg
         dg = cpu_glu.silu_backward(gate, up, dA, g.reshape(-1), dA, d_gate, d_up, need_dg, weight_a)
         del parts, saved_rows, gate, up
-        if saved_done is not None:
-            saved_done()
+        if done_after_kernel is not None:
+            done_after_kernel()
         _down_grads(G, dy_g, dA, dw2, db2)
         del dy_g
     elif saved_done is None:
@@ -848,3 +878,6 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
             if db is not None:
                 G.segment_sum(dh, db)
             del dh
+    if done_at_end is not None:
+        del dh_parts
+        done_at_end()

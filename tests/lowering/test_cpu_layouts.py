@@ -162,8 +162,8 @@ def _streamed(monkeypatch) -> list:
     seen = []
     groups = cpu._Grouping.groups
 
-    def spy(self, row_bytes, min_rows=0):
-        subs = groups(self, row_bytes, min_rows)
+    def spy(self, *args):
+        subs = groups(self, *args)
         seen.extend((sub.padded, len(sub.segs), sub.n) for sub in subs)
         return subs
 
@@ -287,6 +287,51 @@ def test_training_forward_groups_within_the_saved_size(monkeypatch):
         ins = leaves(x, logits, kw)
         for g, w in zip(torch.autograd.grad(out, ins, grad), torch.autograd.grad(ref, ins, grad)):
             assert rel_err(g, w) < 1e-5
+
+@pytest.mark.parametrize("as_list", [False, True])
+@pytest.mark.parametrize("glu", ["concat", "separate", None])
+def test_spent_backward_writes_over_the_saved_rows(monkeypatch, glu, as_list):
+    """A backward that autograd will not run again writes the silu's gradient over the saved rows (no buffer)
+    and so streams groups widened by (D + F + H) / (D + F); with retain_graph it leaves them intact (a second
+    backward is equal) and keeps the groups of one expert. Gradients equal the reference's every time."""
+    if not cpu.cpu_glu.available():
+        pytest.skip("the native kernels are not built here (tests/kernels/test_cpu_glu.py says why)")
+    _padded_rows(monkeypatch, 0)
+    monkeypatch.setattr(cpu, "TRAIN_STREAM_MIN_ROWS", 1)
+    groups, over = [], []
+    ffn_backward, silu_backward = cpu._ffn_backward, cpu.cpu_glu.silu_backward
+
+    def spy_group(G, *args):
+        groups.append((G.n, args[-1]))   # the last: whether the saved rows may be overwritten
+        return ffn_backward(G, *args)
+
+    def spy_kernel(gate, up, dA, weight, a, d_gate, d_up, *args):
+        over.append(d_gate.data_ptr() == gate.data_ptr())
+        return silu_backward(gate, up, dA, weight, a, d_gate, d_up, *args)
+
+    monkeypatch.setattr(cpu, "_ffn_backward", spy_group)
+    monkeypatch.setattr(cpu.cpu_glu, "silu_backward", spy_kernel)
+    D, F, E = 8, 32, 6   # widened groups of two experts, even for a plain silu
+    x, logits, kw = Case(T=45, D=D, F=F, E=E, k=3, dtype=torch.float32, glu=glu,
+                         as_list=as_list).make(requires_grad=True)
+    ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
+    grad = torch.randn_like(ref)
+    ins = leaves(x, logits, kw)
+    want = torch.autograd.grad(ref, ins, grad)
+    counts = torch.bincount(logits.softmax(-1).topk(3).indices.flatten(), minlength=E).tolist()
+    widen = (D + F + (2 * F if glu else F)) / (D + F)
+    out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
+    for retain in (True, True, False):
+        groups.clear(), over.clear()
+        for g, w in zip(torch.autograd.grad(out, ins, grad, retain_graph=retain), want):
+            assert rel_err(g, w) < 1e-5
+        assert over and set(over) == {not retain} and {o for _, o in groups} == {not retain}
+        assert sum(n for n, _ in groups) == 135
+        if retain:   # groups of at most the largest expert's rows: one expert each here
+            assert len(groups) == sum(c > 0 for c in counts)
+        else:
+            assert all(n <= int(max(counts) * widen) for n, _ in groups)
+            assert as_list or len(groups) < sum(c > 0 for c in counts)
 
 @pytest.mark.parametrize("glu,bias", [("separate", True), ("concat", False), (None, True)])
 def test_padded_layout_streams_groups_of_experts(monkeypatch, glu, bias):
