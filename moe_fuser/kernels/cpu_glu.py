@@ -132,8 +132,9 @@ def _rows(t: torch.Tensor) -> int:
 
 
 def _ptr(t: Optional[torch.Tensor]) -> tuple[Optional[int], int]:
-    """(data pointer, row stride) of an optional ``[rows, F]`` argument."""
-    return (None, 0) if t is None else (t.data_ptr(), _row_stride(t))
+    """(data pointer, row stride) of an optional ``[rows, F]`` argument that ``supports`` accepted (so its row
+    stride is its second-to-last one)."""
+    return (None, 0) if t is None else (t.data_ptr(), t.stride(-2))
 
 
 def silu_glu(gate: torch.Tensor, up: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:

@@ -685,9 +685,12 @@ class CpuLowering:
         g_n = _pair_weights(G, topk_weights_TK, x_TD.dtype)
         D, F_ = x_TD.shape[1], w2[0].shape[-1]
         H = 2 * F_ if spec.gated else F_
-        # Where the kernel writes the activation's gradient over the saved rows, a group's temporaries are D + F
-        # per row instead of D + F + H: its rows grow by that ratio, for the same bytes.
-        overwrite = spent and bool(saved) and _silu_kernel(spec, *_act_inputs(_saved_halves(saved[0][1], spec), spec))
+        # Every group's rows share the saved tensors' dtype and layout (and its buffers are contiguous): whether
+        # the kernel takes them is decided once. Where it writes the activation's gradient over the saved rows, a
+        # group's temporaries are D + F per row instead of D + F + H: its rows grow by that ratio, for the same
+        # bytes.
+        kernel = bool(saved) and _silu_kernel(spec, *_act_inputs(_saved_halves(saved[0][1], spec), spec))
+        overwrite = spent and kernel
         widen = (D + F_ + H) / (D + F_) if overwrite else 1.0
         for part, h, rows in saved:
             subs = part.groups(D * x_TD.element_size(), TRAIN_STREAM_MIN_ROWS, widen)
@@ -697,7 +700,7 @@ class CpuLowering:
                 dy = None if rows is None else _rows(rows, off, off + sub.n)
                 _ffn_backward(sub, grad_TD, x_TD, _rows(g_n, sub.start, sub.start + sub.n),
                               _rows_of(h, spec, sub, part), w1, w2, w3, b2, spec, dx_TD, dweights_N, grads_w, done, dy,
-                              overwrite)
+                              kernel, overwrite)
                 del dy
             if rows is not None and release:
                 _release(rows)
@@ -782,7 +785,8 @@ def _down_grads(G: _Grouping, dy_g, a, dw2, db2) -> None:
 
 
 def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, spec: ExpertSpec,
-                  dx_TD, dweights_N, grads_w, saved_done=None, dy_rows=None, overwrite=False) -> None:
+                  dx_TD, dweights_N, grads_w, saved_done=None, dy_rows=None, kernel=False,
+                  overwrite=False) -> None:
     """Backward of ``_ffn`` on G's rows (routing weights ``g_n``, saved halves' rows ``saved_rows``, as in
     ``_ffn``), accumulating into the given gradient buffers (None: not needed).
 
@@ -793,11 +797,12 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     computed over the activation in place, the activation's backward. Where ``saved_done`` is given (to be called
     once the saved rows are no longer read) the activation's backward comes first instead, so that the saved rows
     go before any of G's gradients is allocated: its gate part then goes to ``dA``'s buffer, and the activation
-    stays where it is until dW2. A silu the native kernel runs (``_silu_kernel``) takes one pass for all of it,
-    with the activation written over ``dA`` (times the routing weight, for dW2, unless a second-projection bias
-    gradient needs the weighted ``dy``) and its gradient into the buffer, or, with ``overwrite`` (the saved rows
-    are the call's to use up) or in the padded layout (whose rows are copies), over the saved rows: no buffer,
-    ``D + F`` elements of temporaries per row, and the saved rows are done after dW1."""
+    stays where it is until dW2. With ``kernel`` (the caller's ``_silu_kernel`` for the saved rows) a silu takes
+    one pass for all of it, with the activation written over ``dA`` (times the routing weight, for dW2, unless a
+    second-projection bias gradient needs the weighted ``dy``) and its gradient into the buffer, or, with
+    ``overwrite`` (the saved rows are the call's to use up) or in the padded layout (whose rows are copies), over
+    the saved rows: no buffer, ``D + F`` elements of temporaries per row, and the saved rows are done after
+    dW1."""
     dw1, dw2, dw3, db1, db2, db3 = grads_w
     g = G.column(g_n)
     # unweighted (G's rows of the output gradient, or ``dy_rows`` already gathered); cast per group where the
@@ -809,7 +814,6 @@ def _ffn_backward(G: _Grouping, grad_TD, x_TD, g_n, saved_rows, w1, w2, w3, b2, 
     # the routing-weight gradient's bias term dy . b2, from the unweighted dy
     dg_b2 = (dy * G.per_expert(b2)).sum(-1, dtype=torch.float32) if need_dg and b2 is not None else None
     gate, up = _act_inputs(parts, spec)
-    kernel = _silu_kernel(spec, gate, up, dA)   # a buffer below is contiguous: the kernel takes it too
     in_place = kernel and (overwrite or G.padded)
     if in_place:
         dh_parts, slots, (d_gate, d_up) = parts, None, (gate, up)
