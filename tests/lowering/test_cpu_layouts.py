@@ -94,6 +94,19 @@ def test_silu_kernel_and_aten_agree(monkeypatch, padded, as_list, bias, glu, dty
         assert set(calls) == ({"silu_glu", "silu_backward"} if kernel else set())
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_mixed_precision_weight_grads_through_small_temporaries(batched):
+    """Under mixed precision a weight gradient's bf16 product reaches its fp32 buffer through temporaries of
+    1/MIXED_WGRAD_PIECES of it, for ``mm`` (row slices) and ``bmm`` (expert slices): one whole product next to the
+    fresh gradient put the Switch layer's autocast training peak above inductor's. The result is the product."""
+    E = 16 if batched else 1
+    a, b = (torch.randn(E, 96, n, dtype=torch.bfloat16) for n in (64, 80))
+    out = torch.empty(E, 64, 80)
+    mm, args = (torch.bmm, (a.transpose(1, 2), b, out)) if batched else (torch.mm, (a[0].t(), b[0], out[0]))
+    peak = peak_bytes(lambda: cpu._mm_into(mm, *args))
+    assert 0 < peak <= out.numel() * 2 / cpu.MIXED_WGRAD_PIECES   # bf16: 2 bytes per element
+    assert rel_err(out, a.float().transpose(1, 2) @ b.float()) < 1e-2
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("as_list", [False, True])
 def test_combine_dtype_weights_and_sums_in_it(monkeypatch, padded, as_list):
