@@ -502,6 +502,7 @@ def _ffn(G: _Grouping, x_TD, g_n, w1t, w2t, w3t, b1, b2, b3, spec: ExpertSpec, s
     if fold_into_a:
         a.mul_(g)
     y = G.mm(a, w2t, b2)
+    del a   # (in inference it is the first projection's output: gone before the combine allocates ``out``)
     if spec.combine_dtype is not None:
         y = y.to(spec.combine_dtype)
     if not fold_into_a:
