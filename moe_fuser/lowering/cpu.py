@@ -56,7 +56,8 @@ than the elementwise work of the whole layer.
 
 Mixed precision (``torch.autocast``): the rows arrive in the compute dtype and the weights in their own (bf16 and
 fp32); each GEMM casts the expert group's weights it reads, and weight (and bias) gradients are written in the
-weights' dtype, one expert group at a time (``CpuLowering.mixed_precision``).
+weights' dtype, one expert group at a time (``CpuLowering.mixed_precision``), each weight's low-precision product
+in slices (``MIXED_WGRAD_PIECES``).
 
 Legend: T tokens, D model dim, F expert hidden dim, H = F (plain) or 2F (gated), E experts, K top-k,
 N = T*K pairs, n kept pairs, C rows per expert in the padded layout, X any feature dim.
