@@ -169,7 +169,6 @@ void moe_silu_backward(int dtype, int64_t n, int64_t F, const void* gate, int64_
                   threads);
   else
     silu_backward(n, F, (const float*)gate, gr, (const float*)up, ur, (const float*)dA, dr, (const float*)w,
-                  (float*)a, ar, (float*)d_gate, dgr, (float*)d_up, dur, dg, weight_a,
-                  threads);
+                  (float*)a, ar, (float*)d_gate, dgr, (float*)d_up, dur, dg, weight_a, threads);
 }
 }

@@ -350,7 +350,8 @@ def test_spent_backward_writes_over_the_saved_rows(monkeypatch, glu, as_list):
     widen = (D + F + (2 * F if glu else F)) / (D + F)
     out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
     for retain in (True, True, False):
-        groups.clear(), over.clear()
+        groups.clear()
+        over.clear()
         for g, w in zip(torch.autograd.grad(out, ins, grad, retain_graph=retain), want):
             assert rel_err(g, w) < 1e-5
         assert over and set(over) == {not retain} and {o for _, o in groups} == {not retain}
