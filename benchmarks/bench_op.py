@@ -23,7 +23,12 @@ Columns (each one MoE layer of SwiGLU experts, ``expert(x) = w2 @ (silu(w1 @ x) 
   ``mm`` (one ``mm`` per expert and GEMM into pre-allocated outputs: the literal definition), ``gmm`` (one
   ``F.grouped_mm`` per GEMM kind, gate and up concatenated) and ``bmm`` (rows zero-padded to the largest count,
   one ``bmm`` per GEMM kind): with ~16 rows per expert a batched call beats 128 small ``mm`` calls, so the
-  literal definition alone would be no floor there.
+  literal definition alone would be no floor there. In fp32, where the CPU lowering's native GEMMs run
+  (``moe_fuser.kernels.cpu_gemm``), a fourth, ``native``: ``mm``'s GEMMs in one native call per step of
+  independent GEMMs, tiles spread over the threads, as the op runs them; the op is measured against the
+  fastest way its GEMMs run, not only torch's.
+- ``fusA`` (``--aten-gemms``): ``fused`` with the native GEMMs switched off (``cpu_gemm.ENABLED``): the op's
+  GEMMs in ``torch.mm`` / ``torch._grouped_mm``, side by side with ``fused``.
 
 The router is the same in the first three columns: the logits ``[T, E]`` are an input (in the model's dtype),
 ``softmax`` in fp32, ``topk``, renormalise (inside ``fused_moe``; a shared ``route`` function for the others).
@@ -53,6 +58,7 @@ and thread count) and ``<out>/<name>.png``; ``--profile`` also prints the top op
     python benchmarks/bench_op.py --dtype bf16 --malloc cached
     python benchmarks/bench_op.py --configs fine --dtype fp32 --mode train --profile --no-memory
     python benchmarks/bench_op.py --dtype amp --malloc cached     # mixed precision: fp32 weights, bf16 autocast
+    python benchmarks/bench_op.py --configs fine,decode --dtype fp32 --aten-gemms   # native GEMMs against ATen's
 
 Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k, n = T*K routed rows.
 """
@@ -74,6 +80,7 @@ from _common import (Variant, environment, interleaved_timings, median, peak_byt
                      run_profiled, use_malloc, wait_until_quiet, write_csv)
 
 import moe_fuser
+from moe_fuser.kernels import cpu_gemm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +108,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 AMP = "amp"
 MODES = ("fwd", "train")
 VARIANTS = ("eager", "hf", "fused", "fused_list")
-FLOORS = ("floor_mm", "floor_gmm", "floor_bmm")  # Floor's formulations; a cell's floor is the fastest
 SPEED_TOL = 1.10  # acceptance: fused within 1.10x of the GEMM floor
 QUIET_CORES = 0.3  # other processes' load under which the machine counts as quiet enough to time on
 
@@ -162,21 +168,23 @@ def hf_experts(cfg: Config, w1, w2, w3, dtype) -> tuple[nn.Module, str]:
 
 
 class Floor:
-    """The GEMMs alone on the routed row counts, in three plain formulations (see the module docstring).
+    """The GEMMs alone on the routed row counts, in three plain formulations and, in fp32 where the lowering's
+    native GEMMs run, a fourth (see the module docstring).
 
     ``mm``: per expert, ``mm`` on contiguous rows with separate w1/w3 into pre-allocated outputs (9 GEMMs per
     expert in training); ``gmm``: one ``F.grouped_mm`` per GEMM kind over the same ragged rows, gate and up
     concatenated (``[E, 2F, D]``, arranged outside the timed region); ``bmm``: rows padded to the largest count,
     ``[E, C, X]``, one ``bmm`` per GEMM kind into pre-allocated outputs (more rows, fewer calls). All inputs are
-    random, pre-gathered and pre-sorted; the floor of a cell is the fastest of them.
+    random, pre-gathered and pre-sorted; the floor of a cell is the fastest of them. ``native``: ``mm``'s GEMMs in
+    one ``cpu_gemm.mm`` call per step whose GEMMs are independent (forward: both first projections, then the
+    second; backward: ``dA`` and ``dW2``, then ``dx``'s first term with ``dW1`` and ``dW3``, then its second).
     """
-
-    KINDS = ("mm", "gmm", "bmm")
 
     def __init__(self, counts: list[int], w1, w2, w3, gen: torch.Generator):
         E, F_, D = w1.shape
         n, C = sum(counts), max(counts)
         dt = w1.dtype
+        self.kinds = ("mm", "gmm", "bmm") + (("native",) if dt == torch.float32 and cpu_gemm.available() else ())
         rnd = lambda *s: torch.randn(*s, generator=gen).to(dt)  # noqa: E731
         self.w1, self.w2, self.w3 = w1.detach(), w2.detach(), w3.detach()
         self.w13 = torch.cat([self.w1, self.w3], dim=1)  # [E, 2F, D]
@@ -221,6 +229,23 @@ class Floor:
             torch.mm(self.dh1_nF[s:t].t(), self.x_nD[s:t], out=self.dw1[e])
             torch.mm(self.dh3_nF[s:t].t(), self.x_nD[s:t], out=self.dw3[e])
 
+    def _each(self, *gemms):
+        """Per expert, the (a, b, out) of each GEMM function ``gemms`` gives for (e, rows)."""
+        return [g(e, slice(s, t)) for e, s, t in self.ranges for g in gemms]
+
+    def _native_fwd(self):
+        cpu_gemm.mm(self._each(lambda e, r: (self.x_nD[r], self.w1[e].t(), self.h1_nF[r]),
+                               lambda e, r: (self.x_nD[r], self.w3[e].t(), self.h3_nF[r])))
+        cpu_gemm.mm(self._each(lambda e, r: (self.a_nF[r], self.w2[e].t(), self.y_nD[r])))
+
+    def _native_bwd(self):
+        cpu_gemm.mm(self._each(lambda e, r: (self.dy_nD[r], self.w2[e], self.dA_nF[r]),
+                               lambda e, r: (self.dy_nD[r].t(), self.a_nF[r], self.dw2[e])))
+        cpu_gemm.mm(self._each(lambda e, r: (self.dh1_nF[r], self.w1[e], self.dx_nD[r]),
+                               lambda e, r: (self.dh1_nF[r].t(), self.x_nD[r], self.dw1[e]),
+                               lambda e, r: (self.dh3_nF[r].t(), self.x_nD[r], self.dw3[e])))
+        cpu_gemm.mm(self._each(lambda e, r: (self.dh3_nF[r], self.w3[e], self.dx_nD[r])), accumulate=True)
+
     def _gmm_fwd(self):
         F.grouped_mm(self.x_nD, self.w13.transpose(1, 2), offs=self.offs)
         F.grouped_mm(self.a_nF, self.w2.transpose(1, 2), offs=self.offs)
@@ -252,7 +277,7 @@ def _cumsum0(counts):
 class Case:
     """One config x dtype: the inputs, the weights in every layout, and a step function per variant and mode."""
 
-    def __init__(self, cfg: Config, dtype_name: str, seed: int):
+    def __init__(self, cfg: Config, dtype_name: str, seed: int, aten_gemms: bool = False):
         gen = torch.Generator().manual_seed(seed)
         self.dtype_name, self.amp = dtype_name, dtype_name == AMP
         dtype = torch.float32 if self.amp else DTYPES[dtype_name]
@@ -277,6 +302,8 @@ class Case:
         self.experts_hit = sum(c > 0 for c in counts)
         floor_w = [w.detach().to(torch.bfloat16 if self.amp else dtype) for w in (self.w1, self.w2, self.w3)]
         self.floor = Floor(counts, *floor_w, gen)
+        self.variants = VARIANTS + (("fused_aten",) if aten_gemms else ())
+        self.floors = tuple(f"floor_{kind}" for kind in self.floor.kinds)
         self.fns = {
             "eager": lambda x, lg: eager_moe(x, lg, self.experts, K),
             "hf": lambda x, lg: hf_moe(x, lg, self.hf, K),
@@ -300,6 +327,16 @@ class Case:
         """(run, setup) for one call of a variant in a mode."""
         if variant.startswith("floor_"):
             return self.floor.step(variant[len("floor_"):], mode), None
+        if variant == "fused_aten":   # forward and backward with the native GEMMs off
+            run, setup = self.step("fused", mode)
+
+            def aten(run=run):
+                cpu_gemm.ENABLED = False
+                try:
+                    return run()
+                finally:
+                    cpu_gemm.ENABLED = True
+            return aten, setup
         fn = self.fns[variant]
         if self.amp:
             fn = _autocast(fn)
@@ -324,12 +361,12 @@ class Case:
 
 
 def measure(case: Case, mode: str, args) -> dict:
-    variants = {v: Variant(*case.step(v, mode)) for v in VARIANTS + FLOORS}
+    variants = {v: Variant(*case.step(v, mode)) for v in case.variants + case.floors}
     timed = interleaved_timings(variants, rounds=args.iters, warmup=args.warmup, min_rounds=args.min_iters,
                                 max_seconds=args.max_seconds, max_busy=QUIET_CORES, seed=args.seed)
-    row = {f"{v}_ms": median(timed.times[v]) * 1e3 for v in VARIANTS + FLOORS}
+    row = {f"{v}_ms": median(timed.times[v]) * 1e3 for v in case.variants + case.floors}
     row["busy_elsewhere"], row["dropped_rounds"] = timed.busy_elsewhere, timed.dropped
-    best = min(FLOORS, key=lambda v: row[f"{v}_ms"])
+    best = min(case.floors, key=lambda v: row[f"{v}_ms"])
     row["floor_ms"], row["floor_by"] = row[f"{best}_ms"], best[len("floor_"):]
     row["rounds"] = timed.rounds
     for v in VARIANTS:
@@ -348,6 +385,8 @@ def measure(case: Case, mode: str, args) -> dict:
         row[f"mem {v}/eager"] = row[f"{v}_mib"] / row["eager_mib"]
     row["hf/floor"] = paired("hf", best)
     row["eager/floor"] = paired("eager", best)
+    if "fused_aten" in case.variants:
+        row["fused/fused_aten"] = paired("fused", "fused_aten")
     row["ok"], row["ok_list"] = _verdict(row, "fused"), _verdict(row, "fused_list")
     return row
 
@@ -406,6 +445,14 @@ def print_table(rows: list[dict], env: dict) -> None:
     n_list = sum(r["ok_list"] == "yes" for r in rows)
     print(f"acceptance (fused <= eager, <= {SPEED_TOL:.2f}x floor, peak <= eager; NO:t/f/m says which failed): "
           f"fused {n_ok}/{len(rows)}, fusL {n_list}/{len(rows)} cells pass")
+    aten = [r for r in rows if "fused/fused_aten" in r]
+    if aten:
+        print("\nfused with its native GEMMs (cpu_gemm) and with ATen's (fusA): medians in ms, per-round ratio")
+        fmt = "{:<7}{:<6}{:<6}" + "{:>9}" * 3
+        print(fmt.format("config", "dtype", "mode", "fused", "fusA", "fus/fusA"))
+        for r in aten:
+            print(fmt.format(r["config"], r["dtype"], r["mode"], f"{r['fused_ms']:.2f}", f"{r['fused_aten_ms']:.2f}",
+                             f"{r['fused/fused_aten']:.3f}"))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -471,6 +518,8 @@ def main(argv=None) -> None:
                    help="before each cell, wait up to SECONDS for other processes to use < 0.3 cores (default 0)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--profile", action="store_true", help="print the top ops of fused, floor and eager per cell")
+    p.add_argument("--aten-gemms", action="store_true",
+                   help="also time fused with its native GEMMs off (fusA: torch.mm / torch._grouped_mm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/)")
     p.add_argument("--name", default="bench_op", help="file stem of the CSV and PNG (default bench_op)")
@@ -491,7 +540,7 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     for cfg in configs:
         for dt_name in dtypes:
-            case = Case(cfg, dt_name, args.seed)
+            case = Case(cfg, dt_name, args.seed, args.aten_gemms)
             err = case.errors()
             tol = 1e-4 if dt_name == "fp32" else 3e-2
             for v, e in err.items():

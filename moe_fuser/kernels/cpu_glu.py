@@ -1,12 +1,6 @@
-"""SiLU experts' elementwise work (SwiGLU or plain) in one pass per direction on CPU (``cpu_glu.cpp``), for the ATen
-lowering.
-
-Built on first use with the host's g++ (``$CXX`` overrides it) into ``$MOE_FUSER_CACHE_DIR`` (default
-``~/.cache/moe_fuser``), keyed by the source, the compiler, torch's version and the CPU's flags (the build is
-``-march=native``), then loaded through ctypes. It links the libgomp that torch ships, so its OpenMP loops run on
-torch's own thread pool. Where there is no compiler, the build fails, or ``MOE_FUSER_NATIVE_KERNELS=0``,
-``available()`` is False (the reason logged once on the ``moe_fuser`` logger) and the lowering keeps its plain ATen
-path, which computes the same values.
+"""SiLU experts' elementwise work (SwiGLU or plain) in one pass per direction on CPU (``cpu_glu.cpp``, part of the
+native library that ``native`` builds), for the ATen lowering. Where that library is not built, ``available()`` is
+False and the lowering keeps its plain ATen path, which computes the same values.
 
 Tensors: CPU, float32 or bfloat16, all one dtype, ``[rows, F]`` (or ``[E, C, F]``: any leading dims that
 flatten to rows of one stride) with unit column stride; the routing weights one per row, contiguous.
@@ -16,75 +10,22 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from . import native
+
 __all__ = ["available", "silu_backward", "silu_glu", "supports"]
 
-log = logging.getLogger("moe_fuser")
-
-_SOURCE = Path(__file__).with_name("cpu_glu.cpp")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build(cache_dir: Path) -> Path:
-    """The shared library's path, compiled there unless a build of the same inputs is already cached."""
-    cxx = shlex.split(os.environ.get("CXX", "")) or [shutil.which("g++")]   # $CXX may carry a wrapper (ccache)
-    if not cxx[0]:
-        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-    torch_lib = Path(torch.__file__).parent / "lib"
-    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17"]
-    if (torch_lib / "libgomp.so.1").exists():   # torch's own OpenMP runtime: share its thread pool
-        flags += ["-fopenmp", f"-L{torch_lib}", "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"]
-    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(cxx), version, " ".join(flags), torch.__version__,
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
-    lib = cache_dir / f"cpu_glu-{key}.so"
-    if lib.exists():
-        return lib
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
-    os.close(fd)
-    try:
-        done = subprocess.run([*cxx, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cxx)} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, lib)   # atomic: concurrent builders (pytest-xdist workers) each publish a whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
-
-
 @functools.lru_cache(maxsize=None)
 def _library() -> Optional[ctypes.CDLL]:
-    if os.environ.get("MOE_FUSER_NATIVE_KERNELS", "1") == "0":
-        log.info("moe_fuser: native CPU kernels switched off (MOE_FUSER_NATIVE_KERNELS=0)")
-        return None
-    cache = Path(os.environ.get("MOE_FUSER_CACHE_DIR") or Path.home() / ".cache" / "moe_fuser")
-    try:
-        lib = ctypes.CDLL(str(_build(cache)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("moe_fuser: native CPU kernels unavailable, using plain ATen for SiLU experts (%s)", e)
+    lib = native.library()
+    if lib is None:
         return None
     lib.moe_silu_glu.argtypes = [ctypes.c_int, _I, _I, _P, _I, _P, _I, _P, _I, ctypes.c_int]
     lib.moe_silu_glu.restype = None

@@ -7,9 +7,12 @@ Forward, for T tokens routed to K experts each (N = T*K (token, slot) pairs, n o
 1. one stable argsort of the flat expert ids groups the pairs by expert (dropped pairs, id -1, sort last);
    ``bincount(...).tolist()`` is the single host sync;
 2. ``_Grouping`` places the pairs in one of two layouts, chosen from the counts:
-   - *ragged*: rows sorted by expert, ``[n, X]``; each GEMM is one ``mm`` per active expert on its contiguous
-     rows, written straight into the destination buffer, or, for stacked weights and a group of several experts,
-     one ``torch._grouped_mm`` (the same per-expert GEMMs in one call: no Python round per expert);
+   - *ragged*: rows sorted by expert, ``[n, X]``; each GEMM is one GEMM per active expert on its contiguous
+     rows, written straight into the destination buffer: in float32 all of a group's in one native call that
+     cuts them into tiles spread over the threads, each tile single-threaded (``moe_fuser.kernels.cpu_gemm``;
+     ``torch.mm`` gives each small GEMM all threads, which then wait on one another), else, for stacked weights
+     and a group of several experts, one ``torch._grouped_mm`` (no Python round per expert), else one ``mm``
+     each;
    - *padded*: ``[E, C, X]`` with C the largest count and zero rows after each expert's own; each GEMM is one
      ``bmm``. On CPU a batched GEMM beats E small ``mm`` calls when experts get few rows each (fine-grained MoE:
      E=128 experts of ~16 rows ran ~1.6x faster single-threaded), at the price of the padding; it is used only
@@ -73,7 +76,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels import cpu_glu
+from ..kernels import cpu_gemm, cpu_glu
 from ..ops.activations import (act_backward, act_fn, clamp_gate_up, gated_activation, gated_activation_backward,
                                split_gate_up)
 from ..spec import ExpertSpec
@@ -318,13 +321,17 @@ class _Grouping:
             if save_to is not None:
                 self.to_sorted(out, out=save_to)
             return out
-        if len(self.segs) > 1 and bias is None and save_to is None and _grouped_mm_fits(rows, ws):
+        cast = ws[0].dtype != dt   # checked once, not a .to() per expert: the experts share one dtype
+        native = bias is None and not cast and _native_gemms(dt)
+        if not native and len(self.segs) > 1 and bias is None and save_to is None and _grouped_mm_fits(rows, ws):
             lo, hi = self.segs[0][0], self.segs[-1][0] + 1
             return torch._grouped_mm(rows, ws[lo:hi], offs=self._offsets())
         X = ws[0].shape[-1]
         out = save_to if save_to is not None else _empty((self.n, X), rows)
-        cast = ws[0].dtype != dt   # checked once, not a .to() per expert: the experts share one dtype
-        for e, start, stop in self.segs:
+        if bias is None and not cast:
+            _mms([(_rows(rows, start, stop), ws[e], _rows(out, start, stop)) for e, start, stop in self.segs])
+            return out
+        for e, start, stop in self.segs:   # a bias, or weights cast one expert at a time (mixed precision)
             w = ws[e].to(dt) if cast else ws[e]
             if bias is None:
                 torch.mm(_rows(rows, start, stop), w, out=_rows(out, start, stop))
@@ -348,9 +355,12 @@ class _Grouping:
         """acc += rows_e @ ws[e] per expert, in place."""
         if self.padded:
             return acc.baddbmm_(rows, self._mine(ws).to(rows.dtype))
-        cast = ws[0].dtype != rows.dtype
-        for e, start, stop in self.segs:
-            _rows(acc, start, stop).addmm_(_rows(rows, start, stop), ws[e].to(rows.dtype) if cast else ws[e])
+        if ws[0].dtype == rows.dtype:
+            _mms([(_rows(rows, start, stop), ws[e], _rows(acc, start, stop)) for e, start, stop in self.segs],
+                 accumulate=True)
+            return acc
+        for e, start, stop in self.segs:   # mixed precision: one expert's cast weights at a time
+            _rows(acc, start, stop).addmm_(_rows(rows, start, stop), ws[e].to(rows.dtype))
         return acc
 
     def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, out) -> None:
@@ -358,6 +368,9 @@ class _Grouping:
         mixed precision in the weights' dtype, written from one expert group's product at a time)."""
         if self.padded:
             _mm_into(torch.bmm, a_rows.transpose(1, 2), b_rows, self._mine(out))
+            return
+        if self.segs and out[self.segs[0][0]].dtype == a_rows.dtype:
+            _mms([(_rows(a_rows, start, stop).t(), _rows(b_rows, start, stop), out[e]) for e, start, stop in self.segs])
             return
         for e, start, stop in self.segs:
             _mm_into(torch.mm, _rows(a_rows, start, stop).t(), _rows(b_rows, start, stop), out[e])
@@ -384,12 +397,12 @@ class _Grouping:
 
 
 def _grouped_mm_fits(rows: torch.Tensor, ws) -> bool:
-    """Whether ``torch._grouped_mm`` can run a ragged group's GEMM in one call (instead of one ``mm`` per expert,
-    each costing several microseconds of Python): stacked CPU weights of the rows' dtype, fp32 or bf16,
-    row-major rows, 16-byte alignment. bf16 weights only in nn.Linear's layout (``[in, out]`` views of
-    ``[out, in]`` storage): with ``[in, out]`` storage its CPU kernel ran ~10x slower than ``mm`` per expert
-    (torch 2.13, AVX2); fp32 ran as fast as ``mm`` per expert in both layouts (bitwise equal), and faster where
-    the experts are many (E=64: 2.9 against 3.5 ms)."""
+    """Whether ``torch._grouped_mm`` can run a ragged group's GEMM in one call where the native GEMMs do not
+    (``_native_gemms``), instead of one ``mm`` per expert, each costing several microseconds of Python: stacked CPU
+    weights of the rows' dtype, fp32 or bf16, row-major rows, 16-byte alignment. bf16 weights only in nn.Linear's
+    layout (``[in, out]`` views of ``[out, in]`` storage): with ``[in, out]`` storage its CPU kernel ran ~10x slower
+    than ``mm`` per expert (torch 2.13, AVX2); fp32 ran as fast as ``mm`` per expert in both layouts (bitwise
+    equal), and faster where the experts are many (E=64: 2.9 against 3.5 ms)."""
     return (isinstance(ws, torch.Tensor) and rows.device.type == "cpu" and ws.dtype == rows.dtype
             and (rows.dtype == torch.float32 or (rows.dtype == torch.bfloat16 and ws.stride(-2) == 1))
             and rows.stride(-1) == 1 and _aligned(rows) and _aligned(ws) and hasattr(torch, "_grouped_mm"))
@@ -399,6 +412,25 @@ def _aligned(t: torch.Tensor) -> bool:
     """``torch._grouped_mm``'s layout rule: 16-byte aligned data and strides (other than unit ones)."""
     size = t.element_size()
     return t.data_ptr() % 16 == 0 and all(st == 1 or st * size % 16 == 0 for st in t.stride())
+
+
+def _native_gemms(dtype: torch.dtype) -> bool:
+    """Whether a group's GEMMs of this dtype go to ``moe_fuser.kernels.cpu_gemm`` (float32, the library built): one
+    call for all of them, ahead of ``torch._grouped_mm``, which runs them one after another with all threads each
+    (a compiled Mixtral block's training step, E=8 k=2 hidden 256, ran 5% faster; see the README)."""
+    return dtype == torch.float32 and cpu_gemm.available()
+
+
+def _mms(items, accumulate: bool = False) -> None:
+    """``out = a @ b`` (or ``out += a @ b``) for each ``(a, b, out)`` of a group's experts: float32 in one native call
+    that spreads their tiles over the threads (``moe_fuser.kernels.cpu_gemm``), else one ``torch.mm`` each."""
+    if cpu_gemm.mm(items, accumulate):
+        return
+    for a, b, out in items:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
 
 
 def _mm_into(mm, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:

@@ -132,11 +132,11 @@ def test_what_the_kernels_do_not_take():
 
 @pytest.mark.parametrize("setting", [{"MOE_FUSER_NATIVE_KERNELS": "0"}, {"CXX": "no-such-compiler"}])
 def test_switched_off_or_without_a_compiler(tmp_path, setting):
-    """``MOE_FUSER_NATIVE_KERNELS=0``, or a compiler that is not there, keeps the lowering on ATen: nothing is
-    built, and a missing compiler is named in one warning."""
+    """``MOE_FUSER_NATIVE_KERNELS=0``, or a compiler that is not there, keeps the lowering on ATen (silu passes and
+    GEMMs): nothing is built, and a missing compiler is named in one warning."""
     env = dict(os.environ, MOE_FUSER_CACHE_DIR=str(tmp_path), **setting)
-    code = ("import logging; logging.basicConfig(); from moe_fuser.kernels import cpu_glu; "
-            "print(cpu_glu.available(), cpu_glu.available())")
+    code = ("import logging; logging.basicConfig(); from moe_fuser.kernels import cpu_gemm, cpu_glu; "
+            "print(cpu_glu.available(), cpu_glu.available(), cpu_gemm.available())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False False" and not any(tmp_path.iterdir())
+    assert out.stdout.strip() == "False False False" and not any(tmp_path.iterdir())
     assert out.stderr.count("no-such-compiler") == ("CXX" in setting)

@@ -94,6 +94,37 @@ def test_silu_kernel_and_aten_agree(monkeypatch, padded, as_list, bias, glu, dty
         assert set(calls) == ({"silu_glu", "silu_backward"} if kernel else set())
 
 
+@pytest.mark.parametrize("as_list", [False, True])
+@pytest.mark.parametrize("glu", ["separate", None])
+def test_native_gemms_and_torch_mm_agree(monkeypatch, as_list, glu):
+    """Float32 expert GEMMs of a ragged group (both projections, the input gradient, accumulated for separate
+    w1/w3, and the weight gradients) run in ``moe_fuser.kernels.cpu_gemm``, one call per group and GEMM, and, where
+    it declines, one ``torch.mm`` per expert: both match the reference, forward and gradients."""
+    if not cpu.cpu_gemm.available():
+        pytest.skip("the native library is not built here (tests/kernels/test_cpu_gemm.py says why)")
+    _padded_rows(monkeypatch, 0)
+    monkeypatch.setattr(cpu, "TRAIN_STREAM_MIN_ROWS", 1)
+    ran = []
+    native = cpu.cpu_gemm.mm
+    monkeypatch.setattr(cpu.cpu_gemm, "mm", lambda items, accumulate=False: ran.append((len(items), accumulate))
+                        or native(items, accumulate))
+    x, logits, kw = Case(T=45, D=24, F=20, E=6, k=3, dtype=torch.float32, glu=glu,
+                         as_list=as_list).make(requires_grad=True)
+    ref = moe_fuser.fused_moe(x, logits, **kw, impl="reference")
+    grad = torch.randn_like(ref)
+    ins = leaves(x, logits, kw)
+    want = torch.autograd.grad(ref, ins, grad)
+    for on in (True, False):
+        if not on:
+            monkeypatch.setattr(cpu.cpu_gemm, "mm", lambda items, accumulate=False: False)
+        ran.clear()
+        out = moe_fuser.fused_moe(x, logits, **kw, impl="cpu")
+        assert rel_err(out, ref) < 1e-5
+        for g, w in zip(torch.autograd.grad(out, ins, grad), want):
+            assert (g.double() - w.double()).norm() <= 2e-5 * w.double().norm() + 1e-6
+        assert bool(ran) == on and (not on or (glu == "separate") == any(acc for _, acc in ran))
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_mixed_precision_weight_grads_through_small_temporaries(batched):
     """Under mixed precision a weight gradient's bf16 product reaches its fp32 buffer through temporaries of
@@ -217,14 +248,23 @@ def test_inference_streams_expert_groups(monkeypatch, glu, bias, as_list):
 
 
 def test_stacked_weights_infer_all_pairs_at_once_with_grouped_mm(monkeypatch):
-    """Stacked fp32 weights whose pairs fit the budget above run as one group, each projection one
-    torch._grouped_mm call (not one mm per expert), equal to the reference; bf16 weights stored [in, out] (where
-    its CPU kernel is slow) and biased projections keep one mm per expert."""
+    """Stacked fp32 weights whose pairs fit the budget above run as one group, each projection one call for all
+    experts, equal to the reference: the native GEMMs where they run, else torch._grouped_mm (not one mm per
+    expert); bf16 weights stored [in, out] (where its CPU kernel is slow) and biased projections keep one mm per
+    expert."""
     _padded_rows(monkeypatch, 0)
-    seen, calls = _streamed(monkeypatch), []
-    grouped_mm = torch._grouped_mm
+    seen, calls, native = _streamed(monkeypatch), [], []
+    grouped_mm, gemms = torch._grouped_mm, cpu.cpu_gemm.mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: (calls.append(a[0].shape), grouped_mm(*a, **k))[1])
-    _inference_matches_reference(Case(T=40, D=16, F=32, E=6, k=2, dtype=torch.float32, glu="concat"))
+    monkeypatch.setattr(cpu.cpu_gemm, "mm", lambda items, accumulate=False: native.append(len(items)) or
+                        gemms(items, accumulate))
+    case = Case(T=40, D=16, F=32, E=6, k=2, dtype=torch.float32, glu="concat")
+    if cpu.cpu_gemm.available():
+        _inference_matches_reference(case)
+        assert [n for _, _, n in seen] == [80] and calls == [] and native == [6, 6]
+        monkeypatch.setattr(cpu, "_native_gemms", lambda dtype: False)
+        seen.clear()
+    _inference_matches_reference(case)
     assert [n for _, _, n in seen] == [80] and calls == [(80, 16), (80, 32)]
     calls.clear()
     _inference_matches_reference(Case(T=40, D=16, F=32, E=6, k=2, dtype=torch.float32, glu="concat", bias=True))
