@@ -1,7 +1,8 @@
 // SiLU experts' elementwise work on CPU in one pass per direction, for the ATen lowering's streamed expert groups.
 //
-// Built at first use by ``cpu_glu.py`` (the host's C++ compiler, -O3 -march=native) and called through ctypes with
-// raw pointers: no torch headers, so the build takes under a second. Plain ATen runs a SwiGLU group's backward as
+// Built at first use by ``native.py`` with cpu_gemm.cpp into one library (the host's C++ compiler, -O3
+// -march=native) and called through ctypes (``cpu_glu.py``) with raw pointers: no torch headers, so the build takes
+// about a second. Plain ATen runs a SwiGLU group's backward as
 // six to eight passes over [rows, F] with two exps per element (the activation's recompute as silu then mul, the
 // routing weight's gradient as mul and rowsum, the routing-weight scale, the GLU's backward as three more); here it
 // is one pass with one exp, reading gate, up and the output gradient once. The forward's silu and mul are one pass.
