@@ -71,17 +71,18 @@ def _operand(t: torch.Tensor) -> Optional[tuple[int, int]]:
 def mm(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], accumulate: bool = False) -> bool:
     """``out = a @ b`` (``out += a @ b`` with ``accumulate``) for every ``(a, b, out)`` of ``items``, in one call;
     the outputs must not overlap each other or any operand. Returns False, having done nothing, where any GEMM does
-    not qualify (see the module docstring; also an empty inner dimension) or the native path is unavailable."""
+    not qualify (see the module docstring; also an empty inner dimension or one beyond the BLAS's 32-bit sizes) or
+    the native path is unavailable."""
     sgemm = _sgemm() if ENABLED else None
     if sgemm is None:
         return False
     desc = []
     for a, b, out in items:
         (m, k), n = a.shape, b.shape[1]
-        if b.shape[0] != k or tuple(out.shape) != (m, n) or max(m, n, k) > _INT32:
+        if b.shape[0] != k or tuple(out.shape) != (m, n):
             raise ValueError(f"cpu_gemm.mm: shapes {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(out.shape)}")
         oa, ob, oc = _operand(a), _operand(b), _operand(out)
-        if oa is None or ob is None or oc is None or oc[0] or k == 0:
+        if oa is None or ob is None or oc is None or oc[0] or k == 0 or max(m, n, k) > _INT32:
             return False
         desc += (oa[0], ob[0], m, n, k, a.data_ptr(), oa[1], b.data_ptr(), ob[1], out.data_ptr(), oc[1],
                  int(accumulate))
