@@ -60,12 +60,12 @@ def _operand(t: torch.Tensor) -> Optional[tuple[int, int]]:
     rows, cols = t.shape
     s0, s1 = t.stride()
     if s1 == 1 and (s0 >= cols or rows == 1):
-        ld = max(s0, cols)
+        transposed, ld = 0, max(s0, cols)
     elif s0 == 1 and (s1 >= rows or cols == 1):
-        return (1, max(s1, rows)) if max(s1, rows) <= _INT32 else None
+        transposed, ld = 1, max(s1, rows)
     else:
         return None
-    return (0, ld) if ld <= _INT32 else None
+    return (transposed, ld) if ld <= _INT32 else None
 
 
 def mm(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], accumulate: bool = False) -> bool:

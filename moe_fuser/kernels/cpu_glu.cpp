@@ -2,10 +2,10 @@
 //
 // Built at first use by ``native.py`` with cpu_gemm.cpp into one library (the host's C++ compiler, -O3
 // -march=native) and called through ctypes (``cpu_glu.py``) with raw pointers: no torch headers, so the build takes
-// about a second. Plain ATen runs a SwiGLU group's backward as
-// six to eight passes over [rows, F] with two exps per element (the activation's recompute as silu then mul, the
-// routing weight's gradient as mul and rowsum, the routing-weight scale, the GLU's backward as three more); here it
-// is one pass with one exp, reading gate, up and the output gradient once. The forward's silu and mul are one pass.
+// about a second. Plain ATen runs a SwiGLU group's backward as six to eight passes over [rows, F] with two exps per
+// element (the activation's recompute as silu then mul, the routing weight's gradient as mul and rowsum, the
+// routing-weight scale, the GLU's backward as three more); here it is one pass with one exp, reading gate, up and
+// the output gradient once. The forward's silu and mul are one pass.
 //
 // Rows are processed in parallel by OpenMP, linked against the libgomp that torch itself loaded, so these loops
 // share torch's thread pool (no second set of spinning threads) and take torch.get_num_threads() threads.

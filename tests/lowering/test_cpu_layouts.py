@@ -138,6 +138,7 @@ def test_mixed_precision_weight_grads_through_small_temporaries(batched):
     assert 0 < peak <= out.numel() * 2 / cpu.MIXED_WGRAD_PIECES   # bf16: 2 bytes per element
     assert rel_err(out, a.float().transpose(1, 2) @ b.float()) < 1e-2
 
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("as_list", [False, True])
 def test_combine_dtype_weights_and_sums_in_it(monkeypatch, padded, as_list):
@@ -276,7 +277,6 @@ def test_stacked_weights_infer_all_pairs_at_once_with_grouped_mm(monkeypatch):
     assert cpu._grouped_mm_fits(rows.float(), ws.transpose(1, 2).contiguous().float())
     assert not cpu._grouped_mm_fits(rows[:, 1:], ws[:, :, 1:].transpose(1, 2))   # 16-byte strides only
     assert not cpu._grouped_mm_fits(rows, [w.t() for w in ws])   # per-expert lists: never stacked
-
 
 
 def test_inference_lets_go_of_the_first_projection_before_the_combine(monkeypatch):
